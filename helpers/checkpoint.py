@@ -1,0 +1,68 @@
+"""Checkpoints that hold tensors and plain types only, written atomically, read with weights_only=True."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .msdnet import MSDNet, MSDNetConfig
+
+__all__ = ["CheckpointError", "atomic_save", "read", "check_config", "load_weights"]
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def atomic_save(obj: dict, path: str | os.PathLike) -> None:
+    """torch.save to a temporary name, then rename: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read(path: str | os.PathLike, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (corrupt, truncated, or not made by torch.save: {e}). "
+            "Delete it and train again, or restore the file (git checkout / re-download)."
+        ) from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} holds no MSD-Net checkpoint (expected a dict with 'model' and 'config')")
+    return ckpt
+
+
+def check_config(ckpt_config: dict, model_config: MSDNetConfig, path: str | os.PathLike = "checkpoint") -> None:
+    """Refuse weights made for a differently shaped network, naming the fields that differ."""
+    try:
+        saved = MSDNetConfig.from_dict(ckpt_config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has an invalid MSD-Net config: {e}") from e
+    if saved != model_config:
+        diff = {
+            k: (v, getattr(model_config, k)) for k, v in vars(saved).items() if getattr(model_config, k) != v
+        }
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(
+            f"{path} was made for a different MSD-Net ({detail}); build the model with "
+            "msdnet.build(MSDNetConfig.from_dict(ckpt['config'])) or pick the matching checkpoint"
+        )
+
+
+def load_weights(model: MSDNet, ckpt: dict, path: str | os.PathLike = "checkpoint") -> None:
+    check_config(ckpt["config"], model.config, path)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the weights do not fit the model ({e})") from e

@@ -1,0 +1,364 @@
+"""Train MSD-Net on CIFAR-10: `python -m helpers.train --help`.
+
+Loss = sum of the cross-entropies of all exits. SGD with Nesterov momentum, and either the
+paper's schedule (lr / 10 at 50% and 75% of training) or a short one for CPUs (linear warm-up,
+then cosine to zero). After every epoch the accuracy of every exit on the evaluation split is
+appended to <out>/log.jsonl, and <out>/last.pt is written atomically; Ctrl-C (or SIGTERM)
+saves the exact position, and `--resume` continues from it: model, optimizer, schedule,
+data order and random state, so an interrupted run ends with the same weights as one that
+was not. Several GPUs or nodes: `torchrun --nproc_per_node N -m helpers.train ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import checkpoint, data, msdnet
+
+# Settings that define what a run computes; `--resume` refuses to change them.
+RUN_DEFINING = (
+    "preset", "epochs", "batch_size", "accumulate", "lr", "momentum", "weight_decay", "schedule",
+    "warmup_epochs", "label_smoothing", "seed", "val_size", "train_subset", "init_from", "channels_last",
+    "amp", "source",
+)  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m helpers.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="cifar10-anytime", choices=sorted(msdnet.PRESETS))
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch, over all processes")
+    p.add_argument("--accumulate", type=int, default=1, help="split each batch into this many micro-batches")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--schedule", choices=("paper", "cosine"), default="paper",
+                   help="paper: lr/10 at 50%% and 75%% of the epochs; cosine: linear warm-up then cosine to 0")
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up (cosine schedule)")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and the augmentation")
+    p.add_argument("--val-size", type=int, default=5000,
+                   help="training images held out for validation (seeded by --seed 0 always); 0 trains on all 50,000")
+    p.add_argument("--eval-split", choices=("val", "test"), default="val", help="measured after every epoch")
+    p.add_argument("--eval-subset", type=int, default=0, help="evaluate on N images spread over the classes (0: all)")
+    p.add_argument("--train-subset", type=int, default=0, help="train on N images spread over the classes (0: all)")
+    p.add_argument("--source", default=None, help=f"CIFAR-10 source (default: ${data.ENV_SOURCE} or torchvision)")
+    p.add_argument("--out", default="runs/msdnet", help="folder for last.pt and log.jsonl")
+    p.add_argument("--resume", action="store_true", help="continue <out>/last.pt exactly where it stopped")
+    p.add_argument("--init-from", default=None, help="start from these weights (fresh optimizer and schedule)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 (or fp16) autocast on CUDA, float32 on the CPU")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on most CPUs)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- schedule and loss
+
+
+def learning_rate(step: int, steps_per_epoch: int, args: argparse.Namespace) -> float:
+    """The learning rate before optimizer step `step` (0-based): a pure function, so resuming needs no state."""
+    total = args.epochs * steps_per_epoch
+    if args.schedule == "paper":
+        return args.lr * 0.1 ** ((step >= 0.5 * total) + (step >= 0.75 * total))
+    warmup = round(args.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    return 0.5 * args.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def multi_exit_loss(logits: list[Tensor], labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """The paper's loss: the sum over exits of each exit's cross-entropy."""
+    return sum(F.cross_entropy(z.float(), labels, label_smoothing=label_smoothing) for z in logits)
+
+
+@torch.no_grad()
+def exit_accuracies(model: nn.Module, split: data.Split, batch_size: int = 500, device=None) -> list[float]:
+    """Share of `split` each exit classifies correctly."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    correct = None
+    for i in range(0, len(split), batch_size):
+        x = split.images[i : i + batch_size].to(device).float().div_(255)
+        y = split.labels[i : i + batch_size].to(device)
+        hits = torch.stack([(z.argmax(1) == y).sum() for z in model(x)])
+        correct = hits if correct is None else correct + hits
+    return (correct.double() / len(split)).tolist()
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+class _Dist:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    if args.device:
+        return torch.device(args.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+    if args.amp == "off" or (args.amp == "auto" and device.type != "cuda"):
+        return None
+    if args.amp == "fp16" or (args.amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def _run_settings(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in RUN_DEFINING}
+
+
+def _check_resume(saved: dict, args: argparse.Namespace, path: Path) -> None:
+    asked = _run_settings(args)
+    diff = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in asked.items() if saved.get(k) != v]
+    if diff:
+        raise checkpoint.CheckpointError(
+            f"cannot resume {path}: the command differs from the run that made it ({'; '.join(diff)}). "
+            "Resume with the same settings, or start a new run with another --out."
+        )
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None) -> dict:
+    """Run (or resume) training; returns the last epoch's log record.
+
+    on_step(step) is called after every optimizer step; an exception it raises ends the run
+    the way Ctrl-C does (KeyboardInterrupt saves the position first).
+    """
+    device = _device(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ddp = _Dist(device)
+    out = Path(args.out)
+    ckpt_path, log_path = out / "last.pt", out / "log.jsonl"
+    if args.batch_size % (ddp.world * args.accumulate):
+        raise ValueError(f"--batch-size {args.batch_size} must divide by processes x --accumulate ({ddp.world} x {args.accumulate})")
+
+    train_set = data.load("train" if args.val_size else "trainval", args.source, val_size=args.val_size)
+    eval_set = data.load(args.eval_split, args.source, val_size=args.val_size)
+    if args.train_subset:
+        train_set = data.subset(train_set, args.train_subset)
+    if args.eval_subset:
+        eval_set = data.subset(eval_set, args.eval_subset)
+    steps_per_epoch = len(train_set) // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch ({args.batch_size})")
+
+    torch.manual_seed(args.seed)
+    model = msdnet.build(args.preset).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params_decay = [p for n, p in model.named_parameters() if p.dim() > 1]
+    params_no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]  # BN and biases
+    optimizer = torch.optim.SGD(
+        [{"params": params_decay, "weight_decay": args.weight_decay}, {"params": params_no_decay, "weight_decay": 0.0}],
+        lr=args.lr, momentum=args.momentum, nesterov=True,
+    )
+    amp_dtype = _autocast_dtype(args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    gen = torch.Generator().manual_seed(args.seed)  # data order and augmentation, identical on every rank
+    epoch, batch_in_epoch, perm, elapsed = 0, 0, None, 0.0
+
+    if args.resume and ckpt_path.exists():
+        ckpt = checkpoint.read(ckpt_path)
+        _check_resume(ckpt["run"], args, ckpt_path)
+        checkpoint.load_weights(model, ckpt, ckpt_path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        gen.set_state(ckpt["generator"])
+        epoch, batch_in_epoch, perm, elapsed = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["perm"], ckpt["elapsed_s"]
+        if ddp.main:
+            print(f"resuming {ckpt_path} at epoch {epoch + 1}, batch {batch_in_epoch}/{steps_per_epoch}", flush=True)
+    elif args.resume:
+        raise checkpoint.CheckpointError(f"--resume: there is no {ckpt_path} to resume; drop --resume to start a new run")
+    elif args.init_from:
+        checkpoint.load_weights(model, checkpoint.read(args.init_from), args.init_from)
+    elif ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: continue it with --resume, or choose another --out")
+
+    net = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
+    micro = args.batch_size // (ddp.world * args.accumulate)
+    record: dict = {}
+
+    def save() -> None:
+        if ddp.main:
+            checkpoint.atomic_save(
+                {
+                    "format": "msdnet-train/1",
+                    "config": model.config.to_dict(),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "generator": gen.get_state(),
+                    "epoch": epoch,
+                    "batch_in_epoch": batch_in_epoch,
+                    "perm": perm,
+                    "elapsed_s": elapsed,
+                    "run": _run_settings(args),
+                },
+                ckpt_path,
+            )
+
+    from tqdm.auto import tqdm
+
+    stop = _StopRequest()
+    consistent, t0 = True, time.perf_counter()  # consistent: no step is half done, so the state may be saved
+    try:
+        while epoch < args.epochs:
+            if perm is None:
+                perm = torch.randperm(len(train_set), generator=gen)
+            net.train()
+            bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       disable=not ddp.main, mininterval=2, dynamic_ncols=True)
+            t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            while batch_in_epoch < steps_per_epoch:
+                step = epoch * steps_per_epoch + batch_in_epoch
+                consistent = False
+                lr = learning_rate(step, steps_per_epoch, args)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                idx = perm[batch_in_epoch * args.batch_size : (batch_in_epoch + 1) * args.batch_size]
+                # Every rank augments the whole global batch with the shared generator, then takes its share:
+                # the data (and the random state) are the same whatever the number of processes.
+                x = data.random_crop_flip(train_set.images[idx].to(device), generator=gen)
+                y = train_set.labels[idx].to(device)
+                mine = range(ddp.rank * args.accumulate, (ddp.rank + 1) * args.accumulate)
+                optimizer.zero_grad(set_to_none=True)
+                batch_loss = 0.0
+                for j, part in enumerate(mine):
+                    xs = x[part * micro : (part + 1) * micro].float().div_(255)
+                    if args.channels_last:
+                        xs = xs.contiguous(memory_format=torch.channels_last)
+                    sync = nullcontext() if ddp.world == 1 or j == args.accumulate - 1 else net.no_sync()
+                    with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        loss = multi_exit_loss(net(xs), y[part * micro : (part + 1) * micro], args.label_smoothing)
+                        scaler.scale(loss / args.accumulate).backward()
+                    batch_loss += loss.item() / args.accumulate
+                scaler.step(optimizer)
+                scaler.update()
+                batch_in_epoch += 1
+                consistent = True
+                seen += len(idx)
+                loss_sum, loss_n = loss_sum + batch_loss, loss_n + 1
+                rate = seen / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{batch_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}", refresh=False)
+                bar.update()
+                if on_step is not None:
+                    on_step(step + 1)
+                stop.check()
+            bar.close()
+            epoch_time = time.perf_counter() - t0
+            elapsed += epoch_time
+            epoch, batch_in_epoch, perm = epoch + 1, 0, None
+            if ddp.main:
+                t_eval = time.perf_counter()
+                accs = exit_accuracies(model, eval_set, device=device)
+                record = {
+                    "epoch": epoch, "step": epoch * steps_per_epoch, "lr": lr,
+                    "train_loss": loss_sum / max(1, loss_n), "eval_split": args.eval_split,
+                    "eval_images": len(eval_set), "acc": [round(a, 5) for a in accs],
+                    "epoch_time_s": round(epoch_time, 1), "eval_time_s": round(time.perf_counter() - t_eval, 1),
+                    "train_images_per_s": round(seen / epoch_time, 1), "elapsed_s": round(elapsed, 1),
+                }  # fmt: skip
+                out.mkdir(parents=True, exist_ok=True)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(f"epoch {epoch}: {args.eval_split} accuracy per exit "
+                      + " ".join(f"B{k + 1}={a:.3f}" for k, a in enumerate(accs)), flush=True)
+            save()
+            ddp.barrier()
+            stop.check()
+    except KeyboardInterrupt:
+        if consistent:
+            if batch_in_epoch:
+                elapsed += time.perf_counter() - t0
+            save()
+            if ddp.main:
+                print(f"\ninterrupted: saved {ckpt_path} at epoch {epoch + 1}, batch {batch_in_epoch}; "
+                      "continue with the same command and --resume", file=sys.stderr, flush=True)
+        raise
+    finally:
+        stop.restore()
+    return record
+
+
+class _StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to stop after the current step (a second Ctrl-C stops at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    try:
+        train(args)
+    except KeyboardInterrupt:
+        return 130
+    except (checkpoint.CheckpointError, data.DataNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny CIFAR-10-shaped datasets made on the fly, and the real mirror where CI has it."""
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import data
+
+TRAIN_PER_CLASS, TEST_PER_CLASS = 6, 2
+# Read before any fixture clears it: tests use their own tiny sources unless they ask for the mirror.
+REAL_SOURCE = os.environ.get(data.ENV_SOURCE)
+
+
+def class_image(label: int, index: int) -> np.ndarray:
+    """A 32x32 RGB image whose pixels encode its class and index, so a test can tell which one it got."""
+    img = np.zeros((32, 32, 3), dtype=np.uint8)
+    img[..., 0] = label * 20
+    img[..., 1] = index
+    img[..., 2] = np.arange(32, dtype=np.uint8)[None, :] * 7  # varies along x, so a flip shows
+    return img
+
+
+def write_class_folders(root: Path, train_per_class: int = TRAIN_PER_CLASS, test_per_class: int = TEST_PER_CLASS) -> Path:
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for label, name in enumerate(data.CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(class_image(label, i)).save(folder / f"{i:04d}.png")  # PNG: lossless
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_data_dir(tmp_path, monkeypatch):
+    """Every test gets its own data/ (caches, downloads), never the repository's."""
+    d = tmp_path / "data_dir"
+    monkeypatch.setattr(data, "DATA_DIR", d)
+    monkeypatch.setenv("MSDNET_DATA_DIR", str(d))  # for subprocesses
+    monkeypatch.delenv(data.ENV_SOURCE, raising=False)
+    return d
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    return write_class_folders(tmp_path / "tiny-cifar")
+
+
+@pytest.fixture
+def tiny_tarball(tmp_path, tiny_folder) -> Path:
+    path = tmp_path / "tiny-cifar.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(tiny_folder, arcname="cifar10")  # one extra top folder, as real archives have
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_cifar(tmp_path_factory):
+    """load(split) on the real CIFAR-10 (the offline mirror in CI), decoded once per test session.
+    In CI (CI=true) its absence is a failure, never a skip."""
+    path = Path(REAL_SOURCE) if REAL_SOURCE else None
+    if path is None or not path.exists():
+        msg = f"the real CIFAR-10 is needed: set {data.ENV_SOURCE} to it (got {REAL_SOURCE!r})"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    cache = tmp_path_factory.mktemp("real_cifar_cache")
+    return lambda split, **kw: data.load(split, source=path, data_dir=cache, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
