@@ -195,6 +195,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     gen = torch.Generator().manual_seed(args.seed)  # data order and augmentation, identical on every rank
     epoch, batch_in_epoch, perm, elapsed = 0, 0, None, 0.0
+    seen, loss_sum = 0, 0.0  # this epoch's images and summed batch losses, kept across an interruption
 
     if args.resume and ckpt_path.exists():
         ckpt = checkpoint.read(ckpt_path)
@@ -204,6 +205,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
         scaler.load_state_dict(ckpt["scaler"])
         gen.set_state(ckpt["generator"])
         epoch, batch_in_epoch, perm, elapsed = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["perm"], ckpt["elapsed_s"]
+        seen, loss_sum = ckpt["epoch_images"], ckpt["epoch_loss_sum"]
         if ddp.main:
             print(f"resuming {ckpt_path} at epoch {epoch + 1}, batch {batch_in_epoch}/{steps_per_epoch}", flush=True)
     elif args.resume:
@@ -231,6 +233,8 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
                     "batch_in_epoch": batch_in_epoch,
                     "perm": perm,
                     "elapsed_s": elapsed,
+                    "epoch_images": seen,
+                    "epoch_loss_sum": loss_sum,
                     "run": _run_settings(args),
                 },
                 ckpt_path,
@@ -247,7 +251,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
             net.train()
             bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
                        disable=not ddp.main, mininterval=2, dynamic_ncols=True)
-            t0, seen, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            t0, seen_before = time.perf_counter(), seen
             while batch_in_epoch < steps_per_epoch:
                 step = epoch * steps_per_epoch + batch_in_epoch
                 consistent = False
@@ -276,8 +280,8 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
                 batch_in_epoch += 1
                 consistent = True
                 seen += len(idx)
-                loss_sum, loss_n = loss_sum + batch_loss, loss_n + 1
-                rate = seen / (time.perf_counter() - t0)
+                loss_sum += batch_loss
+                rate = (seen - seen_before) / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{batch_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}", refresh=False)
                 bar.update()
                 if on_step is not None:
@@ -286,16 +290,18 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
             bar.close()
             epoch_time = time.perf_counter() - t0
             elapsed += epoch_time
-            epoch, batch_in_epoch, perm = epoch + 1, 0, None
+            epoch_loss, epoch_rate = loss_sum / steps_per_epoch, (seen - seen_before) / max(epoch_time, 1e-9)
+            epoch, batch_in_epoch, perm, seen, loss_sum = epoch + 1, 0, None, 0, 0.0
+            last_lr = learning_rate(epoch * steps_per_epoch - 1, steps_per_epoch, args)
             if ddp.main:
                 t_eval = time.perf_counter()
                 accs = exit_accuracies(model, eval_set, device=device)
                 record = {
-                    "epoch": epoch, "step": epoch * steps_per_epoch, "lr": lr,
-                    "train_loss": loss_sum / max(1, loss_n), "eval_split": args.eval_split,
+                    "epoch": epoch, "step": epoch * steps_per_epoch, "lr": last_lr,
+                    "train_loss": epoch_loss, "eval_split": args.eval_split,
                     "eval_images": len(eval_set), "acc": [round(a, 5) for a in accs],
                     "epoch_time_s": round(epoch_time, 1), "eval_time_s": round(time.perf_counter() - t_eval, 1),
-                    "train_images_per_s": round(seen / epoch_time, 1), "elapsed_s": round(elapsed, 1),
+                    "train_images_per_s": round(epoch_rate, 1), "elapsed_s": round(elapsed, 1),
                 }  # fmt: skip
                 out.mkdir(parents=True, exist_ok=True)
                 with open(log_path, "a") as f:

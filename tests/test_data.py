@@ -1,0 +1,210 @@
+"""CIFAR-10 sources (folder, tarball, torchvision, the real mirror), cache, hold-out, augmentation."""
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import data
+from conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, class_image
+
+
+def expected_split(per_class: int) -> data.Split:
+    images = [class_image(label, i) for label in range(10) for i in range(per_class)]
+    labels = [label for label in range(10) for _ in range(per_class)]
+    return data.Split(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.tensor(labels))
+
+
+@pytest.mark.parametrize("source_fixture", ["tiny_folder", "tiny_tarball"])
+def test_folder_and_tarball_decode_every_image_with_cifar_labels(source_fixture, request):
+    source = request.getfixturevalue(source_fixture)
+    for split, per_class in (("trainval", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+        got = data.load(split, source=source)
+        want = expected_split(per_class)
+        assert got.images.dtype == torch.uint8 and got.images.shape == (10 * per_class, 3, 32, 32)
+        assert torch.equal(got.labels, want.labels)
+        assert torch.equal(got.images, want.images)
+
+
+def test_the_environment_variable_selects_the_source(tiny_tarball, monkeypatch):
+    monkeypatch.setenv(data.ENV_SOURCE, str(tiny_tarball))
+    assert len(data.load("test")) == 10 * TEST_PER_CLASS
+
+
+def test_decoded_data_is_cached_and_reused(tiny_folder, isolated_data_dir, monkeypatch):
+    first = data.load("test", source=tiny_folder)
+    assert list((isolated_data_dir / "cache").glob("cifar10-tiny-cifar-*.pt"))
+
+    def no_decoding(path):
+        raise AssertionError("decoded again instead of using the cache")
+
+    monkeypatch.setattr(data, "_from_class_folders", no_decoding)
+    again = data.load("test", source=tiny_folder)
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
+
+
+def test_a_changed_source_is_decoded_anew(tiny_folder):
+    before = data.load("test", source=tiny_folder)
+    img = class_image(0, 0)
+    img[...] = 255
+    Image.fromarray(img).save(tiny_folder / "test" / "airplane" / "9999.png")
+    after = data.load("test", source=tiny_folder)
+    assert len(after) == len(before) + 1
+
+
+def test_a_damaged_cache_is_rebuilt(tiny_folder, isolated_data_dir):
+    want = data.load("test", source=tiny_folder)
+    for cache in (isolated_data_dir / "cache").glob("*.pt"):
+        cache.write_bytes(b"not a torch file")
+    assert torch.equal(data.load("test", source=tiny_folder).images, want.images)
+
+
+def test_torchvision_source_reads_the_canonical_files(isolated_data_dir, monkeypatch):
+    import torchvision.datasets
+
+    class FakeCIFAR10:  # what torchvision gives: data [N,32,32,3] uint8, targets list
+        def __init__(self, root, train, download):
+            assert Path(root) == isolated_data_dir and download
+            n = 20 if train else 10
+            self.data = np.stack([class_image(i % 10, i) for i in range(n)])
+            self.targets = [i % 10 for i in range(n)]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    test = data.load("test", source="torchvision")
+    assert test.images.shape == (10, 3, 32, 32)
+    assert torch.equal(test.images[3].permute(1, 2, 0), torch.from_numpy(class_image(3, 3)))
+    assert test.labels.tolist() == list(range(10))
+
+
+def test_no_data_offline_says_how_to_provide_it(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(data.DataNotFoundError) as e:
+        data.load("test")  # default source: torchvision, which must download here
+    message = str(e.value)
+    assert "no network" in message and data.ENV_SOURCE in message and "cifar-10-python.tar.gz" in message
+
+
+def test_a_missing_path_says_how_to_provide_it(tmp_path):
+    with pytest.raises(data.DataNotFoundError, match=data.ENV_SOURCE):
+        data.load("test", source=tmp_path / "nowhere.tar.gz")
+
+
+def test_a_tarball_that_is_not_one_is_refused(tmp_path):
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(data.DataNotFoundError, match="not a readable .tar.gz"):
+        data.load("test", source=bad)
+
+
+def test_a_folder_without_the_layout_is_refused(tmp_path):
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(class_image(0, 0)).save(tmp_path / "photos" / "a.png")
+    with pytest.raises(data.DataNotFoundError, match="train/<class>"):
+        data.load("test", source=tmp_path)
+
+
+def test_wrong_image_size_is_refused(tiny_folder):
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(tiny_folder / "train" / "cat" / "big.png")
+    with pytest.raises(ValueError, match="28x28.*must be 32x32"):
+        data.load("test", source=tiny_folder)
+
+
+def test_unreadable_image_is_refused(tiny_folder):
+    (tiny_folder / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png is not a readable image"):
+        data.load("test", source=tiny_folder)
+
+
+def test_unknown_class_folder_is_refused(tiny_folder):
+    (tiny_folder / "train" / "unicorn").mkdir()
+    Image.fromarray(class_image(0, 0)).save(tiny_folder / "train" / "unicorn" / "0.png")
+    with pytest.raises(ValueError, match="unicorn is not a CIFAR-10 class"):
+        data.load("test", source=tiny_folder)
+
+
+def test_grayscale_files_become_rgb(tiny_folder):
+    Image.fromarray(np.full((32, 32), 77, np.uint8), mode="L").save(tiny_folder / "test" / "cat" / "gray.png")
+    test = data.load("test", source=tiny_folder)
+    assert test.images.shape[1] == 3 and (test.images == 77).all(dim=(1, 2, 3)).sum() == 1
+
+
+def test_validation_hold_out_is_seeded_and_disjoint(tiny_folder):
+    full = data.load("trainval", source=tiny_folder)
+    train = data.load("train", source=tiny_folder, val_size=12, seed=0)
+    val = data.load("val", source=tiny_folder, val_size=12, seed=0)
+    assert len(train) == len(full) - 12 and len(val) == 12
+    # Each pixel pattern (class, index) is unique: together the two halves are the full set, once each.
+    key = lambda s: {(int(l), int(im[1, 0, 0])) for im, l in zip(s.images, s.labels)}
+    assert key(train) | key(val) == key(full) and not key(train) & key(val)
+    assert torch.equal(data.load("val", source=tiny_folder, val_size=12, seed=0).images, val.images)
+    assert not torch.equal(data.load("val", source=tiny_folder, val_size=12, seed=1).images, val.images)
+
+
+def test_bad_split_and_val_size_are_refused(tiny_folder):
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.load("validation", source=tiny_folder)
+    with pytest.raises(ValueError, match="val_size > 0"):
+        data.load("val", source=tiny_folder, val_size=0)
+
+
+def test_subset_keeps_every_class(tiny_folder):
+    sub = data.subset(data.load("trainval", source=tiny_folder), 20)
+    assert sub.labels.bincount().tolist() == [2] * 10
+
+
+def test_real_mirror_has_cifar10s_splits(real_cifar):
+    test = real_cifar("test")
+    assert test.images.shape == (10_000, 3, 32, 32) and test.images.dtype == torch.uint8
+    assert test.labels.bincount().tolist() == [1000] * 10
+    train, val = real_cifar("train"), real_cifar("val")
+    assert len(train) == 45_000 and len(val) == 5_000
+    # Real photos, not blank files: every image has some contrast.
+    assert (test.images.flatten(1).float().std(1) > 5).all()
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def test_crop_flip_returns_a_padded_crop_of_each_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(8 * 3 * 32 * 32).reshape(8, 3, 32, 32).float() + 1  # every pixel distinct, none zero
+    y = data.random_crop_flip(x, padding=4, generator=g)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(8):
+        matches = [
+            (dy, dx, f)
+            for dy in range(9) for dx in range(9) for f in (False, True)
+            if torch.equal(y[i], (lambda c: c.flip(2) if f else c)(padded[i, :, dy : dy + 32, dx : dx + 32]))
+        ]  # fmt: skip
+        assert len(matches) == 1  # one crop (within the 4-pixel padding), maybe flipped
+
+
+def test_crop_flip_offsets_cover_the_padding_and_flip_half_the_time():
+    g = torch.Generator().manual_seed(1)
+    n = 4000
+    x = torch.zeros(n, 1, 32, 32)
+    x[:, :, 0, 0] = 1  # a marker at the top-left corner
+    y = data.random_crop_flip(x, padding=4, generator=g)
+    pos = y[:, 0].flatten(1).argmax(1)
+    row, col = pos // 32, pos % 32
+    seen = y[:, 0].flatten(1).amax(1) == 1  # the marker stays inside unless the crop moved it out
+    # The marker lands at (4 - dy, 4 - dx), mirrored in x when flipped: rows 0..4 only.
+    assert set(row[seen].tolist()) == {0, 1, 2, 3, 4}
+    assert set(col[seen].tolist()) == {0, 1, 2, 3, 4, 27, 28, 29, 30, 31}
+    flipped = (col[seen] >= 27).float().mean().item()
+    assert 0.45 < flipped < 0.55
+
+
+def test_crop_flip_is_reproducible_and_works_on_uint8():
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    a = data.random_crop_flip(x, generator=torch.Generator().manual_seed(5))
+    b = data.random_crop_flip(x, generator=torch.Generator().manual_seed(5))
+    assert a.dtype == torch.uint8 and torch.equal(a, b)
+    assert torch.equal(data.random_crop_flip(x, padding=0, generator=torch.Generator().manual_seed(5)).sort(3).values,
+                       x.sort(3).values)  # no padding: only flips, which keep every row's pixels
