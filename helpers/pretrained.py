@@ -1,0 +1,128 @@
+"""The shipped CIFAR-10 checkpoint: load it offline, or export one from a training run.
+
+    model = pretrained.load()          # eval mode, images in [0, 1], SHA-256 checked
+
+    python -m helpers.pretrained evaluate            # per-exit accuracy of the shipped weights on the test split
+    python -m helpers.pretrained export --run runs/X --command "..."   # make data/pretrained/ from a run
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, data, msdnet
+from .train import exit_accuracies
+
+__all__ = ["PRETRAINED_DIR", "WEIGHTS_NAME", "load", "sha256", "export"]
+
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "data" / "pretrained"
+WEIGHTS_NAME = "msdnet-cifar10-anytime.pt"
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _card_path(weights: Path) -> Path:
+    return weights.with_suffix(".json")
+
+
+def load(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> msdnet.MSDNet:
+    """The shipped MSD-Net (or the weights at `path`), in float32 and eval mode, after checking the
+    SHA-256 recorded in the JSON card beside the weights."""
+    weights = Path(path) if path else PRETRAINED_DIR / WEIGHTS_NAME
+    card = _card_path(weights)
+    if not weights.is_file():
+        raise checkpoint.CheckpointError(f"no weights at {weights}; restore them with `git checkout -- {weights}`")
+    if card.is_file():
+        expected = json.loads(card.read_text())["sha256"]
+        actual = sha256(weights)
+        if actual != expected:
+            raise checkpoint.CheckpointError(
+                f"{weights} is damaged or was replaced: its SHA-256 is {actual[:12]}..., the card {card.name} "
+                f"records {expected[:12]}...; restore it with `git checkout -- {weights}` (or git lfs pull)"
+            )
+    ckpt = checkpoint.read(weights)
+    model = msdnet.build(msdnet.MSDNetConfig.from_dict(ckpt["config"]))
+    checkpoint.load_weights(model, {**ckpt, "model": {k: v.float() if v.is_floating_point() else v
+                                                      for k, v in ckpt["model"].items()}}, weights)
+    return model.to(device).eval()
+
+
+def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: str | None = None) -> dict:
+    """Half-precision weights, a JSON card (config, command, epochs, wall time, hardware, accuracy, SHA-256)
+    and the training log, from a finished run's last.pt."""
+    ckpt = checkpoint.read(run_dir / "last.pt")
+    model = msdnet.build(msdnet.MSDNetConfig.from_dict(ckpt["config"]))
+    checkpoint.load_weights(model, ckpt, run_dir / "last.pt")
+    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / WEIGHTS_NAME
+    checkpoint.atomic_save({"format": "msdnet-weights/1", "config": ckpt["config"], "model": half}, weights)
+
+    test = data.load("test", source)
+    acc32 = exit_accuracies(model.eval(), test)
+    acc16 = exit_accuracies(load(weights), test)  # what users get: fp16 weights back in float32
+    costs = msdnet.exit_costs(model)
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    card = {
+        "weights": WEIGHTS_NAME,
+        "sha256": sha256(weights),
+        "file_bytes": weights.stat().st_size,
+        "config": ckpt["config"],
+        "training": {**ckpt["run"], "epochs_done": ckpt["epoch"], "wall_time_s": round(ckpt["elapsed_s"]),
+                     "command": command, "hardware": hardware, "torch": torch.__version__},
+        "test_accuracy_per_exit": [round(a, 4) for a in acc16],
+        "test_accuracy_per_exit_float32": [round(a, 4) for a in acc32],
+        "val_accuracy_per_exit": log[-1]["acc"] if log[-1]["eval_split"] == "val" else None,
+        "test_images": len(test),
+        "params_per_exit": [c.params for c in costs],
+        "macs_per_exit": [c.macs for c in costs],
+    }
+    tmp = _card_path(weights).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp, _card_path(weights))
+    shutil.copyfile(run_dir / "log.jsonl", out_dir / "training-log.jsonl")
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m helpers.pretrained")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ev = sub.add_parser("evaluate", help="per-exit accuracy of the shipped weights on the test split")
+    ev.add_argument("--weights", default=None)
+    ev.add_argument("--source", default=None, help=f"CIFAR-10 source (default: ${data.ENV_SOURCE} or torchvision)")
+    ex = sub.add_parser("export", help="write data/pretrained/ from a finished run")
+    ex.add_argument("--run", required=True, type=Path)
+    ex.add_argument("--command", required=True, help="the exact training command, recorded in the card")
+    ex.add_argument("--hardware", default=f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU")
+    ex.add_argument("--out", type=Path, default=PRETRAINED_DIR)
+    ex.add_argument("--source", default=None)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "export":
+            card = export(args.run, args.out, args.command, args.hardware, args.source)
+            accs = card["test_accuracy_per_exit"]
+        else:
+            accs = exit_accuracies(load(args.weights), data.load("test", args.source))
+    except (checkpoint.CheckpointError, data.DataNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("test accuracy per exit: " + " ".join(f"B{k + 1}={a * 100:.2f}" for k, a in enumerate(accs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
