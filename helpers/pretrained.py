@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import sys
 from pathlib import Path
 
@@ -54,36 +53,77 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
                 f"{weights} is damaged or was replaced: its SHA-256 is {actual[:12]}..., the card {card.name} "
                 f"records {expected[:12]}...; restore it with `git checkout -- {weights}` (or git lfs pull)"
             )
+    return _read_weights(weights).to(device).eval()
+
+
+def _read_weights(weights: Path) -> msdnet.MSDNet:
     ckpt = checkpoint.read(weights)
     model = msdnet.build(msdnet.MSDNetConfig.from_dict(ckpt["config"]))
-    checkpoint.load_weights(model, {**ckpt, "model": {k: v.float() if v.is_floating_point() else v
-                                                      for k, v in ckpt["model"].items()}}, weights)
-    return model.to(device).eval()
+    as_float = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    checkpoint.load_weights(model, {**ckpt, "model": as_float}, weights)
+    return model
+
+
+def _chain_total(training: dict, key: str) -> int:
+    """Sum a field over a run and the runs it was initialised from."""
+    total = 0
+    while training is not None:
+        total += training[key]
+        training = training.get("started_from")
+    return total
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _chained_log(run_dir: Path, parent_card: Path | None) -> list[dict]:
+    """The earlier cycles' log (beside the card the run started from), then this run's, each record
+    tagged with its cycle and its epoch counted from the very start."""
+    earlier: list[dict] = []
+    if parent_card is not None and (parent_card.parent / "training-log.jsonl").is_file():
+        lines = (parent_card.parent / "training-log.jsonl").read_text().splitlines()
+        earlier = [{"cycle": 1, "total_epoch": r["epoch"], **r} for r in map(json.loads, lines)]
+    cycle = max((r["cycle"] for r in earlier), default=0) + 1
+    done = max((r["total_epoch"] for r in earlier), default=0)
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return earlier + [{**r, "cycle": cycle, "total_epoch": done + r["epoch"]} for r in map(json.loads, lines)]
 
 
 def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: str | None = None) -> dict:
     """Half-precision weights, a JSON card (config, command, epochs, wall time, hardware, accuracy, SHA-256)
     and the training log, from a finished run's last.pt."""
     ckpt = checkpoint.read(run_dir / "last.pt")
+    training = {**ckpt["run"], "epochs_done": ckpt["epoch"], "wall_time_s": round(ckpt["elapsed_s"]),
+                "command": command, "hardware": hardware, "torch": torch.__version__}
+    # A run started with --init-from continues earlier training: keep that record (read before it is replaced).
+    parent = _card_path(Path(training["init_from"])) if training.get("init_from") else None
+    if parent is not None and parent.is_file():
+        before = json.loads(parent.read_text())
+        training["init_from_sha256"] = before["sha256"]
+        training["started_from"] = before["training"]
+    training["total_epochs"] = _chain_total(training, "epochs_done")
+    training["total_wall_time_s"] = _chain_total(training, "wall_time_s")
     model = msdnet.build(msdnet.MSDNetConfig.from_dict(ckpt["config"]))
     checkpoint.load_weights(model, ckpt, run_dir / "last.pt")
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / WEIGHTS_NAME
-    checkpoint.atomic_save({"format": "msdnet-weights/1", "config": ckpt["config"], "model": half}, weights)
+    weights, staged = out_dir / WEIGHTS_NAME, out_dir / f".{WEIGHTS_NAME}.new"
+    checkpoint.atomic_save({"format": "msdnet-weights/1", "config": ckpt["config"], "model": half}, staged)
 
     test = data.load("test", source)
     acc32 = exit_accuracies(model.eval(), test)
-    acc16 = exit_accuracies(load(weights), test)  # what users get: fp16 weights back in float32
+    acc16 = exit_accuracies(_read_weights(staged).eval(), test)  # what users get: fp16 weights back in float32
     costs = msdnet.exit_costs(model)
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     card = {
         "weights": WEIGHTS_NAME,
-        "sha256": sha256(weights),
-        "file_bytes": weights.stat().st_size,
+        "sha256": sha256(staged),
+        "file_bytes": staged.stat().st_size,
         "config": ckpt["config"],
-        "training": {**ckpt["run"], "epochs_done": ckpt["epoch"], "wall_time_s": round(ckpt["elapsed_s"]),
-                     "command": command, "hardware": hardware, "torch": torch.__version__},
+        "training": training,
         "test_accuracy_per_exit": [round(a, 4) for a in acc16],
         "test_accuracy_per_exit_float32": [round(a, 4) for a in acc32],
         "val_accuracy_per_exit": log[-1]["acc"] if log[-1]["eval_split"] == "val" else None,
@@ -91,10 +131,10 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: st
         "params_per_exit": [c.params for c in costs],
         "macs_per_exit": [c.macs for c in costs],
     }
-    tmp = _card_path(weights).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(tmp, _card_path(weights))
-    shutil.copyfile(run_dir / "log.jsonl", out_dir / "training-log.jsonl")
+    chained_log = "".join(json.dumps(r) + "\n" for r in _chained_log(run_dir, parent))
+    os.replace(staged, weights)  # everything is measured: only now replace the shipped files
+    _write_atomically(_card_path(weights), json.dumps(card, indent=2) + "\n")
+    _write_atomically(out_dir / "training-log.jsonl", chained_log)
     return card
 
 

@@ -1,0 +1,111 @@
+"""The shipped checkpoint: it loads offline after its SHA-256 check, refuses damage clearly, and its
+card's numbers are the ones a rerun measures; export turns a run into such a checkpoint."""
+import json
+import shutil
+
+import pytest
+import torch
+from test_train import tiny_args
+
+from helpers import checkpoint, data, msdnet, pretrained, train
+
+SHIPPED = pretrained.PRETRAINED_DIR / pretrained.WEIGHTS_NAME
+CARD = json.loads(SHIPPED.with_suffix(".json").read_text())
+
+
+def test_shipped_weights_load_as_the_paper_model_in_eval_mode():
+    model = pretrained.load()
+    assert not model.training
+    assert model.config == msdnet.build("cifar10-anytime").config
+    assert sum(p.numel() for p in model.parameters()) == 4_839_544
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    logits = model(torch.rand(2, 3, 32, 32))
+    assert len(logits) == 10 and logits[0].shape == (2, 10)
+
+
+def test_shipped_files_fit_the_size_budget_and_match_their_card():
+    total = sum(f.stat().st_size for f in pretrained.PRETRAINED_DIR.iterdir() if f.is_file())
+    assert total <= 12 * 1024 * 1024
+    assert CARD["sha256"] == pretrained.sha256(SHIPPED) and CARD["file_bytes"] == SHIPPED.stat().st_size
+    log = [json.loads(line) for line in (pretrained.PRETRAINED_DIR / "training-log.jsonl").read_text().splitlines()]
+    assert len(log) == CARD["training"]["total_epochs"]
+    # half precision moved no exit's test accuracy by 0.1 point or more
+    assert max(abs(a - b) for a, b in zip(CARD["test_accuracy_per_exit"], CARD["test_accuracy_per_exit_float32"])) < 0.001
+
+
+def copy_shipped(tmp_path):
+    for f in (SHIPPED, SHIPPED.with_suffix(".json")):
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path / SHIPPED.name
+
+
+def test_a_changed_byte_fails_the_sha256_check(tmp_path):
+    weights = copy_shipped(tmp_path)
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    weights.write_bytes(raw)
+    with pytest.raises(checkpoint.CheckpointError, match="SHA-256"):
+        pretrained.load(weights)
+
+
+def test_a_truncated_file_without_a_card_is_refused_as_unreadable(tmp_path):
+    weights = copy_shipped(tmp_path)
+    weights.with_suffix(".json").unlink()
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+        pretrained.load(weights)
+
+
+def test_missing_weights_say_how_to_restore_them(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="git checkout"):
+        pretrained.load(tmp_path / "nothing.pt")
+
+
+def test_weights_whose_config_was_edited_are_refused(tmp_path):
+    ckpt = checkpoint.read(SHIPPED)
+    ckpt["config"]["growth_rate"] = 8
+    weights = tmp_path / "edited.pt"
+    torch.save(ckpt, weights)
+    with pytest.raises(checkpoint.CheckpointError, match="do not fit"):
+        pretrained.load(weights)
+
+
+def test_export_writes_half_weights_a_card_and_a_log_that_load_back(tmp_path, tiny_folder):
+    train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "2"))
+    out = tmp_path / "shipped"
+    card = pretrained.export(tmp_path / "run", out, command="python -m helpers.train ...", hardware="test",
+                             source=tiny_folder)
+    saved = torch.load(out / pretrained.WEIGHTS_NAME, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in saved["model"].values() if v.is_floating_point())
+    assert card["sha256"] == pretrained.sha256(out / pretrained.WEIGHTS_NAME)
+    assert card["training"]["epochs_done"] == card["training"]["total_epochs"] == 2
+    assert card["test_images"] == len(data.load("test", source=tiny_folder))
+    assert len(card["test_accuracy_per_exit"]) == 4 and card["macs_per_exit"] == sorted(card["macs_per_exit"])
+    model = pretrained.load(out / pretrained.WEIGHTS_NAME)
+    assert train.exit_accuracies(model, data.load("test", source=tiny_folder)) == pytest.approx(
+        card["test_accuracy_per_exit"], abs=1e-4)
+    assert not list(out.glob(".*"))  # no staged or temporary file left behind
+
+
+def test_a_second_cycle_keeps_the_first_cycles_record(tmp_path, tiny_folder):
+    train.train(tiny_args(tmp_path / "c1", tiny_folder, "--epochs", "2"))
+    out = tmp_path / "shipped"
+    first = pretrained.export(tmp_path / "c1", out, command="cycle 1", hardware="test", source=tiny_folder)
+    weights = out / pretrained.WEIGHTS_NAME
+    train.train(tiny_args(tmp_path / "c2", tiny_folder, "--epochs", "1", "--init-from", str(weights)))
+    second = pretrained.export(tmp_path / "c2", out, command="cycle 2", hardware="test", source=tiny_folder)
+    t = second["training"]
+    assert t["command"] == "cycle 2" and t["started_from"]["command"] == "cycle 1"
+    assert t["init_from_sha256"] == first["sha256"] != second["sha256"]
+    assert t["total_epochs"] == 3
+    log = [json.loads(line) for line in (out / "training-log.jsonl").read_text().splitlines()]
+    assert [(r["cycle"], r["epoch"], r["total_epoch"]) for r in log] == [(1, 1, 1), (1, 2, 2), (2, 1, 3)]
+    pretrained.load(weights)  # the new card's SHA-256 matches the new weights
+
+
+@pytest.mark.slow
+def test_the_cards_test_accuracy_is_what_evaluate_measures(real_cifar, capsys):
+    test = real_cifar("test")
+    assert len(test) == CARD["test_images"] == 10_000
+    measured = train.exit_accuracies(pretrained.load(), test)
+    assert measured == pytest.approx(CARD["test_accuracy_per_exit"], abs=1e-4)

@@ -1,0 +1,36 @@
+"""The README is a contract: CI runs its two commands word for word, and its results table shows
+the numbers measured for the shipped checkpoint (its card), not numbers typed by hand."""
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+CI = (ROOT / ".ci" / "run").read_text()
+CARD = json.loads((ROOT / "data" / "pretrained" / "msdnet-cifar10-anytime.json").read_text())
+
+
+def bash_blocks(text: str) -> list[list[str]]:
+    return [block.strip().splitlines() for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
+
+
+def ci_commands() -> list[str]:
+    return [line for line in CI.splitlines() if line.strip() and not line.startswith(("#", "set ", "cd ", "export "))]
+
+
+def test_ci_runs_exactly_the_readmes_setup_and_test_commands():
+    setup, tests = bash_blocks(README)[0][0], bash_blocks(README)[1]
+    assert len(tests) == 1
+    assert ci_commands() == [setup, tests[0]]
+
+
+def table_row(label: str) -> list[float]:
+    row = next(line for line in README.splitlines() if line.startswith(f"| {label}"))
+    return [float(cell) for cell in row.strip("|").split("|")[1:]]
+
+
+def test_results_table_shows_the_cards_accuracy_and_costs():
+    assert table_row("**shipped checkpoint**") == [round(a * 100, 1) for a in CARD["test_accuracy_per_exit"]]
+    assert table_row("multiply-accumulates") == [round(m / 1e6, 1) for m in CARD["macs_per_exit"]]
+    epochs = re.search(r"\*\*shipped checkpoint\*\* \((\d+) CPU epochs\)", README).group(1)
+    assert int(epochs) == CARD["training"]["total_epochs"]
