@@ -39,7 +39,8 @@ __all__ = [
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 ENV_SOURCE = "CIFAR10_SOURCE"
 # Downloads and caches live in the repository's data/ folder unless MSDNET_DATA_DIR says otherwise.
-DATA_DIR = Path(os.environ.get("MSDNET_DATA_DIR", Path(__file__).resolve().parent.parent / "data"))
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("MSDNET_DATA_DIR", PROJECT_ROOT / "data"))
 SPLITS = ("train", "val", "test", "trainval")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -68,8 +69,15 @@ def _no_data_message(detail: str) -> str:
 
 
 def _resolve_source(source: str | os.PathLike | None) -> str:
-    source = source if source is not None else os.environ.get(ENV_SOURCE) or "torchvision"
-    return str(source)
+    source = str(source if source is not None else os.environ.get(ENV_SOURCE) or "torchvision")
+    if source == "torchvision":
+        return source
+    path = Path(source).expanduser()
+    # A relative path is read from the current folder, else from the project's root, where the README's
+    # commands run: a notebook's kernel starts in notebooks/ but sees the same CIFAR10_SOURCE.
+    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
+        path = PROJECT_ROOT / path
+    return str(path)
 
 
 def _fingerprint(path: Path) -> str:

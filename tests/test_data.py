@@ -33,6 +33,20 @@ def test_the_environment_variable_selects_the_source(tiny_tarball, monkeypatch):
     assert len(data.load("test")) == 10 * TEST_PER_CLASS
 
 
+def test_a_relative_source_is_found_from_the_project_root_too(tiny_tarball, tmp_path, monkeypatch):
+    # a notebook's kernel runs in notebooks/, yet CIFAR10_SOURCE=../shared/... was written for the root
+    root, elsewhere = tmp_path / "project", tmp_path / "project" / "notebooks"
+    elsewhere.mkdir(parents=True)
+    (root / "mirror.tar.gz").write_bytes(tiny_tarball.read_bytes())
+    monkeypatch.setattr(data, "PROJECT_ROOT", root)
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv(data.ENV_SOURCE, "mirror.tar.gz")
+    assert len(data.load("test")) == 10 * TEST_PER_CLASS
+    monkeypatch.setenv(data.ENV_SOURCE, "missing.tar.gz")
+    with pytest.raises(data.DataNotFoundError, match="missing.tar.gz does not exist"):
+        data.load("test")
+
+
 def test_decoded_data_is_cached_and_reused(tiny_folder, isolated_data_dir, monkeypatch):
     first = data.load("test", source=tiny_folder)
     assert list((isolated_data_dir / "cache").glob("cifar10-tiny-cifar-*.pt"))

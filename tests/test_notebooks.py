@@ -1,0 +1,41 @@
+"""The notebooks are committed executed, top to bottom, and nbval really checks their marked outputs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REAL_SOURCE
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_the_series_is_there():
+    assert [p.name[:2] for p in NOTEBOOKS][:2] == ["01", "02"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_executed_top_to_bottom_without_errors(path):
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    assert [c["execution_count"] for c in cells] == list(range(1, len(cells) + 1))
+    assert not [o for c in cells for o in c["outputs"] if o["output_type"] == "error"]
+    assert any("# NBVAL_CHECK_OUTPUT" in "".join(c["source"]) for c in cells) or path.name >= "03"
+
+
+@pytest.mark.slow
+def test_nbval_fails_when_the_parameter_count_changes(tmp_path):
+    """A changed model prints a different count than the committed output; nbval must catch that."""
+    nb = json.loads(NOTEBOOKS[0].read_text())
+    printed = [out for cell in nb["cells"] for out in cell.get("outputs", [])
+               if "".join(out.get("text", "")).strip() == "4,839,544 parameters"]
+    assert len(printed) == 1
+    printed[0]["text"] = "4,839,545 parameters\n"
+    copy = tmp_path / NOTEBOOKS[0].name
+    copy.write_text(json.dumps(nb))
+    env = {k: v for k, v in os.environ.items() if k != "MSDNET_DATA_DIR"}
+    env.update(MSDNET_QUICK="1", **({"CIFAR10_SOURCE": REAL_SOURCE} if REAL_SOURCE else {}))
+    run = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", str(copy), "-p", "no:cacheprovider", "-q"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stdout[-3000:]
+    assert "4,839,545" in run.stdout and "1 failed" in run.stdout, run.stdout[-3000:]
