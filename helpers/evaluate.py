@@ -1,0 +1,250 @@
+"""The predictions of every exit, and everything notebook 03 computes from them.
+
+    preds = predict(model, "test")         # .logits [N, exits, classes], .labels [N]; cached on disk
+    accuracy_with_ci(preds.correct)        # per exit, with a 95% Wilson interval
+    class_exit_accuracy(preds)             # [classes, exits]
+    difficulty(preds)                      # per image: how many exits are right (the blog's "k/10")
+    thresholds = budget_thresholds(val_preds, q=0.6)   # the paper's budgeted batch classification
+    budgeted(preds, thresholds, costs)     # accuracy and average multiply-accumulates
+    EarlyExit(model, thresholds)(images)   # real early exit: an image leaves at its exit and stops computing
+
+Predictions are cached under data/cache/, keyed by a hash of the weights and of the images, so the
+notebooks and the explorer pay for one pass over a split once.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import data, msdnet
+
+__all__ = [
+    "Predictions",
+    "predict",
+    "accuracy_with_ci",
+    "class_exit_accuracy",
+    "difficulty",
+    "right_then_wrong",
+    "exit_shares",
+    "budget_thresholds",
+    "exit_points",
+    "Budgeted",
+    "budgeted",
+    "EarlyExit",
+]
+
+
+class Predictions(NamedTuple):
+    logits: Tensor  # float32 [N, exits, classes]
+    labels: Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_exits(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def predicted(self) -> Tensor:
+        """[N, exits]: each exit's predicted class."""
+        return self.logits.argmax(-1)
+
+    @property
+    def correct(self) -> Tensor:
+        """[N, exits] bool: is each exit right about each image."""
+        return self.predicted == self.labels[:, None]
+
+    @property
+    def confidence(self) -> Tensor:
+        """[N, exits]: the maximum softmax probability, which early exit thresholds."""
+        return self.logits.softmax(-1).amax(-1)
+
+
+def _hash_tensors(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_path(model: nn.Module, split: data.Split, cache_dir: Path) -> Path:
+    weights = _hash_tensors(model.state_dict().values())
+    images = _hash_tensors((split.images, split.labels))
+    return cache_dir / f"predictions-{weights}-{images}.pt"
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    split: str | data.Split = "test",
+    source: str | os.PathLike | None = None,
+    batch_size: int = 500,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> Predictions:
+    """The logits of every exit for every image of `split` (a name for data.load, or a Split).
+
+    With cache=True the result is stored under data/cache/ (or cache_dir) and reused whenever the
+    same weights meet the same images.
+    """
+    if isinstance(split, str):
+        split = data.load(split, source)
+    path = _cache_path(model, split, Path(cache_dir) if cache_dir else data.DATA_DIR / "cache") if cache else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return Predictions(saved["logits"], saved["labels"])
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    chunks = []
+    try:
+        for i in tqdm(range(0, len(split), batch_size), desc="predicting", unit="batch", leave=False):
+            x = split.images[i : i + batch_size].to(device).float().div_(255)
+            chunks.append(torch.stack(model(x), dim=1).float().cpu())
+    finally:
+        model.train(was_training)
+    preds = Predictions(torch.cat(chunks), split.labels.clone())
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        torch.save({"logits": preds.logits, "labels": preds.labels}, tmp)
+        os.replace(tmp, path)  # never a half-written cache
+    return preds
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+def accuracy_with_ci(correct: Tensor, z: float = 1.959964) -> tuple[Tensor, Tensor, Tensor]:
+    """Accuracy per column of a [N, ...] bool tensor, with the Wilson score interval (95% by default),
+    which stays inside [0, 1] and is sound near 0% and 100% where the normal approximation is not."""
+    n = correct.shape[0]
+    p = correct.double().mean(0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * torch.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return p, centre - half, centre + half
+
+
+def class_exit_accuracy(preds: Predictions, num_classes: int | None = None) -> Tensor:
+    """[classes, exits]: the accuracy of each exit on the images of each class."""
+    num_classes = num_classes or preds.logits.shape[-1]
+    onehot = nn.functional.one_hot(preds.labels, num_classes).double()  # [N, C]
+    hits = onehot.T @ preds.correct.double()  # [C, E]
+    return hits / onehot.sum(0)[:, None]
+
+
+def difficulty(preds: Predictions) -> Tensor:
+    """Per image, how many exits classify it correctly (0..exits): "Dog (3/10)" in the blog."""
+    return preds.correct.sum(1)
+
+
+def right_then_wrong(preds: Predictions) -> Tensor:
+    """[exits, exits]: entry (i, j) is the share of images that exit i gets right and exit j gets wrong.
+    Above the diagonal (j > i) it counts what a later exit forgets."""
+    c = preds.correct.double()
+    return c.T @ (1 - c) / len(preds)
+
+
+# ----------------------------------------------------------------------------- budgeted batch classification
+
+
+def exit_shares(q: float, n_exits: int) -> Tensor:
+    """The paper's exit distribution: the share of images leaving at exit k is proportional to q**k.
+    q < 1 sends most images out early, q > 1 most late."""
+    k = torch.arange(1, n_exits + 1, dtype=torch.float64)
+    shares = q**k
+    return shares / shares.sum()
+
+
+def budget_thresholds(val: Predictions, q: float) -> Tensor:
+    """Confidence thresholds [exits] chosen on validation predictions so that the share of images
+    leaving at exit k is proportional to q**k (as the official code does). An image leaves at the
+    first exit whose maximum softmax reaches that exit's threshold; the last exit takes the rest."""
+    conf = val.confidence
+    n, n_exits = conf.shape
+    target = exit_shares(q, n_exits)
+    thresholds = torch.full((n_exits,), -math.inf, dtype=conf.dtype)
+    remaining = torch.ones(n, dtype=torch.bool)
+    for k in range(n_exits - 1):
+        want = math.floor(n * target[k].item())
+        left = conf[remaining, k]
+        if want == 0 or len(left) == 0:
+            thresholds[k] = math.inf  # nobody leaves here
+            continue
+        thresholds[k] = left.sort(descending=True).values[min(want, len(left)) - 1]
+        remaining &= conf[:, k] < thresholds[k]
+    return thresholds
+
+
+def exit_points(confidence: Tensor, thresholds: Tensor) -> Tensor:
+    """[N]: the 0-based exit at which each image leaves: the first whose confidence reaches its threshold."""
+    leaves = confidence >= thresholds
+    leaves[:, -1] = True
+    return leaves.int().argmax(1)  # argmax returns the first maximum
+
+
+class Budgeted(NamedTuple):
+    accuracy: float
+    average_macs: float
+    exit_counts: list[int]  # images leaving at each exit
+
+
+def budgeted(preds: Predictions, thresholds: Tensor, costs: list[msdnet.ExitCost]) -> Budgeted:
+    """Accuracy and average cost when every image leaves at its exit point. An image leaving at
+    exit k has paid for blocks 1..k and classifiers 1..k: the cumulative cost of exit k."""
+    where = exit_points(preds.confidence, thresholds)
+    right = preds.correct.gather(1, where[:, None]).squeeze(1)
+    macs = torch.tensor([c.macs for c in costs], dtype=torch.float64)
+    counts = torch.bincount(where, minlength=preds.n_exits)
+    return Budgeted(right.double().mean().item(), macs[where].mean().item(), counts.tolist())
+
+
+# ----------------------------------------------------------------------------- real early exit
+
+
+class EarlyExit(nn.Module):
+    """Inference that really stops: after each block, the images whose classifier is confident
+    enough leave, and only the others go on through the next block.
+
+    Returns the predicted class and the 0-based exit of every image. Normalization, blocks and
+    classifiers are the model's own, so the answers equal the full network's exits at those points.
+    """
+
+    def __init__(self, model: msdnet.MSDNet, thresholds: Tensor) -> None:
+        super().__init__()
+        if len(thresholds) != model.n_exits:
+            raise ValueError(f"need one threshold per exit ({model.n_exits}), got {len(thresholds)}")
+        self.model = model.eval()
+        self.register_buffer("thresholds", thresholds.float().clone(), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        m = self.model
+        m.check_input(x)
+        predicted = torch.empty(len(x), dtype=torch.long, device=x.device)
+        exit_of = torch.empty(len(x), dtype=torch.long, device=x.device)
+        alive = torch.arange(len(x), device=x.device)  # original index of each image still computing
+        xs = (x - m.mean) / m.std
+        last = m.n_exits - 1
+        for k, (block, head) in enumerate(zip(m.blocks, m.classifiers)):
+            xs = block(xs)
+            probs = head(xs[-1]).softmax(-1)
+            conf, cls = probs.max(-1)
+            leave = conf >= self.thresholds[k] if k < last else torch.ones_like(conf, dtype=torch.bool)
+            predicted[alive[leave]] = cls[leave]
+            exit_of[alive[leave]] = k
+            stay = ~leave
+            if not stay.any():
+                break
+            alive = alive[stay]
+            xs = [t[stay] for t in xs]
+        return predicted, exit_of

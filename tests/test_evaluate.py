@@ -1,0 +1,116 @@
+"""Every metric of helpers.evaluate on small hand-made logits with known answers; the threshold search
+reproduces its target exit shares; real early exit gives the simulated answers and skips the work."""
+import math
+
+import pytest
+import torch
+
+from helpers import data, evaluate, msdnet
+
+
+def hand_made() -> evaluate.Predictions:
+    """4 images, 3 exits, 2 classes. Right/wrong per exit:
+    image 0 (label 0): R R R;  image 1 (label 1): W R R;  image 2 (label 0): R W R;  image 3 (label 1): W W W."""
+    right, wrong = {0: [3.0, 0.0], 1: [0.0, 3.0]}, {0: [0.0, 3.0], 1: [3.0, 0.0]}
+    pattern = ["RRR", "WRR", "RWR", "WWW"]
+    labels = [0, 1, 0, 1]
+    logits = [[(right if c == "R" else wrong)[y] for c in row] for row, y in zip(pattern, labels)]
+    return evaluate.Predictions(torch.tensor(logits), torch.tensor(labels))
+
+
+def test_correct_difficulty_and_accuracy_per_exit():
+    p = hand_made()
+    assert p.correct.tolist() == [[True] * 3, [False, True, True], [True, False, True], [False] * 3]
+    assert evaluate.difficulty(p).tolist() == [3, 2, 2, 0]
+    acc, low, high = evaluate.accuracy_with_ci(p.correct)
+    assert acc.tolist() == [0.5, 0.5, 0.75]
+    assert (low <= acc).all() and (acc <= high).all()
+
+
+def test_wilson_interval_matches_published_values():
+    fifty = torch.tensor([True] * 50 + [False] * 50)[:, None]
+    _, low, high = evaluate.accuracy_with_ci(fifty)
+    assert (low.item(), high.item()) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    none = torch.zeros(10, 1, dtype=torch.bool)
+    _, low, high = evaluate.accuracy_with_ci(none)
+    assert (low.item(), high.item()) == pytest.approx((0.0, 0.2775), abs=1e-4)
+
+
+def test_class_by_exit_accuracy():
+    table = evaluate.class_exit_accuracy(hand_made())
+    # class 0: images 0 and 2 -> R R R and R W R; class 1: images 1 and 3 -> W R R and W W W
+    assert table.tolist() == [[1.0, 0.5, 1.0], [0.0, 0.5, 0.5]]
+
+
+def test_right_then_wrong_counts_what_a_later_exit_forgets():
+    m = evaluate.right_then_wrong(hand_made())
+    assert m[0, 1].item() == pytest.approx(1 / 4)  # image 2: B1 right, B2 wrong
+    assert m[1, 0].item() == pytest.approx(1 / 4)  # image 1: B2 right, B1 wrong
+    assert m[0, 2].item() == 0 and m.diagonal().abs().sum() == 0
+
+
+def test_exit_shares_follow_q_to_the_k():
+    s = evaluate.exit_shares(0.5, 4)
+    assert s.sum().item() == pytest.approx(1)
+    assert (s[1:] / s[:-1]).tolist() == pytest.approx([0.5] * 3)
+    assert evaluate.exit_shares(1.0, 5).tolist() == pytest.approx([0.2] * 5)
+
+
+@pytest.mark.parametrize("q", [0.5, 0.8, 1.0, 1.5])
+def test_thresholds_reproduce_the_target_exit_shares_on_validation(q):
+    g = torch.Generator().manual_seed(0)
+    n, exits = 5000, 10
+    val = evaluate.Predictions(torch.randn(n, exits, 10, generator=g) * 3, torch.randint(0, 10, (n,), generator=g))
+    thresholds = evaluate.budget_thresholds(val, q)
+    counts = torch.bincount(evaluate.exit_points(val.confidence, thresholds), minlength=exits)
+    want = evaluate.exit_shares(q, exits) * n
+    assert counts[:-1].tolist() == [math.floor(w) for w in want[:-1].tolist()]
+    assert counts.sum() == n
+
+
+def test_budgeted_accuracy_and_cost():
+    p = hand_made()  # all confidences are equal (softmax of [3, 0]); a threshold of 0 sends everyone out at B1
+    costs = [msdnet.ExitCost(k + 1, 0, macs) for k, macs in enumerate([10, 20, 30])]
+    first = evaluate.budgeted(p, torch.tensor([0.0, 0.0, -math.inf]), costs)
+    assert (first.accuracy, first.average_macs, first.exit_counts) == (0.5, 10.0, [4, 0, 0])
+    last = evaluate.budgeted(p, torch.tensor([math.inf, math.inf, -math.inf]), costs)
+    assert (last.accuracy, last.average_macs, last.exit_counts) == (0.75, 30.0, [0, 0, 4])
+
+
+def test_real_early_exit_gives_the_simulated_answers(tiny_folder):
+    model = msdnet.build("tiny").eval()
+    split = data.load("test", source=tiny_folder)
+    preds = evaluate.predict(model, split, cache=False)
+    thresholds = torch.quantile(preds.confidence, 0.6, dim=0)  # some images leave at each exit
+    want_exit = evaluate.exit_points(preds.confidence, thresholds)
+    got_class, got_exit = evaluate.EarlyExit(model, thresholds)(split.images.float() / 255)
+    assert len(set(want_exit.tolist())) > 1
+    assert got_exit.tolist() == want_exit.tolist()
+    assert got_class.tolist() == preds.predicted.gather(1, want_exit[:, None]).squeeze(1).tolist()
+
+
+def test_real_early_exit_skips_the_later_blocks():
+    model = msdnet.build("tiny").eval()
+    ran = []
+    for b, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda m, i, o, b=b: ran.append(b))
+    everyone_leaves = torch.zeros(model.n_exits)
+    _, exits = evaluate.EarlyExit(model, everyone_leaves)(torch.rand(5, 3, 32, 32))
+    assert exits.tolist() == [0] * 5 and ran == [0]
+
+
+def test_predictions_are_cached_by_weights_and_images(tiny_folder, tmp_path):
+    model = msdnet.build("tiny").eval()
+    split = data.load("test", source=tiny_folder)
+    first = evaluate.predict(model, split, cache_dir=tmp_path)
+    assert first.logits.shape == (len(split), 4, 10) and len(list(tmp_path.glob("predictions-*.pt"))) == 1
+    forward = model.forward
+    model.forward = lambda *a, **k: pytest.fail("recomputed instead of reading the cache")
+    again = evaluate.predict(model, split, cache_dir=tmp_path)
+    assert torch.equal(again.logits, first.logits) and torch.equal(again.labels, split.labels)
+    model.forward = forward
+    with torch.no_grad():
+        model.classifiers[0].linear.bias += 1  # other weights: another cache entry
+    evaluate.predict(model, split, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("predictions-*.pt"))) == 2
+    assert not list(tmp_path.glob(".*"))
