@@ -7,6 +7,7 @@
     thresholds = budget_thresholds(val_preds, q=0.6)   # the paper's budgeted batch classification
     budgeted(preds, thresholds, costs)     # accuracy and average multiply-accumulates
     EarlyExit(model, thresholds)(images)   # real early exit: an image leaves at its exit and stops computing
+    LastExitOnly(model)(images)            # the baseline: all blocks, only the last classifier
 
 Predictions are cached under data/cache/, keyed by a hash of the weights and of the images, so the
 notebooks and the explorer pay for one pass over a split once.
@@ -38,6 +39,9 @@ __all__ = [
     "Budgeted",
     "budgeted",
     "EarlyExit",
+    "budget_curve",
+    "cheapest_matching",
+    "LastExitOnly",
 ]
 
 
@@ -248,3 +252,40 @@ class EarlyExit(nn.Module):
             alive = alive[stay]
             xs = [t[stay] for t in xs]
         return predicted, exit_of
+
+
+def budget_curve(val: Predictions, test: Predictions, costs: list[msdnet.ExitCost],
+                 qs: Tensor | None = None) -> list[tuple[float, Budgeted]]:
+    """Accuracy vs average cost on `test` for thresholds chosen on `val`, sweeping q (as the paper's
+    figure does; the official code sweeps q = 0.05 .. 1.95)."""
+    qs = torch.arange(1, 40) / 20 if qs is None else qs
+    return [(q, budgeted(test, budget_thresholds(val, q), costs)) for q in qs.tolist()]
+
+
+def cheapest_matching(val: Predictions, costs: list[msdnet.ExitCost], target: float,
+                      qs: Tensor | None = None) -> tuple[float, Tensor]:
+    """The q (and its thresholds) with the lowest average cost on `val` whose accuracy on `val`
+    reaches `target`, e.g. the last exit's accuracy: early exit at no loss of accuracy."""
+    curve = [(q, r) for q, r in budget_curve(val, val, costs, qs) if r.accuracy >= target]
+    if not curve:
+        raise ValueError(f"no q reaches accuracy {target:.4f} on the validation predictions")
+    q, _ = min(curve, key=lambda item: item[1].average_macs)
+    return q, budget_thresholds(val, q)
+
+
+class LastExitOnly(nn.Module):
+    """The network used as an ordinary classifier: every block, then only the last classifier.
+    The fair baseline for early exit (model(x) would also evaluate the nine earlier classifiers)."""
+
+    def __init__(self, model: msdnet.MSDNet) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.model
+        m.check_input(x)
+        xs = (x - m.mean) / m.std
+        for block in m.blocks:
+            xs = block(xs)
+        return m.classifiers[-1](xs[-1])

@@ -114,3 +114,28 @@ def test_predictions_are_cached_by_weights_and_images(tiny_folder, tmp_path):
     evaluate.predict(model, split, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("predictions-*.pt"))) == 2
     assert not list(tmp_path.glob(".*"))
+
+
+def test_last_exit_only_is_the_full_networks_last_exit():
+    model = msdnet.build("tiny").eval()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(evaluate.LastExitOnly(model)(x), model(x)[-1])
+
+
+def test_cheapest_matching_reaches_the_target_at_the_lowest_cost():
+    g = torch.Generator().manual_seed(1)
+    n = 2000
+    labels = torch.randint(0, 10, (n,), generator=g)
+    logits = torch.randn(n, 4, 10, generator=g)
+    logits[torch.arange(n), :, labels] += torch.linspace(0.5, 3, 4)  # later exits are more often right
+    val = evaluate.Predictions(logits, labels)
+    costs = [msdnet.ExitCost(k + 1, 0, 10 * (k + 1)) for k in range(4)]
+    target = val.correct[:, 2].double().mean().item()  # as good as exit 3, cheaper
+    q, thresholds = evaluate.cheapest_matching(val, costs, target)
+    chosen = evaluate.budgeted(val, thresholds, costs)
+    curve = evaluate.budget_curve(val, val, costs)
+    assert chosen.accuracy >= target
+    assert chosen.average_macs == min(r.average_macs for _, r in curve if r.accuracy >= target)
+    with pytest.raises(ValueError, match="no q reaches"):
+        evaluate.cheapest_matching(val, costs, 1.01)
