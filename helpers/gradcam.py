@@ -1,0 +1,227 @@
+"""Grad-CAM (Selvaraju et al., ICCV 2017) and Grad-CAM++ for every exit of an MSD-Net.
+
+    gradcam(model, x, exit=5)                 # [B, 32, 32] in [0, 1], exit counts like B1..B10
+    gradcam_all_exits(model, x)               # [B, 10, 32, 32] from one pass through the trunk
+    gradcam(model, x, exit=3, site=Site(block=2, size=16))   # a finer map for an early exit
+
+For class c and a feature map A with K channels, Grad-CAM weighs each channel by the spatial mean
+of the gradient of the pre-softmax score y_c, w_k = mean_ij dy_c/dA_k[i, j], and the map is
+ReLU(sum_k w_k A_k), upsampled bilinearly to the image. Grad-CAM++ (Chattopadhyay et al., WACV
+2018) changes only how the weights are computed.
+
+The network is run here block by block, keeping the maps we explain, and the gradients come from
+torch.autograd.grad with respect to those maps: no hooks are registered, so none can be left
+behind, and the model is never changed (in-place ReLUs included). By default exit k is explained at
+the map its classifier reads (the coarsest, 8x8 output of block k, the blog's choice), so the
+gradient of exit k only flows back through classifier k: all ten maps cost one pass through the
+trunk and ten small backward passes through the heads.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import msdnet
+
+__all__ = ["Site", "CAM", "METHODS", "class_activation_map", "default_site", "sites", "compute", "gradcam", "gradcam_all_exits", "normalize"]
+
+
+class Site(NamedTuple):
+    """Where to take the feature map: block (1-based, like the exits), the index of a module inside
+    that block's nn.Sequential (-1: the block's output), and the scale by its size in pixels."""
+
+    block: int
+    layer: int = -1
+    size: int = 8
+
+
+def default_site(exit: int) -> Site:
+    """The map classifier `exit` reads: the coarsest output of block `exit`."""
+    return Site(exit, -1, 8)
+
+
+def sites(model: msdnet.MSDNet, exit: int) -> list[Site]:
+    """Every map (block, module, scale) that can explain exit `exit`, i.e. that its score depends on.
+    Finer scales reach the classifier only through the strided paths of later MSD layers."""
+    x = torch.zeros(1, 3, model.config.image_size, model.config.image_size, device=_device(model))
+    found = []
+    with torch.enable_grad():
+        maps, logits = _run(model, x, exit, keep_all=True)
+        score = logits[exit - 1].sum()
+        candidates = list(maps.items())
+        grads = torch.autograd.grad(score, [m for _, m in candidates], allow_unused=True)
+    for (site, _), g in zip(candidates, grads):
+        if g is not None:
+            found.append(site)
+    return found
+
+
+def _device(model: msdnet.MSDNet) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _resolve(model: msdnet.MSDNet, site: Site, exit: int) -> Site:
+    if not 1 <= exit <= model.n_exits:
+        raise ValueError(f"exit must be between 1 and {model.n_exits} (B1..B{model.n_exits}), got {exit}")
+    if not 1 <= site.block <= model.n_exits:
+        raise ValueError(f"{site}: block must be between 1 and {model.n_exits}")
+    if site.block > exit:
+        raise ValueError(f"{site} does not influence exit B{exit}: block {site.block} runs after it; "
+                         f"choose a block between 1 and {exit}")
+    n_modules = len(model.blocks[site.block - 1])
+    if not -n_modules <= site.layer < n_modules:
+        raise ValueError(f"{site}: block {site.block} has {n_modules} modules (layer 0..{n_modules - 1}, or -1)")
+    return Site(site.block, site.layer % n_modules, site.size)
+
+
+def _run(model: msdnet.MSDNet, x: Tensor, n_exits: int, keep: set[Site] = frozenset(), keep_all: bool = False):
+    """Blocks 1..n_exits module by module; returns the kept maps {Site: tensor} and the logits."""
+    model.check_input(x)
+    xs = (x - model.mean) / model.std
+    kept, logits = {}, []
+    for b, (block, head) in enumerate(zip(model.blocks[:n_exits], model.classifiers[:n_exits]), start=1):
+        for i, module in enumerate(block):
+            xs = module(xs)
+            for t in xs:
+                site = Site(b, i, t.shape[-1])
+                if keep_all or site in keep:
+                    kept[site] = t
+        logits.append(head(xs[-1]))
+    return kept, logits
+
+
+def _check_site_has_map(maps: dict, site: Site, model: msdnet.MSDNet) -> None:
+    if site not in maps:
+        sizes = sorted({s.size for s in maps if s.block == site.block and s.layer == site.layer}, reverse=True)
+        raise ValueError(f"{site}: that module has no {site.size}x{site.size} map (its scales: {sizes})")
+
+
+# ----------------------------------------------------------------------------- the weights: the one thing methods change
+
+
+def _gradcam_weights(grads: Tensor, maps: Tensor) -> Tensor:
+    return grads.mean(dim=(2, 3))  # [B, K]: the spatial mean of the gradient
+
+
+def _gradcam_pp_weights(grads: Tensor, maps: Tensor) -> Tensor:
+    # Chattopadhyay et al., eq. 19, with exp(score) as the paper's choice of output function.
+    g2, g3 = grads.pow(2), grads.pow(3)
+    sum_a = maps.sum(dim=(2, 3), keepdim=True)
+    denom = 2 * g2 + sum_a * g3
+    alpha = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(g2))
+    return (alpha * grads.clamp(min=0)).sum(dim=(2, 3))
+
+
+METHODS = {"gradcam": _gradcam_weights, "gradcam++": _gradcam_pp_weights}
+
+
+def class_activation_map(score: Tensor, fmap: Tensor, method: str = "gradcam", retain_graph: bool = False) -> Tensor:
+    """The map [B, h, w] for a scalar `score` (summed over the batch) computed from `fmap` [B, K, h, w].
+    These are the lines the method is: gradient, weights per channel, ReLU of the weighted sum."""
+    (grads,) = torch.autograd.grad(score, fmap, retain_graph=retain_graph, allow_unused=True)
+    if grads is None:
+        raise ValueError("the score does not depend on this feature map")
+    a = fmap.detach()
+    weights = METHODS[method](grads, a)  # [B, K]
+    return F.relu((weights[:, :, None, None] * a).sum(1))
+
+
+class CAM(NamedTuple):
+    maps: Tensor  # [B, exits, H, W]: raw ReLU(sum_k w_k A_k) at the feature map's resolution
+    logits: Tensor  # [B, exits, classes]
+    targets: Tensor  # [B, exits]: the class each map explains
+
+
+def _targets(target, logits: Tensor) -> Tensor:
+    b = logits.shape[0]
+    if target is None or (isinstance(target, str) and target == "predicted"):
+        return logits.argmax(1)
+    if isinstance(target, int):
+        t = torch.full((b,), target, dtype=torch.long, device=logits.device)
+    else:
+        t = torch.as_tensor(target, device=logits.device).long().reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(b)
+    if t.shape != (b,):
+        raise ValueError(f"target must be None, 'predicted', a class index, or one class per image ({b}); got {tuple(t.shape)}")
+    n = logits.shape[1]
+    if ((t < 0) | (t >= n)).any():
+        raise ValueError(f"target classes must be between 0 and {n - 1}")
+    return t
+
+
+def compute(model: msdnet.MSDNet, x: Tensor, exits: list[int], target=None, site: Site | list[Site] | None = None,
+            method: str = "gradcam") -> CAM:
+    """Raw class activation maps for several exits of the same images, from one forward pass.
+
+    target: None or "predicted" (each exit's own prediction), a class index, or a tensor of one
+    class per image (e.g. the true labels). site: one per exit (default: the map each classifier reads).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if not exits:
+        raise ValueError("exits must name at least one exit")
+    if site is None:
+        site_list = [default_site(k) for k in exits]
+    else:
+        site_list = list(site) if isinstance(site, list) else [site] * len(exits)
+    if len(site_list) != len(exits):
+        raise ValueError("give one site per exit")
+    site_list = [_resolve(model, s, k) for s, k in zip(site_list, exits)]
+    was_training = model.training
+    model.eval()  # batch statistics would couple the images' gradients
+    try:
+        with torch.enable_grad():
+            x = x.detach()
+            maps, logits = _run(model, x, max(exits), keep=set(site_list))
+            out_maps, out_logits, out_targets = [], [], []
+            for i, (k, s) in enumerate(zip(exits, site_list)):
+                _check_site_has_map(maps, s, model)
+                z = logits[k - 1]
+                t = _targets(target, z.detach())
+                score = z.gather(1, t[:, None]).sum()  # images are independent: one backward for the batch
+                try:
+                    cam = class_activation_map(score, maps[s], method, retain_graph=i < len(exits) - 1)
+                except ValueError:
+                    raise ValueError(f"{s} does not influence exit B{k}; choose one of gradcam.sites(model, {k})") from None
+                out_maps.append(cam)
+                out_logits.append(z.detach())
+                out_targets.append(t)
+    finally:
+        model.train(was_training)
+    size = max(m.shape[-1] for m in out_maps)
+    out_maps = [m if m.shape[-1] == size else F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+                for m in out_maps]
+    return CAM(torch.stack(out_maps, 1), torch.stack(out_logits, 1), torch.stack(out_targets, 1))
+
+
+def normalize(maps: Tensor, size: int | None = None) -> Tensor:
+    """Upsample [..., h, w] maps bilinearly to size x size and scale each to [0, 1] (an all-zero map stays 0)."""
+    shape = maps.shape
+    flat = maps.reshape(-1, 1, *shape[-2:]).float()
+    if size is not None and size != shape[-1]:
+        flat = F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False)
+    lo = flat.amin(dim=(2, 3), keepdim=True)
+    hi = flat.amax(dim=(2, 3), keepdim=True)
+    flat = torch.where(hi > lo, (flat - lo) / (hi - lo).clamp(min=1e-12), torch.zeros_like(flat))
+    return flat.reshape(*shape[:-2], *flat.shape[-2:])
+
+
+def gradcam(model: msdnet.MSDNet, x: Tensor, exit: int = 10, target=None, site: Site | None = None,
+            method: str = "gradcam", raw: bool = False) -> Tensor:
+    """The map of exit `exit` (1-based) for each image: [B, 32, 32] in [0, 1], or with raw=True the
+    unnormalized map at the feature map's own resolution."""
+    cam = compute(model, x, [exit], target, site, method)
+    maps = cam.maps[:, 0]
+    return maps if raw else normalize(maps, model.config.image_size)
+
+
+def gradcam_all_exits(model: msdnet.MSDNet, x: Tensor, target=None, method: str = "gradcam",
+                      raw: bool = False) -> Tensor:
+    """The maps of all exits, [B, exits, 32, 32] in [0, 1] (raw=True: [B, exits, 8, 8] unnormalized),
+    from one forward pass through the trunk."""
+    cam = compute(model, x, list(range(1, model.n_exits + 1)), target, None, method)
+    return cam.maps if raw else normalize(cam.maps, model.config.image_size)

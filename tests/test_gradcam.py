@@ -1,0 +1,157 @@
+"""Grad-CAM against independent computations (explicit autograd on the feature map, captum's
+LayerGradCam), a constructed case with a known answer, the refusal of maps that cannot explain an
+exit, and the model left as it was found."""
+import resource
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import gradcam, msdnet
+from helpers.gradcam import Site
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = msdnet.build("tiny")
+    with torch.no_grad():  # non-trivial BN statistics, so eval-mode BN is not the identity
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+@pytest.fixture
+def images():
+    return torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def explicit_gradcam(model, x, exit):
+    """Selvaraju et al. written out on the map model.forward hands back for this exit."""
+    x = x.clone()
+    with torch.enable_grad():
+        logits, feats = model(x, return_features=True)
+        z, a = logits[exit - 1], feats[exit - 1]
+        score = z.gather(1, z.argmax(1, keepdim=True)).sum()
+        (g,) = torch.autograd.grad(score, a)
+    w = g.mean(dim=(2, 3))
+    return F.relu((w[:, :, None, None] * a.detach()).sum(1))
+
+
+@pytest.mark.parametrize("exit", [1, 2, 4])
+def test_maps_equal_explicit_autograd_on_the_feature_map(model, images, exit):
+    want = explicit_gradcam(model, images, exit)
+    got = gradcam.gradcam(model, images, exit=exit, raw=True)
+    assert got.shape == want.shape == (3, 8, 8)
+    assert want.abs().sum() > 0 and torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("exit", [1, 3])
+def test_maps_equal_captums_layer_gradcam(model, images, exit):
+    from captum.attr import LayerGradCam
+
+    target = model(images)[exit - 1].argmax(1)
+    cam = LayerGradCam(lambda x: model(x, exits=exit)[exit - 1], model.classifiers[exit - 1])
+    want = cam.attribute(images, target=target, attribute_to_layer_input=True, relu_attributions=True)[:, 0]
+    got = gradcam.gradcam(model, images, exit=exit, raw=True)
+    assert torch.allclose(got, want.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_a_score_raised_by_one_region_lights_up_that_region_only():
+    region = torch.zeros(4, 4)
+    region[:2, 1:3] = 1  # 4 of the 16 positions
+    fmap = torch.stack([region, torch.rand(4, 4)])[None].requires_grad_()  # channel 1 does not matter
+    score = (fmap[:, 0] * region).sum()
+    cam = gradcam.class_activation_map(score, fmap, retain_graph=True)[0]
+    assert torch.equal(cam > 0, region.bool())
+    assert torch.allclose(cam, region * 4 / 16)  # weight = mean gradient = 4/16, times the map
+    cam_pp = gradcam.class_activation_map(score, fmap, "gradcam++")[0]
+    assert torch.allclose(cam_pp, region * 4 / (2 + 4))  # alpha = 1/(2 + sum A) on the region, summed over it
+
+
+def test_normalized_maps_are_image_sized_and_in_0_1(model, images):
+    maps = gradcam.gradcam_all_exits(model, images)
+    assert maps.shape == (3, 4, 32, 32)
+    assert maps.min() >= 0 and maps.max() <= 1
+    flat = maps.flatten(2)
+    assert torch.all((flat.amax(-1) == 1) | (flat.amax(-1) == 0))
+
+
+def test_all_exits_at_once_equal_one_exit_at_a_time(model, images):
+    together = gradcam.gradcam_all_exits(model, images, raw=True)
+    for k in range(1, 5):
+        assert torch.allclose(together[:, k - 1], gradcam.gradcam(model, images, exit=k, raw=True), atol=1e-6)
+
+
+def test_target_can_be_the_prediction_a_label_or_any_class(model, images):
+    logits = model(images)[1]
+    pred = logits.argmax(1)
+    by_default = gradcam.compute(model, images, [2])
+    assert torch.equal(by_default.targets[:, 0], pred)
+    assert torch.equal(gradcam.compute(model, images, [2], target=7).targets[:, 0], torch.full((3,), 7))
+    labels = torch.tensor([1, 2, 3])
+    assert torch.equal(gradcam.compute(model, images, [2], target=labels).targets[:, 0], labels)
+    with pytest.raises(ValueError, match="between 0 and 9"):
+        gradcam.compute(model, images, [2], target=10)
+    with pytest.raises(ValueError, match="one class per image"):
+        gradcam.compute(model, images, [2], target=torch.tensor([1, 2]))
+
+
+def test_finer_maps_of_earlier_layers_explain_an_exit_and_the_rest_are_refused(model, images):
+    # tiny preset: 5 MSD layers (2, 1, 1, 1 per block); a 32x32 map needs two MSD layers to reach 8x8
+    block_1_out = Site(1, len(model.blocks[0]) - 1, 32)  # sites() numbers modules from 0
+    assert block_1_out not in gradcam.sites(model, 2)
+    assert block_1_out in gradcam.sites(model, 3)
+    fine = gradcam.gradcam(model, images, exit=3, site=Site(1, -1, 32), raw=True)
+    assert fine.shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="does not influence exit B2"):
+        gradcam.gradcam(model, images, exit=2, site=Site(1, -1, 32))
+    with pytest.raises(ValueError, match="block 3 runs after it"):
+        gradcam.gradcam(model, images, exit=2, site=Site(3))
+    with pytest.raises(ValueError, match="no 32x32 map"):
+        gradcam.gradcam(model, images, exit=4, site=Site(4, -1, 32))
+    with pytest.raises(ValueError, match="exit must be between 1 and 4"):
+        gradcam.gradcam(model, images, exit=5)
+
+
+def test_every_listed_site_has_a_nonzero_gradient(model, images):
+    for exit in range(1, 5):
+        for site in gradcam.sites(model, exit):
+            maps = gradcam.gradcam(model, images, exit=exit, site=site, raw=True)
+            assert maps.shape[-1] == site.size
+
+
+def test_works_under_no_grad_and_leaves_the_model_as_it_was(model, images):
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        maps = gradcam.gradcam(model, images, exit=2)
+    assert maps.abs().sum() > 0 and model.training
+    model.eval()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # eval mode: BN stats untouched
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_an_error_midway_leaves_no_hooks_and_restores_the_mode(model):
+    model.train()
+    with pytest.raises(ValueError, match=r"\[batch, 3, 32, 32\]"):
+        gradcam.gradcam(model, torch.rand(2, 1, 32, 32), exit=2)
+    assert model.training
+    model.eval()
+    assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_a_thousand_calls(model, images):
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+    for _ in range(50):
+        gradcam.gradcam_all_exits(model, images)
+    start = rss_mb()
+    for _ in range(1000):
+        gradcam.gradcam_all_exits(model, images)
+    assert rss_mb() - start < 20
