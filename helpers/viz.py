@@ -37,7 +37,7 @@ def overlay(image: Tensor, cam: Tensor, alpha: float = 0.5, cmap: str = "jet") -
 
 def show_overlay(ax, image: Tensor, cam: Tensor | None = None, alpha: float = 0.5, cmap: str = "jet",
                  title: str | None = None, color: str = "black") -> None:
-    ax.imshow(to_hwc(image) if cam is None else overlay(image, cam, alpha, cmap), interpolation="bilinear")
+    ax.imshow(to_hwc(image) if cam is None else overlay(image, cam, alpha, cmap), interpolation="nearest")
     ax.set_xticks([]); ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=9, color=color)
