@@ -14,10 +14,8 @@ notebooks and the explorer pay for one pass over a split once.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -25,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import data, msdnet
+from .cache import cached
 
 __all__ = [
     "Predictions",
@@ -72,20 +71,6 @@ class Predictions(NamedTuple):
         return self.logits.softmax(-1).amax(-1)
 
 
-def _hash_tensors(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _cache_path(model: nn.Module, split: data.Split, cache_dir: Path) -> Path:
-    weights = _hash_tensors(model.state_dict().values())
-    images = _hash_tensors((split.images, split.labels))
-    return cache_dir / f"predictions-{weights}-{images}.pt"
-
-
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -102,27 +87,22 @@ def predict(
     """
     if isinstance(split, str):
         split = data.load(split, source)
-    path = _cache_path(model, split, Path(cache_dir) if cache_dir else data.DATA_DIR / "cache") if cache else None
-    if path is not None and path.is_file():
-        saved = torch.load(path, weights_only=True)
-        return Predictions(saved["logits"], saved["labels"])
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    chunks = []
-    try:
-        for i in tqdm(range(0, len(split), batch_size), desc="predicting", unit="batch", leave=False):
-            x = split.images[i : i + batch_size].to(device).float().div_(255)
-            chunks.append(torch.stack(model(x), dim=1).float().cpu())
-    finally:
-        model.train(was_training)
-    preds = Predictions(torch.cat(chunks), split.labels.clone())
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save({"logits": preds.logits, "labels": preds.labels}, tmp)
-        os.replace(tmp, path)  # never a half-written cache
-    return preds
+
+    def run() -> dict:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        chunks = []
+        try:
+            for i in tqdm(range(0, len(split), batch_size), desc="predicting", unit="batch", leave=False):
+                x = split.images[i : i + batch_size].to(device).float().div_(255)
+                chunks.append(torch.stack(model(x), dim=1).float().cpu())
+        finally:
+            model.train(was_training)
+        return {"logits": torch.cat(chunks), "labels": split.labels.clone()}
+
+    saved = cached("predictions", model, split.images, split.labels, run, cache_dir, enabled=cache)
+    return Predictions(saved["logits"], saved["labels"])
 
 
 # ----------------------------------------------------------------------------- accuracy

@@ -23,10 +23,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from . import msdnet
+from .cache import cached
 
-__all__ = ["Site", "CAM", "METHODS", "class_activation_map", "default_site", "sites", "compute", "gradcam", "gradcam_all_exits", "normalize"]
+__all__ = ["Site", "CAM", "METHODS", "class_activation_map", "default_site", "sites", "compute", "gradcam", "gradcam_all_exits", "normalize", "maps_for_split"]
 
 
 class Site(NamedTuple):
@@ -225,3 +227,26 @@ def gradcam_all_exits(model: msdnet.MSDNet, x: Tensor, target=None, method: str 
     from one forward pass through the trunk."""
     cam = compute(model, x, list(range(1, model.n_exits + 1)), target, None, method)
     return cam.maps if raw else normalize(cam.maps, model.config.image_size)
+
+
+def maps_for_split(model: msdnet.MSDNet, split, method: str = "gradcam", target=None, batch_size: int = 200,
+                   cache: bool = True, cache_dir=None) -> Tensor:
+    """The raw maps of every exit for every image of a split (a data.Split): [N, exits, 8, 8], float32,
+    each exit explaining its own prediction (target=None) or the true labels (target="true").
+
+    Streams the split in batches with a progress bar, keeps only the low-resolution maps (upsample what
+    you show with normalize), and is cached on disk like the predictions.
+    """
+    if target not in (None, "true"):
+        raise ValueError("target must be None (each exit's prediction) or 'true' (the labels) for a whole split")
+
+    def run() -> dict:
+        out = []
+        for i in tqdm(range(0, len(split), batch_size), desc=f"{method} maps", unit="batch", leave=False):
+            x = split.images[i : i + batch_size].float() / 255
+            t = split.labels[i : i + batch_size] if target == "true" else None
+            out.append(compute(model, x.to(_device(model)), list(range(1, model.n_exits + 1)), t, None, method).maps.cpu())
+        return {"maps": torch.cat(out)}
+
+    kind = f"{method.replace('+', 'p')}-{'true' if target == 'true' else 'pred'}"
+    return cached(kind, model, split.images, split.labels, run, cache_dir, enabled=cache)["maps"]

@@ -155,3 +155,18 @@ def test_memory_stays_flat_over_a_thousand_calls(model, images):
     for _ in range(1000):
         gradcam.gradcam_all_exits(model, images)
     assert rss_mb() - start < 20
+
+
+def test_maps_for_a_split_equal_the_batched_maps_and_are_cached(model, tiny_folder, tmp_path):
+    from helpers import data
+
+    split = data.load("test", source=tiny_folder)
+    maps = gradcam.maps_for_split(model, split, batch_size=7, cache_dir=tmp_path)
+    want = gradcam.gradcam_all_exits(model, split.images.float() / 255, raw=True)
+    assert maps.shape == (len(split), 4, 8, 8) and torch.allclose(maps, want, atol=1e-6)
+    true = gradcam.maps_for_split(model, split, target="true", cache_dir=tmp_path)
+    assert torch.allclose(true, gradcam.gradcam_all_exits(model, split.images.float() / 255, target=split.labels, raw=True),
+                          atol=1e-6)
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    again = gradcam.maps_for_split(model, split, cache_dir=tmp_path)
+    assert torch.equal(again, maps)

@@ -1,0 +1,45 @@
+"""Results computed from a model and images, stored on disk under a name made of their hashes, so the
+same weights meeting the same images are computed once (predictions, Grad-CAM maps)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["fingerprint", "cached"]
+
+
+def fingerprint(tensors: Iterable[Tensor]) -> str:
+    """A short hash of tensors' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached(kind: str, model: nn.Module, images: Tensor, labels: Tensor, compute: Callable[[], dict],
+           cache_dir: str | os.PathLike | None, enabled: bool = True) -> dict:
+    """compute() -> dict of tensors, read from cache_dir/<kind>-<weights>-<images>.pt when present;
+    written to a temporary name and renamed, so a crash never leaves half a file."""
+    if not enabled:
+        return compute()
+    from . import data  # the default folder, data/cache/
+
+    folder = Path(cache_dir) if cache_dir else data.DATA_DIR / "cache"
+    path = folder / f"{kind}-{fingerprint(model.state_dict().values())}-{fingerprint((images, labels))}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    result = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(result, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return result

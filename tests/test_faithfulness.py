@@ -1,0 +1,55 @@
+"""Deletion and insertion: the pixels go in the map's order, and the curves start and end where they must."""
+import pytest
+import torch
+
+from helpers import faithfulness, msdnet
+
+
+class Recorder:
+    """Stands in for the model: remembers every batch it sees and answers with a fixed softmax."""
+
+    def __init__(self, mean):
+        self.mean = mean
+        self.seen = []
+
+    def __call__(self, x, exits):
+        self.seen.append(x.clone())
+        logits = torch.zeros(len(x), 10)
+        logits[:, 3] = x.mean(dim=(1, 2, 3)) * 10  # class 3's probability grows with brightness
+        return [logits] * exits
+
+
+def test_pixels_are_removed_and_inserted_most_important_first():
+    images = torch.ones(1, 3, 4, 4)
+    saliency = torch.arange(16.0).reshape(1, 4, 4)  # the last pixel is the most important
+    fake = Recorder(torch.zeros(1, 3, 1, 1))
+    curves = faithfulness.deletion_insertion(fake, images, saliency, exit=2, targets=torch.tensor([3]), steps=4)
+    deletion_at_quarter, insertion_at_quarter = fake.seen[2], fake.seen[3]
+    removed = deletion_at_quarter[0, 0] == 0
+    assert removed.flatten().tolist() == [False] * 12 + [True] * 4
+    assert torch.equal(insertion_at_quarter[0, 0] == 1, removed)
+    assert curves.deletion.shape == curves.insertion.shape == (1, 5)
+    assert (curves.deletion[0, 1:] <= curves.deletion[0, :-1]).all()  # darker and darker: class 3 fades
+    assert (curves.insertion[0, 1:] >= curves.insertion[0, :-1]).all()
+
+
+def test_curves_run_from_the_image_to_the_mean_image_on_the_real_model():
+    model = msdnet.build("tiny").eval()
+    images = torch.rand(3, 3, 32, 32)
+    targets = torch.tensor([0, 4, 9])
+    curves = faithfulness.deletion_insertion(model, images, torch.rand(3, 32, 32), exit=3, targets=targets, steps=4)
+    prob = lambda x: model(x, exits=3)[2].softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    mean_image = model.mean.expand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(curves.deletion[:, 0], prob(images), atol=1e-6)
+        assert torch.allclose(curves.deletion[:, -1], prob(mean_image), atol=1e-6)
+        assert torch.allclose(curves.insertion[:, 0], prob(mean_image), atol=1e-6)
+        assert torch.allclose(curves.insertion[:, -1], prob(images), atol=1e-6)
+    d_auc, i_auc = curves.auc()
+    assert d_auc.shape == (3,) and ((0 <= d_auc) & (d_auc <= 1)).all()
+
+
+def test_a_saliency_of_the_wrong_shape_is_refused():
+    model = msdnet.build("tiny").eval()
+    with pytest.raises(ValueError, match="saliency must be"):
+        faithfulness.deletion_insertion(model, torch.rand(2, 3, 32, 32), torch.rand(2, 8, 8), 1, torch.tensor([0, 1]))
