@@ -1,0 +1,303 @@
+"""An ipywidgets app to pick an image and an exit and see where that exit looks.
+
+    from helpers import explorer, pretrained
+    explorer.explore(pretrained.load())        # in a notebook cell: the app
+
+Sliders pick the image (filtered by class, difficulty "k/10", and right or wrong at the chosen
+exit) and the exit B1..B10; the target class, the scale of the map, the method (Grad-CAM or
+Grad-CAM++) and the overlay's opacity can be chosen; an upload explains your own picture. It shows
+the image, the overlay, every exit's prediction and confidence for this image, and a strip of all
+ten exits' maps.
+
+Redraws are fast because the maps of all exits of the shown image are computed once (one trunk
+pass) and kept, predictions come from evaluate's cache, and pictures are drawn with PIL.
+"""
+from __future__ import annotations
+
+import io
+import time
+from functools import lru_cache
+
+import ipywidgets as widgets
+import numpy as np
+import torch
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from . import data, evaluate, gradcam, msdnet
+
+__all__ = ["Explorer", "explore", "load_image"]
+
+RIGHT, WRONG, NEUTRAL = (44, 160, 44), (214, 39, 40), (120, 120, 120)
+METHOD_NAMES = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcam++"}
+
+
+def load_image(content: bytes, size: int = 32) -> torch.Tensor:
+    """An uploaded file as a float image [3, size, size] in [0, 1] (RGB, resized), or a clear error."""
+    try:
+        img = Image.open(io.BytesIO(content))
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"that file is not an image Pillow can read ({e.__class__.__name__}); "
+                         "upload a PNG, JPEG, BMP or GIF") from None
+    img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="png", compress_level=1)  # fast over small
+    return buf.getvalue()
+
+
+@lru_cache(maxsize=4)
+def _colormap(name: str) -> np.ndarray:
+    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def _overlay(image: torch.Tensor, cam: torch.Tensor | None, alpha: float, scale: int) -> np.ndarray:
+    img = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.float32)
+    if cam is not None:
+        heat = _colormap("jet")[(cam.clamp(0, 1).numpy() * 255).astype(np.uint8)].astype(np.float32)
+        img = (1 - alpha) * img + alpha * heat
+    img = img.astype(np.uint8)
+    return img.repeat(scale, 0).repeat(scale, 1)  # nearest-neighbour: the pixels as the network sees them
+
+
+class Explorer:
+    """The app's state and widgets; `Explorer(model, split).widget` is what a notebook displays."""
+
+    def __init__(self, model: msdnet.MSDNet, split: data.Split, preds: evaluate.Predictions | None = None,
+                 classes=data.CLASSES) -> None:
+        self.model = model.eval()
+        self.split = split
+        self.preds = preds if preds is not None else evaluate.predict(model, split)
+        if len(self.preds) != len(split):
+            raise ValueError(f"predictions for {len(self.preds)} images, but the split has {len(split)}")
+        self.classes = classes
+        self.n_exits = model.n_exits
+        self.difficulty = evaluate.difficulty(self.preds)
+        self.uploaded: torch.Tensor | None = None
+        self._maps: dict = {}
+        self.last_redraw_s = 0.0
+
+        exits = [f"B{k}" for k in range(1, self.n_exits + 1)]
+        self.class_filter = widgets.Dropdown(options=["all", *classes], value="all", description="Class")
+        self.difficulty_filter = widgets.Dropdown(options=["any", *[f"{k}/{self.n_exits}" for k in range(self.n_exits + 1)]],
+                                                  value="any", description="Difficulty")
+        self.correct_filter = widgets.Dropdown(options=["any", "right", "wrong"], value="any",
+                                               description="At this exit")
+        self.image = widgets.IntSlider(min=0, max=max(len(split) - 1, 0), value=0, description="Image",
+                                       continuous_update=False)
+        self.exit = widgets.SelectionSlider(options=exits, value=exits[-1], description="Exit")
+        self.target = widgets.Dropdown(options=["predicted", "true", *classes], value="predicted", description="Target")
+        self.scale = widgets.Dropdown(options=[8], value=8, description="Scale")
+        self.method = widgets.ToggleButtons(options=list(METHOD_NAMES), value="Grad-CAM", description="Method")
+        self.alpha = widgets.FloatSlider(min=0, max=1, step=0.05, value=0.5, description="Opacity")
+        self.upload = widgets.FileUpload(accept="image/*", multiple=False, description="Your image")
+        self.back = widgets.Button(description="Back to the test images", disabled=True)
+        self.title = widgets.HTML()
+        self.status = widgets.HTML()
+        self.picture = widgets.Image(format="png")
+        self.overlay = widgets.Image(format="png")
+        self.bars = widgets.Image(format="png")
+        self.strip = widgets.Image(format="png")
+
+        self._indices = torch.arange(len(split))
+        self._refilter()
+        self._update_scales()
+        for w in (self.class_filter, self.difficulty_filter, self.correct_filter):
+            w.observe(self._on_filter, "value")
+        self.exit.observe(self._on_exit, "value")
+        for w in (self.image, self.target, self.scale, self.method, self.alpha):
+            w.observe(lambda change: self.redraw(), "value")
+        self.upload.observe(self._on_upload, "value")
+        self.back.on_click(self._on_back)
+
+        controls = widgets.VBox([
+            widgets.HBox([self.class_filter, self.difficulty_filter, self.correct_filter]),
+            widgets.HBox([self.image, self.exit]),
+            widgets.HBox([self.target, self.scale, self.alpha]),
+            widgets.HBox([self.method, self.upload, self.back]),
+        ])
+        pictures = widgets.HBox([self.picture, self.overlay, self.bars])
+        self.widget = widgets.VBox([controls, self.title, pictures, self.strip, self.status])
+        self.redraw()
+
+    # ------------------------------------------------------------------ what is shown
+
+    @property
+    def exit_number(self) -> int:
+        return int(self.exit.value[1:])
+
+    def current_index(self) -> int | None:
+        """Index into the split of the image shown (None: an uploaded image or an empty filter)."""
+        if self.uploaded is not None or len(self._indices) == 0:
+            return None
+        return int(self._indices[min(self.image.value, len(self._indices) - 1)])
+
+    def current_image(self) -> torch.Tensor | None:
+        if self.uploaded is not None:
+            return self.uploaded
+        i = self.current_index()
+        return None if i is None else self.split.images[i].float() / 255
+
+    def _refilter(self) -> None:
+        mask = torch.ones(len(self.split), dtype=torch.bool)
+        if self.class_filter.value != "all":
+            mask &= self.preds.labels == self.classes.index(self.class_filter.value)
+        if self.difficulty_filter.value != "any":
+            mask &= self.difficulty == int(self.difficulty_filter.value.split("/")[0])
+        if self.correct_filter.value != "any":
+            right = self.preds.correct[:, self.exit_number - 1]
+            mask &= right if self.correct_filter.value == "right" else ~right
+        self._indices = torch.nonzero(mask)[:, 0]
+        with self.image.hold_trait_notifications():
+            self.image.max = max(len(self._indices) - 1, 0)
+            self.image.value = min(self.image.value, self.image.max)
+        self.image.disabled = len(self._indices) <= 1
+
+    def _update_scales(self) -> None:
+        sizes = sorted({s.size for s in gradcam.sites(self.model, self.exit_number)})
+        self._finest = {size: max((s for s in gradcam.sites(self.model, self.exit_number) if s.size == size),
+                                  key=lambda s: (s.block, s.layer)) for size in sizes}
+        with self.scale.hold_trait_notifications():
+            keep = self.scale.value if self.scale.value in sizes else min(sizes)
+            self.scale.options = sizes
+            self.scale.value = keep
+
+    def _target(self, index: int | None):
+        if self.target.value == "predicted":
+            return None
+        if self.target.value == "true":
+            return None if index is None else int(self.preds.labels[index])
+        return self.classes.index(self.target.value)
+
+    def maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(maps [exits, 32, 32] in [0, 1] for the shown image at the chosen scale, logits [exits, classes]).
+        The default scale gives every exit's map from one pass and is kept per image, target and method."""
+        index, image = self.current_index(), self.current_image()
+        target = self._target(index)
+        method = METHOD_NAMES[self.method.value]
+        key = (index if index is not None else id(self.uploaded), target, method, self.scale.value,
+               self.exit_number if self.scale.value != 8 else None)
+        if key not in self._maps:
+            x = image[None]
+            if self.scale.value == 8:
+                cam = gradcam.compute(self.model, x, list(range(1, self.n_exits + 1)), target, None, method)
+                maps = gradcam.normalize(cam.maps[0], 32)
+            else:  # a finer map exists for this exit only: the others stay at 8x8
+                k = self.exit_number
+                cam = gradcam.compute(self.model, x, list(range(1, self.n_exits + 1)), target, None, method)
+                fine = gradcam.compute(self.model, x, [k], target, self._finest[self.scale.value], method)
+                maps = gradcam.normalize(cam.maps[0], 32)
+                maps[k - 1] = gradcam.normalize(fine.maps[0, 0], 32)
+            if len(self._maps) > 256:
+                self._maps.clear()
+            self._maps[key] = (maps, cam.logits[0])
+        return self._maps[key]
+
+    def show(self, index: int) -> None:
+        """Show image `index` of the split: the filters are cleared so that every image can be reached."""
+        if not 0 <= index < len(self.split):
+            raise ValueError(f"index must be between 0 and {len(self.split) - 1}, got {index}")
+        self._on_back()
+        for w, value in ((self.class_filter, "all"), (self.difficulty_filter, "any"), (self.correct_filter, "any")):
+            w.value = value
+        self.image.value = index
+
+    # ------------------------------------------------------------------ events
+
+    def _on_filter(self, change) -> None:
+        self._refilter()
+        self.redraw()
+
+    def _on_exit(self, change) -> None:
+        self._update_scales()
+        if self.correct_filter.value != "any":
+            self._refilter()
+        self.redraw()
+
+    def _on_upload(self, change) -> None:
+        files = change["new"]
+        if not files:
+            return
+        f = files[0]
+        try:
+            self.uploaded = load_image(bytes(f["content"]), self.model.config.image_size)
+        except ValueError as e:
+            self.status.value = f"<span style='color:#d62728'>{f['name']}: {e}</span>"
+            return
+        self.status.value = f"showing your image {f['name']}, resized to 32x32"
+        self.back.disabled = False
+        self.redraw()
+
+    def _on_back(self, button=None) -> None:
+        self.uploaded = None
+        self.back.disabled = True
+        self.status.value = ""
+        self.redraw()
+
+    # ------------------------------------------------------------------ drawing
+
+    def redraw(self) -> None:
+        start = time.perf_counter()
+        image = self.current_image()
+        if image is None:
+            self.title.value = "<b>no test image matches these filters</b>"
+            for w in (self.picture, self.overlay, self.bars, self.strip):
+                w.value = b""
+            self.last_redraw_s = time.perf_counter() - start
+            return
+        index = self.current_index()
+        maps, logits = self.maps()
+        k = self.exit_number
+        probs = logits.softmax(-1)
+        conf, predicted = probs.max(-1)
+        label = None if index is None else int(self.preds.labels[index])
+        right = [None if label is None else int(p) == label for p in predicted]
+        name = "your image" if label is None else f"{self.classes[label].capitalize()} ({int(self.difficulty[index])}/{self.n_exits})"
+        verdict = "" if right[k - 1] is None else (" ✓" if right[k - 1] else " ✗")
+        colour = "#2ca02c" if right[k - 1] else "#d62728" if right[k - 1] is False else "#555"
+        self.title.value = (f"<b>{name}</b> — B{k} says <span style='color:{colour}'>"
+                            f"{self.classes[int(predicted[k - 1])]} ({conf[k - 1]:.0%}){verdict}</span>")
+        self.picture.value = _png(_overlay(image, None, 0, 6))
+        self.overlay.value = _png(_overlay(image, maps[k - 1], self.alpha.value, 6))
+        self.bars.value = self._draw_bars(conf, predicted, right, k)
+        self.strip.value = self._draw_strip(image, maps, right, k)
+        self.last_redraw_s = time.perf_counter() - start
+
+    def _draw_bars(self, conf, predicted, right, k) -> bytes:
+        w, h, pad = 300, 192, 18
+        img = Image.new("RGB", (w, h), "white")
+        d = ImageDraw.Draw(img)
+        bw = (w - 2 * pad) / self.n_exits
+        for j in range(self.n_exits):
+            x0 = pad + j * bw
+            top = h - pad - (h - 2 * pad) * float(conf[j])
+            fill = NEUTRAL if right[j] is None else RIGHT if right[j] else WRONG
+            d.rectangle([x0 + 2, top, x0 + bw - 2, h - pad], fill=fill, outline="black" if j == k - 1 else None,
+                        width=2 if j == k - 1 else 0)
+            d.text((x0 + 3, h - pad + 3), f"B{j + 1}", fill="black")
+            d.text((x0 + 2, max(top - 12, 0)), self.classes[int(predicted[j])][:4], fill="black")
+        d.text((pad, 2), "confidence of each exit's prediction", fill="black")
+        return _png(np.asarray(img))
+
+    def _draw_strip(self, image, maps, right, k) -> bytes:
+        tile, gap = 64, 6
+        strip = Image.new("RGB", (self.n_exits * (tile + gap), tile + 16), "white")
+        d = ImageDraw.Draw(strip)
+        for j in range(self.n_exits):
+            x0 = j * (tile + gap)
+            strip.paste(Image.fromarray(_overlay(image, maps[j], self.alpha.value, 2)), (x0, 14))
+            colour = NEUTRAL if right[j] is None else RIGHT if right[j] else WRONG
+            d.rectangle([x0, 14, x0 + tile - 1, 14 + tile - 1], outline=colour, width=3 if j == k - 1 else 1)
+            d.text((x0 + 2, 1), f"B{j + 1}", fill=colour)
+        return _png(np.asarray(strip))
+
+
+def explore(model: msdnet.MSDNet, split: str | data.Split = "test", source=None) -> widgets.Widget:
+    """The explorer for `model` over a split (default: the test split; predictions from evaluate's cache)."""
+    if isinstance(split, str):
+        split = data.load(split, source)
+    return Explorer(model, split).widget

@@ -1,0 +1,120 @@
+"""The explorer driven from Python: moving its widgets changes what it shows as it must."""
+import io
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import data, evaluate, explorer, msdnet
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from conftest import write_class_folders
+
+    folder = write_class_folders(tmp_path_factory.mktemp("explorer") / "tiny")
+    split = data.load("test", source=folder, data_dir=tmp_path_factory.mktemp("cache"))
+    torch.manual_seed(0)
+    model = msdnet.build("tiny").eval()
+    return explorer.Explorer(model, split, evaluate.predict(model, split, cache=False))
+
+
+def shown(app):
+    return app.title.value, bytes(app.overlay.value), bytes(app.strip.value), bytes(app.bars.value)
+
+
+def test_it_shows_an_image_with_its_difficulty_and_the_chosen_exits_answer(app):
+    title = app.title.value
+    i = app.current_index()
+    assert data.CLASSES[int(app.preds.labels[i])].capitalize() in title
+    assert f"({int(app.difficulty[i])}/4)" in title and "B4 says" in title
+    for img in (app.picture, app.overlay, app.bars, app.strip):
+        assert bytes(img.value).startswith(b"\x89PNG")
+
+
+def test_moving_the_exit_slider_changes_the_overlay_and_the_label(app):
+    app.exit.value = "B4"
+    before = shown(app)
+    app.exit.value = "B1"
+    after = shown(app)
+    assert "B1 says" in after[0] and before[0] != after[0]
+    assert before[1] != after[1]  # another exit, another map
+    assert app.exit.description == "Exit"
+
+
+def test_moving_the_image_slider_shows_another_image(app):
+    app.image.value = 0
+    first = bytes(app.picture.value)
+    app.image.value = 5
+    assert bytes(app.picture.value) != first and app.current_index() == int(app._indices[5])
+
+
+def test_filters_narrow_the_images_the_slider_walks_through(app):
+    app.class_filter.value = "truck"
+    assert app.image.max == 1  # 2 test trucks in the tiny set
+    assert all(app.preds.labels[i] == 9 for i in app._indices)
+    app.exit.value = "B2"
+    app.correct_filter.value = "wrong"
+    assert all(not app.preds.correct[i, 1] for i in app._indices)
+    app.class_filter.value = "all"
+    app.correct_filter.value = "any"
+    app.difficulty_filter.value = "0/4"
+    assert all(app.difficulty[i] == 0 for i in app._indices)
+    app.difficulty_filter.value = "any"
+    assert len(app._indices) == 20
+
+
+def test_method_target_opacity_and_scale_change_the_overlay(app):
+    app.exit.value = "B3"
+    overlay = lambda: bytes(app.overlay.value)
+    base = overlay()
+    app.method.value = "Grad-CAM++"
+    plus = overlay()
+    app.method.value = "Grad-CAM"
+    app.alpha.value = 0.9
+    assert overlay() not in (base, plus)
+    app.alpha.value = 0.5
+    app.target.value = "airplane" if "airplane" not in app.title.value else "ship"
+    assert overlay() != base
+    app.target.value = "predicted"
+    assert 32 in app.scale.options  # exit 3 of the tiny net can be explained at 32x32
+    app.scale.value = 32
+    assert overlay() != base
+    app.scale.value = 8
+
+
+def test_bars_follow_the_exits_predictions(app):
+    app.image.value = 0
+    maps, logits = app.maps()
+    assert torch.allclose(logits, app.preds.logits[app.current_index()], atol=1e-5)
+    assert maps.shape == (4, 32, 32)
+
+
+def test_an_uploaded_image_is_resized_and_a_non_image_refused(app):
+    png = io.BytesIO()
+    Image.fromarray(np.full((64, 48, 3), 200, dtype=np.uint8)).save(png, format="png")
+    app.upload.value = ({"name": "mine.png", "type": "image/png", "size": 10, "content": memoryview(png.getvalue()),
+                         "last_modified": datetime.now(timezone.utc)},)
+    assert app.uploaded.shape == (3, 32, 32) and "your image" in app.title.value and "mine.png" in app.status.value
+    app.upload.value = ({"name": "notes.txt", "type": "text/plain", "size": 5, "content": memoryview(b"hello"),
+                         "last_modified": datetime.now(timezone.utc)},)
+    assert "notes.txt" in app.status.value and "not an image" in app.status.value
+    app._on_back()
+    assert app.uploaded is None and "your image" not in app.title.value
+
+
+def test_load_image_accepts_rgba_and_grayscale():
+    for mode in ("RGBA", "L"):
+        buf = io.BytesIO()
+        Image.new(mode, (10, 20)).save(buf, format="png")
+        assert explorer.load_image(buf.getvalue()).shape == (3, 32, 32)
+
+
+def test_show_jumps_to_an_image_whatever_the_filters(app):
+    app.class_filter.value = "cat"
+    app.show(19)
+    assert app.current_index() == 19 and app.class_filter.value == "all"
+    with pytest.raises(ValueError, match="between 0 and 19"):
+        app.show(20)
