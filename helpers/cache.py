@@ -10,6 +10,8 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from . import atomic, data
+
 __all__ = ["fingerprint", "cached"]
 
 
@@ -24,22 +26,14 @@ def fingerprint(tensors: Iterable[Tensor]) -> str:
 
 def cached(kind: str, model: nn.Module, images: Tensor, labels: Tensor, compute: Callable[[], dict],
            cache_dir: str | os.PathLike | None, enabled: bool = True) -> dict:
-    """compute() -> dict of tensors, read from cache_dir/<kind>-<weights>-<images>.pt when present;
-    written to a temporary name and renamed, so a crash never leaves half a file."""
+    """compute() -> dict of tensors, read from cache_dir/<kind>-<weights>-<images>.pt when present,
+    else computed and written atomically."""
     if not enabled:
         return compute()
-    from . import data  # the default folder, data/cache/
-
     folder = Path(cache_dir) if cache_dir else data.DATA_DIR / "cache"
     path = folder / f"{kind}-{fingerprint(model.state_dict().values())}-{fingerprint((images, labels))}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     result = compute()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(result, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.save(result, path)
     return result

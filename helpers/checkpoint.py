@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from . import atomic
 from .msdnet import MSDNet, MSDNetConfig
 
 __all__ = ["CheckpointError", "atomic_save", "read", "check_config", "load_weights"]
@@ -15,16 +16,7 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def atomic_save(obj: dict, path: str | os.PathLike) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+atomic_save = atomic.save  # torch.save to a temporary name, then rename: never half a checkpoint
 
 
 def read(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import atomic
+
 __all__ = [
     "CLASSES",
     "DATA_DIR",
@@ -166,13 +168,6 @@ def _from_torchvision(root: Path) -> dict[str, Split]:
     return out
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _load_decoded(source: str, data_dir: Path) -> dict[str, Split]:
     if source == "torchvision":
         key = "torchvision"
@@ -189,7 +184,7 @@ def _load_decoded(source: str, data_dir: Path) -> dict[str, Split]:
         except Exception:  # a damaged cache is rebuilt, not trusted
             cache.unlink()
     decoded = _from_torchvision(data_dir) if source == "torchvision" else _from_class_folders(path)
-    _atomic_save({s: {"images": v.images, "labels": v.labels} for s, v in decoded.items()}, cache)
+    atomic.save({s: {"images": v.images, "labels": v.labels} for s, v in decoded.items()}, cache)
     return decoded
 
 

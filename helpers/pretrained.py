@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, msdnet
+from . import atomic, checkpoint, data, msdnet
 from .train import exit_accuracies
 
 __all__ = ["PRETRAINED_DIR", "WEIGHTS_NAME", "load", "sha256", "export"]
@@ -71,12 +71,6 @@ def _chain_total(training: dict, key: str) -> int:
         total += training[key]
         training = training.get("started_from")
     return total
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _chained_log(run_dir: Path, parent_card: Path | None) -> list[dict]:
@@ -133,8 +127,8 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: st
     }
     chained_log = "".join(json.dumps(r) + "\n" for r in _chained_log(run_dir, parent))
     os.replace(staged, weights)  # everything is measured: only now replace the shipped files
-    _write_atomically(_card_path(weights), json.dumps(card, indent=2) + "\n")
-    _write_atomically(out_dir / "training-log.jsonl", chained_log)
+    atomic.write_text(_card_path(weights), json.dumps(card, indent=2) + "\n")
+    atomic.write_text(out_dir / "training-log.jsonl", chained_log)
     return card
 
 
