@@ -158,9 +158,11 @@ class Explorer:
         self.image.disabled = len(self._indices) <= 1
 
     def _update_scales(self) -> None:
-        sizes = sorted({s.size for s in gradcam.sites(self.model, self.exit_number)})
-        self._finest = {size: max((s for s in gradcam.sites(self.model, self.exit_number) if s.size == size),
-                                  key=lambda s: (s.block, s.layer)) for size in sizes}
+        options = gradcam.sites(self.model, self.exit_number)
+        sizes = sorted({s.size for s in options})
+        # per size, the latest map of that size that feeds this exit
+        self._finest = {size: max((s for s in options if s.size == size), key=lambda s: (s.block, s.layer))
+                        for size in sizes}
         with self.scale.hold_trait_notifications():
             keep = self.scale.value if self.scale.value in sizes else min(sizes)
             self.scale.options = sizes
@@ -179,23 +181,24 @@ class Explorer:
         index, image = self.current_index(), self.current_image()
         target = self._target(index)
         method = METHOD_NAMES[self.method.value]
-        key = (index if index is not None else id(self.uploaded), target, method, self.scale.value,
-               self.exit_number if self.scale.value != 8 else None)
-        if key not in self._maps:
-            x = image[None]
-            if self.scale.value == 8:
-                cam = gradcam.compute(self.model, x, list(range(1, self.n_exits + 1)), target, None, method)
-                maps = gradcam.normalize(cam.maps[0], 32)
-            else:  # a finer map exists for this exit only: the others stay at 8x8
-                k = self.exit_number
-                cam = gradcam.compute(self.model, x, list(range(1, self.n_exits + 1)), target, None, method)
-                fine = gradcam.compute(self.model, x, [k], target, self._finest[self.scale.value], method)
-                maps = gradcam.normalize(cam.maps[0], 32)
-                maps[k - 1] = gradcam.normalize(fine.maps[0, 0], 32)
-            if len(self._maps) > 256:
-                self._maps.clear()
-            self._maps[key] = (maps, cam.logits[0])
-        return self._maps[key]
+        shown = index if index is not None else id(self.uploaded)
+        if len(self._maps) > 256:
+            self._maps.clear()
+        key = (shown, target, method)
+        if key not in self._maps:  # all exits at the classifiers' own 8x8 maps: one trunk pass
+            cam = gradcam.compute(self.model, image[None], list(range(1, self.n_exits + 1)), target, None, method)
+            self._maps[key] = (gradcam.normalize(cam.maps[0], 32), cam.logits[0])
+        maps, logits = self._maps[key]
+        if self.scale.value == 8:
+            return maps, logits
+        k = self.exit_number
+        fine_key = (*key, k, self.scale.value)  # a finer map exists for this exit only; the others stay 8x8
+        if fine_key not in self._maps:
+            fine = gradcam.compute(self.model, image[None], [k], target, self._finest[self.scale.value], method)
+            self._maps[fine_key] = gradcam.normalize(fine.maps[0, 0], 32)
+        maps = maps.clone()
+        maps[k - 1] = self._maps[fine_key]
+        return maps, logits
 
     def show(self, index: int) -> None:
         """Show image `index` of the split: the filters are cleared so that every image can be reached."""

@@ -49,16 +49,17 @@ def sites(model: msdnet.MSDNet, exit: int) -> list[Site]:
     """Every map (block, module, scale) that can explain exit `exit`, i.e. that its score depends on.
     Finer scales reach the classifier only through the strided paths of later MSD layers."""
     x = torch.zeros(1, 3, model.config.image_size, model.config.image_size, device=_device(model))
-    found = []
-    with torch.enable_grad():
-        maps, logits = _run(model, x, exit, keep_all=True)
-        score = logits[exit - 1].sum()
-        candidates = list(maps.items())
-        grads = torch.autograd.grad(score, [m for _, m in candidates], allow_unused=True)
-    for (site, _), g in zip(candidates, grads):
-        if g is not None:
-            found.append(site)
-    return found
+    was_training = model.training
+    model.eval()  # a pass in training mode would move the batch-norm statistics
+    try:
+        with torch.enable_grad():
+            maps, logits = _run(model, x, exit, keep_all=True)
+            candidates = list(maps)
+            # allow_unused: a map the score does not depend on gets None, decided by the graph, not by values
+            grads = torch.autograd.grad(logits[exit - 1].sum(), [maps[s] for s in candidates], allow_unused=True)
+    finally:
+        model.train(was_training)
+    return [site for site, g in zip(candidates, grads) if g is not None]
 
 
 def _device(model: msdnet.MSDNet) -> torch.device:

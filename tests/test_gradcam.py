@@ -128,6 +128,7 @@ def test_works_under_no_grad_and_leaves_the_model_as_it_was(model, images):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         maps = gradcam.gradcam(model, images, exit=2)
+        gradcam.sites(model, 2)
     assert maps.abs().sum() > 0 and model.training
     model.eval()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # eval mode: BN stats untouched
