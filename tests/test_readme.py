@@ -15,7 +15,9 @@ def bash_blocks(text: str) -> list[list[str]]:
 
 
 def ci_commands() -> list[str]:
-    return [line for line in CI.splitlines() if line.strip() and not line.startswith(("#", "set ", "cd ", "export "))]
+    """The line after each "# README: ..." comment of .ci/run."""
+    lines = CI.splitlines()
+    return [lines[i + 1] for i, line in enumerate(lines) if line.startswith("# README:")]
 
 
 def test_ci_runs_exactly_the_readmes_setup_and_test_commands():

@@ -1,0 +1,107 @@
+"""End to end in a real browser: notebook 06 served by Voila on localhost, Debian's chromium driven by
+Playwright; moving the Exit slider must change the heatmap. In CI a missing chromium, playwright or
+voila is a failure, never a skip."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REAL_SOURCE
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "06_explorer.ipynb"
+
+
+def need(what: str, ok: bool, how: str) -> None:
+    if not ok:
+        msg = f"the browser test needs {what}: {how}"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def voila_url(tmp_path_factory):
+    need("voila", shutil.which("voila") is not None or _importable("voila"), 'pip install -e ".[test]"')
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MSDNET_DATA_DIR"}  # reuse data/cache like the notebooks
+    env.update(MSDNET_QUICK="1", **({"CIFAR10_SOURCE": REAL_SOURCE} if REAL_SOURCE else {}))
+    log = tmp_path_factory.mktemp("voila") / "voila.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "voila", str(NOTEBOOK), f"--port={port}", "--no-browser", "--Voila.ip=127.0.0.1"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None:
+                    pytest.fail(f"voila exited:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/", log
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _importable(name: str) -> bool:
+    try:
+        __import__(name)
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.slow
+def test_moving_the_exit_slider_in_chromium_changes_the_heatmap(voila_url):
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    need("chromium", chromium is not None, "apt-get install chromium (or set CHROMIUM to its path)")
+    need("playwright", _importable("playwright"), 'pip install -e ".[test]"')
+    from playwright.sync_api import sync_playwright
+
+    url, log = voila_url
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page()
+            page.goto(url, timeout=240_000)
+            exit_slider = page.locator(".widget-slider", has=page.locator("label", has_text="Exit")).first
+            try:
+                exit_slider.wait_for(timeout=240_000)  # voila runs the notebook before it shows the app
+            except Exception:
+                pytest.fail(f"the explorer did not appear:\n{log.read_text()[-3000:]}")
+            readout = exit_slider.locator(".widget-readout")
+            assert readout.inner_text().strip() == "B10"
+            images = page.locator(".widget-image")
+            page.wait_for_function("document.querySelectorAll('.widget-image').length >= 4", timeout=60_000)
+            before = [images.nth(i).get_attribute("src") for i in range(images.count())]
+
+            exit_slider.locator(".noUi-handle").focus()
+            page.keyboard.press("ArrowLeft")
+            page.wait_for_function("() => document.querySelector('.widget-slider .widget-readout') !== null")
+            deadline = time.time() + 60
+            after = before
+            while time.time() < deadline and after == before:
+                page.wait_for_timeout(250)
+                after = [images.nth(i).get_attribute("src") for i in range(images.count())]
+            assert readout.inner_text().strip() == "B9"
+            assert after != before, "the heatmap did not change after the exit slider moved"
+            title = page.locator(".widget-html", has_text="says").first.inner_text()
+            assert "B9 says" in title
+        finally:
+            browser.close()
