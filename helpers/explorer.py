@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import io
 import time
-from functools import lru_cache
 
 import ipywidgets as widgets
 import numpy as np
 import torch
-from matplotlib import colormaps
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from . import data, evaluate, gradcam, msdnet
+from . import data, evaluate, gradcam, msdnet, viz
 
 __all__ = ["Explorer", "explore", "load_image"]
 
@@ -50,17 +48,9 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@lru_cache(maxsize=4)
-def _colormap(name: str) -> np.ndarray:
-    return (colormaps[name](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
-
-
 def _overlay(image: torch.Tensor, cam: torch.Tensor | None, alpha: float, scale: int) -> np.ndarray:
-    img = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.float32)
-    if cam is not None:
-        heat = _colormap("jet")[(cam.clamp(0, 1).numpy() * 255).astype(np.uint8)].astype(np.float32)
-        img = (1 - alpha) * img + alpha * heat
-    img = img.astype(np.uint8)
+    img = viz.to_hwc(image) if cam is None else viz.overlay(image, cam, alpha)
+    img = (img * 255).astype(np.uint8)
     return img.repeat(scale, 0).repeat(scale, 1)  # nearest-neighbour: the pixels as the network sees them
 
 

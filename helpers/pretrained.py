@@ -22,7 +22,7 @@ from .train import exit_accuracies
 
 __all__ = ["PRETRAINED_DIR", "WEIGHTS_NAME", "load", "sha256", "export"]
 
-PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "data" / "pretrained"
+PRETRAINED_DIR = data.PROJECT_ROOT / "data" / "pretrained"
 WEIGHTS_NAME = "msdnet-cifar10-anytime.pt"
 
 
@@ -111,7 +111,7 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: st
     acc32 = exit_accuracies(model.eval(), test)
     acc16 = exit_accuracies(_read_weights(staged).eval(), test)  # what users get: fp16 weights back in float32
     costs = msdnet.exit_costs(model)
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    log = _chained_log(run_dir, parent)  # this run's records last
     card = {
         "weights": WEIGHTS_NAME,
         "sha256": sha256(staged),
@@ -125,7 +125,7 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: st
         "params_per_exit": [c.params for c in costs],
         "macs_per_exit": [c.macs for c in costs],
     }
-    chained_log = "".join(json.dumps(r) + "\n" for r in _chained_log(run_dir, parent))
+    chained_log = "".join(json.dumps(r) + "\n" for r in log)
     os.replace(staged, weights)  # everything is measured: only now replace the shipped files
     atomic.write_text(_card_path(weights), json.dumps(card, indent=2) + "\n")
     atomic.write_text(out_dir / "training-log.jsonl", chained_log)
