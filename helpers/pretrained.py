@@ -86,12 +86,16 @@ def _chained_log(run_dir: Path, parent_card: Path | None) -> list[dict]:
     return earlier + [{**r, "cycle": cycle, "total_epoch": done + r["epoch"]} for r in map(json.loads, lines)]
 
 
-def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: str | None = None) -> dict:
+def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: str | None = None,
+           note: str | None = None) -> dict:
     """Half-precision weights, a JSON card (config, command, epochs, wall time, hardware, accuracy, SHA-256)
-    and the training log, from a finished run's last.pt."""
+    and the training log, from a finished run's last.pt. `note` records what the numbers alone don't say
+    (for example, that the wall time includes hours the run was paused)."""
     ckpt = checkpoint.read(run_dir / "last.pt")
     training = {**ckpt["run"], "epochs_done": ckpt["epoch"], "wall_time_s": round(ckpt["elapsed_s"]),
                 "command": command, "hardware": hardware, "torch": torch.__version__}
+    if note:
+        training["note"] = note
     # A run started with --init-from continues earlier training: keep that record (read before it is replaced).
     parent = _card_path(Path(training["init_from"])) if training.get("init_from") else None
     if parent is not None and parent.is_file():
@@ -144,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--hardware", default=f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU")
     ex.add_argument("--out", type=Path, default=PRETRAINED_DIR)
     ex.add_argument("--source", default=None)
+    ex.add_argument("--note", default=None, help="a remark kept in the card's training record")
     args = p.parse_args(argv)
     try:
         if args.cmd == "export":
-            card = export(args.run, args.out, args.command, args.hardware, args.source)
+            card = export(args.run, args.out, args.command, args.hardware, args.source, args.note)
             accs = card["test_accuracy_per_exit"]
         else:
             accs = exit_accuracies(load(args.weights), data.load("test", args.source))

@@ -93,9 +93,11 @@ def test_a_second_cycle_keeps_the_first_cycles_record(tmp_path, tiny_folder):
     first = pretrained.export(tmp_path / "c1", out, command="cycle 1", hardware="test", source=tiny_folder)
     weights = out / pretrained.WEIGHTS_NAME
     train.train(tiny_args(tmp_path / "c2", tiny_folder, "--epochs", "1", "--init-from", str(weights)))
-    second = pretrained.export(tmp_path / "c2", out, command="cycle 2", hardware="test", source=tiny_folder)
+    second = pretrained.export(tmp_path / "c2", out, command="cycle 2", hardware="test", source=tiny_folder,
+                               note="paused twice")
     t = second["training"]
     assert t["command"] == "cycle 2" and t["started_from"]["command"] == "cycle 1"
+    assert t["note"] == "paused twice" and "note" not in t["started_from"]
     assert t["init_from_sha256"] == first["sha256"] != second["sha256"]
     assert t["total_epochs"] == 3
     log = [json.loads(line) for line in (out / "training-log.jsonl").read_text().splitlines()]
