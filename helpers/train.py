@@ -196,6 +196,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
     gen = torch.Generator().manual_seed(args.seed)  # data order and augmentation, identical on every rank
     epoch, batch_in_epoch, perm, elapsed = 0, 0, None, 0.0
     seen, loss_sum = 0, 0.0  # this epoch's images and summed batch losses, kept across an interruption
+    epoch_time_before, seen_untimed = 0.0, 0  # this epoch's training seconds before an interruption
 
     if args.resume and ckpt_path.exists():
         ckpt = checkpoint.read(ckpt_path)
@@ -206,6 +207,10 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
         gen.set_state(ckpt["generator"])
         epoch, batch_in_epoch, perm, elapsed = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["perm"], ckpt["elapsed_s"]
         seen, loss_sum = ckpt["epoch_images"], ckpt["epoch_loss_sum"]
+        if "epoch_time_s" in ckpt:
+            epoch_time_before = ckpt["epoch_time_s"]
+        else:  # older checkpoints did not keep it: time this epoch from the resume on
+            seen_untimed = seen
         if ddp.main:
             print(f"resuming {ckpt_path} at epoch {epoch + 1}, batch {batch_in_epoch}/{steps_per_epoch}", flush=True)
     elif args.resume:
@@ -235,6 +240,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
                     "elapsed_s": elapsed,
                     "epoch_images": seen,
                     "epoch_loss_sum": loss_sum,
+                    "epoch_time_s": epoch_time_before,
                     "run": _run_settings(args),
                 },
                 ckpt_path,
@@ -281,17 +287,19 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
                 consistent = True
                 seen += len(idx)
                 loss_sum += batch_loss
-                rate = (seen - seen_before) / (time.perf_counter() - t0)
+                rate = (seen - seen_before) / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{batch_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}", refresh=False)
                 bar.update()
                 if on_step is not None:
                     on_step(step + 1)
                 stop.check()
             bar.close()
-            epoch_time = time.perf_counter() - t0
-            elapsed += epoch_time
-            epoch_loss, epoch_rate = loss_sum / steps_per_epoch, (seen - seen_before) / max(epoch_time, 1e-9)
+            part = time.perf_counter() - t0
+            elapsed += part
+            epoch_time = epoch_time_before + part  # the whole epoch, also when a resume split it
+            epoch_loss, epoch_rate = loss_sum / steps_per_epoch, (seen - seen_untimed) / max(epoch_time, 1e-9)
             epoch, batch_in_epoch, perm, seen, loss_sum = epoch + 1, 0, None, 0, 0.0
+            epoch_time_before, seen_untimed = 0.0, 0
             last_lr = learning_rate(epoch * steps_per_epoch - 1, steps_per_epoch, args)
             if ddp.main:
                 t_eval = time.perf_counter()
@@ -314,7 +322,9 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
     except KeyboardInterrupt:
         if consistent:
             if batch_in_epoch:
-                elapsed += time.perf_counter() - t0
+                part = time.perf_counter() - t0
+                elapsed += part
+                epoch_time_before += part
             save()
             if ddp.main:
                 print(f"\ninterrupted: saved {ckpt_path} at epoch {epoch + 1}, batch {batch_in_epoch}; "

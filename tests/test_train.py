@@ -111,6 +111,40 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_f
     assert_same_run(tmp_path / "straight", tmp_path / "stopped")
 
 
+class StepClock:
+    """A stand-in for time.perf_counter that advances one second per training step, so times have known answers."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def step(self, stop_at=None):
+        def on_step(step):
+            self.now += 1.0
+            if step == stop_at:
+                raise KeyboardInterrupt
+
+        return on_step
+
+
+@pytest.mark.parametrize("stop_at", [None, 2, 5])  # straight, mid-epoch 1, mid-epoch 2
+def test_an_epoch_split_by_a_resume_is_timed_whole(tmp_path, tiny_folder, monkeypatch, stop_at):
+    clock = StepClock()
+    monkeypatch.setattr(train, "time", clock)
+    if stop_at is not None:
+        with pytest.raises(KeyboardInterrupt):
+            train.train(tiny_args(tmp_path / "run", tiny_folder), on_step=clock.step(stop_at))
+        assert state(tmp_path / "run" / "last.pt")["epoch_time_s"] == stop_at % 3  # the split epoch's part so far
+    train.train(tiny_args(tmp_path / "run", tiny_folder, *(["--resume"] if stop_at else [])), on_step=clock.step())
+    records = log_records(tmp_path / "run")
+    # 3 steps of 16 images an epoch, one second each: whole epochs, whichever process ran them.
+    assert [r["epoch_time_s"] for r in records] == [3.0, 3.0, 3.0]
+    assert [r["train_images_per_s"] for r in records] == [16.0, 16.0, 16.0]
+    assert [r["elapsed_s"] for r in records] == [3.0, 6.0, 9.0]
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, tiny_folder):
     train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "1"))
     with pytest.raises(checkpoint.CheckpointError, match="--lr: checkpoint 0.05, now 0.1"):
