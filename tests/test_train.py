@@ -145,6 +145,23 @@ def test_an_epoch_split_by_a_resume_is_timed_whole(tmp_path, tiny_folder, monkey
     assert [r["elapsed_s"] for r in records] == [3.0, 6.0, 9.0]
 
 
+def test_a_checkpoint_from_before_epoch_timing_resumes_timing_only_the_rest(tmp_path, tiny_folder, monkeypatch):
+    clock = StepClock()
+    monkeypatch.setattr(train, "time", clock)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_args(tmp_path / "run", tiny_folder), on_step=clock.step(2))
+    old = state(tmp_path / "run" / "last.pt")
+    del old["epoch_time_s"]  # as written before the checkpoint kept it
+    torch.save(old, tmp_path / "run" / "last.pt")
+    train.train(tiny_args(tmp_path / "run", tiny_folder, "--resume"), on_step=clock.step())
+    records = log_records(tmp_path / "run")
+    # Epoch 1's first two seconds are unknown to the resumed run: it times (and counts) only its last step,
+    # while elapsed_s, kept in every checkpoint, stays whole.
+    assert [r["epoch_time_s"] for r in records] == [1.0, 3.0, 3.0]
+    assert [r["train_images_per_s"] for r in records] == [16.0, 16.0, 16.0]
+    assert [r["elapsed_s"] for r in records] == [3.0, 6.0, 9.0]
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, tiny_folder):
     train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "1"))
     with pytest.raises(checkpoint.CheckpointError, match="--lr: checkpoint 0.05, now 0.1"):
