@@ -1,6 +1,7 @@
 """The predictions of every exit, and everything notebook 03 computes from them.
 
     preds = predict(model, "test")         # .logits [N, exits, classes], .labels [N]; cached on disk
+    predict(model, "test", flip=True)      # test-time augmentation: logits of the image and its mirror, averaged
     accuracy_with_ci(preds.correct)        # per exit, with a 95% Wilson interval
     class_exit_accuracy(preds)             # [classes, exits]
     difficulty(preds)                      # per image: how many exits are right (the blog's "k/10")
@@ -79,11 +80,14 @@ def predict(
     batch_size: int = 500,
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    flip: bool = False,
 ) -> Predictions:
     """The logits of every exit for every image of `split` (a name for data.load, or a Split).
 
-    With cache=True the result is stored under data/cache/ (or cache_dir) and reused whenever the
-    same weights meet the same images.
+    flip=True is test-time augmentation: each exit's logits for the image and for its horizontal
+    mirror, averaged. It costs two passes (twice the multiply-accumulates), so report it apart from
+    the plain figures. With cache=True the result is stored under data/cache/ (or cache_dir) and
+    reused whenever the same weights meet the same images.
     """
     if isinstance(split, str):
         split = data.load(split, source)
@@ -96,12 +100,15 @@ def predict(
         try:
             for i in tqdm(range(0, len(split), batch_size), desc="predicting", unit="batch", leave=False):
                 x = split.images[i : i + batch_size].to(device).float().div_(255)
-                chunks.append(torch.stack(model(x), dim=1).float().cpu())
+                logits = torch.stack(model(x), dim=1).float()
+                if flip:
+                    logits = (logits + torch.stack(model(x.flip(-1)), dim=1).float()) / 2
+                chunks.append(logits.cpu())
         finally:
             model.train(was_training)
         return {"logits": torch.cat(chunks), "labels": split.labels.clone()}
 
-    saved = cached("predictions", model, split.images, split.labels, run, cache_dir, enabled=cache)
+    saved = cached("predictions_flip" if flip else "predictions", model, split.images, split.labels, run, cache_dir, enabled=cache)
     return Predictions(saved["logits"], saved["labels"])
 
 

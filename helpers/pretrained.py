@@ -86,14 +86,50 @@ def _chained_log(run_dir: Path, parent_card: Path | None) -> list[dict]:
     return earlier + [{**r, "cycle": cycle, "total_epoch": done + r["epoch"]} for r in map(json.loads, lines)]
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _chosen_weights(run_dir: Path) -> tuple[dict, dict, Path]:
+    """The weights a run ships: best.pt (chosen on validation, the moving average when the run kept
+    one) if the run wrote it, else the last epoch's (again the moving average if there is one).
+    Returns (weights checkpoint, the run's last.pt, the file the weights came from)."""
+    last = checkpoint.read(run_dir / "last.pt")
+    if (run_dir / "best.pt").is_file():
+        return checkpoint.read(run_dir / "best.pt"), last, run_dir / "best.pt"
+    chosen = {"config": last["config"], "model": last["model"], "weights": "trained", "epoch": last["epoch"],
+              "elapsed_s": last["elapsed_s"], "val_accuracy_per_exit": None}
+    if "ema" in last:  # AveragedModel's state: the averaged model's under "module.", and a step count
+        chosen["model"] = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+        chosen["weights"] = "ema"
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    if records and records[-1]["eval_split"] == "val" and records[-1]["epoch"] == last["epoch"]:
+        chosen["val_accuracy_per_exit"] = records[-1]["acc_ema" if chosen["weights"] == "ema" else "acc"]
+    return chosen, last, run_dir / "last.pt"
+
+
 def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: str | None = None,
-           note: str | None = None) -> dict:
+           note: str | None = None, allow_worse: bool = False) -> dict:
     """Half-precision weights, a JSON card (config, command, epochs, wall time, hardware, accuracy, SHA-256)
-    and the training log, from a finished run's last.pt. `note` records what the numbers alone don't say
-    (for example, that the wall time includes hours the run was paused)."""
-    ckpt = checkpoint.read(run_dir / "last.pt")
-    training = {**ckpt["run"], "epochs_done": ckpt["epoch"], "wall_time_s": round(ckpt["elapsed_s"]),
-                "command": command, "hardware": hardware, "torch": torch.__version__}
+    and the training log, from a run's best.pt (chosen on validation) or, without one, its last.pt.
+    `note` records what the numbers alone don't say (for example, that the wall time includes hours the
+    run was paused). The shipped checkpoint only improves: weights whose mean validation accuracy over
+    the exits is below the card's in `out_dir` are refused unless `allow_worse`."""
+    chosen, last, source_file = _chosen_weights(run_dir)
+    val_acc = chosen["val_accuracy_per_exit"]
+    shipped_card = out_dir / _card_path(Path(WEIGHTS_NAME))
+    if not allow_worse and val_acc and shipped_card.is_file():
+        shipped_val = json.loads(shipped_card.read_text()).get("val_accuracy_per_exit")
+        if shipped_val and _mean(val_acc) < _mean(shipped_val):
+            raise checkpoint.CheckpointError(
+                f"{source_file} scores {_mean(val_acc):.2%} on validation (mean over the exits), the shipped "
+                f"weights {_mean(shipped_val):.2%}: not exported. Train on, or pass --allow-worse to replace them anyway."
+            )
+    ckpt = {**chosen, "run": last["run"]}
+    training = {**ckpt["run"], "epochs_done": chosen["epoch"], "wall_time_s": round(chosen["elapsed_s"]),
+                "weights": chosen["weights"], "command": command, "hardware": hardware, "torch": torch.__version__}
+    if last["epoch"] != chosen["epoch"]:
+        training["note_epochs"] = f"chosen on validation after epoch {chosen['epoch']} of the {last['epoch']} run so far"
     if note:
         training["note"] = note
     # A run started with --init-from continues earlier training: keep that record (read before it is replaced).
@@ -105,7 +141,7 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: st
     training["total_epochs"] = _chain_total(training, "epochs_done")
     training["total_wall_time_s"] = _chain_total(training, "wall_time_s")
     model = msdnet.build(msdnet.MSDNetConfig.from_dict(ckpt["config"]))
-    checkpoint.load_weights(model, ckpt, run_dir / "last.pt")
+    checkpoint.load_weights(model, ckpt, source_file)
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     weights, staged = out_dir / WEIGHTS_NAME, out_dir / f".{WEIGHTS_NAME}.new"
@@ -124,7 +160,7 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: st
         "training": training,
         "test_accuracy_per_exit": [round(a, 4) for a in acc16],
         "test_accuracy_per_exit_float32": [round(a, 4) for a in acc32],
-        "val_accuracy_per_exit": log[-1]["acc"] if log[-1]["eval_split"] == "val" else None,
+        "val_accuracy_per_exit": val_acc,
         "test_images": len(test),
         "params_per_exit": [c.params for c in costs],
         "macs_per_exit": [c.macs for c in costs],
@@ -149,10 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--out", type=Path, default=PRETRAINED_DIR)
     ex.add_argument("--source", default=None)
     ex.add_argument("--note", default=None, help="a remark kept in the card's training record")
+    ex.add_argument("--allow-worse", action="store_true",
+                    help="replace the shipped weights even when these score lower on validation")
     args = p.parse_args(argv)
     try:
         if args.cmd == "export":
-            card = export(args.run, args.out, args.command, args.hardware, args.source, args.note)
+            card = export(args.run, args.out, args.command, args.hardware, args.source, args.note, args.allow_worse)
             accs = card["test_accuracy_per_exit"]
         else:
             accs = exit_accuracies(load(args.weights), data.load("test", args.source))

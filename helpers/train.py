@@ -27,13 +27,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import checkpoint, data, msdnet
 
 # Settings that define what a run computes; `--resume` refuses to change them.
 RUN_DEFINING = (
     "preset", "epochs", "batch_size", "accumulate", "lr", "momentum", "weight_decay", "schedule",
-    "warmup_epochs", "label_smoothing", "seed", "val_size", "train_subset", "init_from", "channels_last",
+    "warmup_epochs", "label_smoothing", "distill", "distill_temperature", "ema", "seed", "val_size", "train_subset", "init_from", "channels_last",
     "amp", "source",
 )  # fmt: skip
 
@@ -51,6 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="paper: lr/10 at 50%% and 75%% of the epochs; cosine: linear warm-up then cosine to 0")
     p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up (cosine schedule)")
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--distill", type=float, default=0.0, metavar="GAMMA",
+                   help="weight of the last exit's softened predictions in the loss of every earlier exit (0: off)")
+    p.add_argument("--distill-temperature", type=float, default=3.0, metavar="T", help="softmax temperature of --distill")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="also keep an exponential moving average of the weights (e.g. 0.999; 0: off); "
+                        "it is evaluated beside the trained weights and is what best.pt and the export keep")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and the augmentation")
     p.add_argument("--val-size", type=int, default=5000,
                    help="training images held out for validation (seeded by --seed 0 always); 0 trains on all 50,000")
@@ -83,9 +90,26 @@ def learning_rate(step: int, steps_per_epoch: int, args: argparse.Namespace) -> 
     return 0.5 * args.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def multi_exit_loss(logits: list[Tensor], labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """The paper's loss: the sum over exits of each exit's cross-entropy."""
-    return sum(F.cross_entropy(z.float(), labels, label_smoothing=label_smoothing) for z in logits)
+def multi_exit_loss(logits: list[Tensor], labels: Tensor, label_smoothing: float = 0.0,
+                    distill: float = 0.0, temperature: float = 3.0) -> Tensor:
+    """The paper's loss, the sum over exits of each exit's cross-entropy; with `distill` = gamma > 0,
+    every exit k before the last learns also from the last exit's softened predictions (IMTA's
+    one-for-all distillation, Li et al. 2019):
+
+        (1 - gamma) * CE(z_k, y) + gamma * T^2 * KL(softmax(z_K / T) || softmax(z_k / T))
+
+    The teacher z_K is detached, so the last exit learns from the labels only; T^2 keeps the
+    gradients of the soft term on the scale of the hard one whatever T is."""
+    ce = [F.cross_entropy(z.float(), labels, label_smoothing=label_smoothing) for z in logits]
+    if not distill:
+        return sum(ce)
+    teacher = F.log_softmax(logits[-1].detach().float() / temperature, dim=1)
+    kd = [
+        F.kl_div(F.log_softmax(z.float() / temperature, dim=1), teacher, reduction="batchmean", log_target=True)
+        * temperature**2
+        for z in logits[:-1]
+    ]
+    return sum((1 - distill) * c + distill * k for c, k in zip(ce, kd)) + ce[-1]
 
 
 @torch.no_grad()
@@ -145,6 +169,7 @@ def _run_settings(args: argparse.Namespace) -> dict:
 
 def _check_resume(saved: dict, args: argparse.Namespace, path: Path) -> None:
     asked = _run_settings(args)
+    saved = {**_run_settings(parse_args([])), **saved}  # a setting added since the run began had its default
     diff = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in asked.items() if saved.get(k) != v]
     if diff:
         raise checkpoint.CheckpointError(
@@ -220,6 +245,13 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
     elif ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: continue it with --resume, or choose another --out")
 
+    # The moving average includes the batch-norm statistics (use_buffers), so it is a model ready to evaluate.
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
+    best_score = -1.0  # mean validation accuracy over the exits of the weights best.pt holds
+    if args.resume and ckpt_path.exists():
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        best_score = ckpt.get("best_score", -1.0)
     net = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
     micro = args.batch_size // (ddp.world * args.accumulate)
     record: dict = {}
@@ -241,7 +273,9 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
                     "epoch_images": seen,
                     "epoch_loss_sum": loss_sum,
                     "epoch_time_s": epoch_time_before,
+                    "best_score": best_score,
                     "run": _run_settings(args),
+                    **({"ema": ema.state_dict()} if ema is not None else {}),
                 },
                 ckpt_path,
             )
@@ -278,11 +312,14 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
                         xs = xs.contiguous(memory_format=torch.channels_last)
                     sync = nullcontext() if ddp.world == 1 or j == args.accumulate - 1 else net.no_sync()
                     with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        loss = multi_exit_loss(net(xs), y[part * micro : (part + 1) * micro], args.label_smoothing)
+                        loss = multi_exit_loss(net(xs), y[part * micro : (part + 1) * micro], args.label_smoothing,
+                                               args.distill, args.distill_temperature)
                         scaler.scale(loss / args.accumulate).backward()
                     batch_loss += loss.item() / args.accumulate
                 scaler.step(optimizer)
                 scaler.update()
+                if ema is not None:
+                    ema.update_parameters(model)
                 batch_in_epoch += 1
                 consistent = True
                 seen += len(idx)
@@ -304,10 +341,12 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
             if ddp.main:
                 t_eval = time.perf_counter()
                 accs = exit_accuracies(model, eval_set, device=device)
+                accs_ema = exit_accuracies(ema.module, eval_set, device=device) if ema is not None else None
                 record = {
                     "epoch": epoch, "step": epoch * steps_per_epoch, "lr": last_lr,
                     "train_loss": epoch_loss, "eval_split": args.eval_split,
                     "eval_images": len(eval_set), "acc": [round(a, 5) for a in accs],
+                    **({"acc_ema": [round(a, 5) for a in accs_ema]} if ema is not None else {}),
                     "epoch_time_s": round(epoch_time, 1), "eval_time_s": round(time.perf_counter() - t_eval, 1),
                     "train_images_per_s": round(epoch_rate, 1), "elapsed_s": round(elapsed, 1),
                 }  # fmt: skip
@@ -316,6 +355,21 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
                     f.write(json.dumps(record) + "\n")
                 print(f"epoch {epoch}: {args.eval_split} accuracy per exit "
                       + " ".join(f"B{k + 1}={a:.3f}" for k, a in enumerate(accs)), flush=True)
+                if ema is not None:
+                    print(f"epoch {epoch}: moving average, per exit "
+                          + " ".join(f"B{k + 1}={a:.3f}" for k, a in enumerate(accs_ema)), flush=True)
+                kept = accs_ema if ema is not None else accs
+                if args.eval_split == "val" and sum(kept) / len(kept) > best_score:
+                    # Chosen on validation only: the weights the export ships, kept before the next epoch moves on.
+                    best_score = sum(kept) / len(kept)
+                    checkpoint.atomic_save(
+                        {"format": "msdnet-weights/1", "config": model.config.to_dict(),
+                         "model": (ema.module if ema is not None else model).state_dict(),
+                         "weights": "ema" if ema is not None else "trained", "epoch": epoch,
+                         "elapsed_s": elapsed, "val_accuracy_per_exit": record[
+                             "acc_ema" if ema is not None else "acc"], "run": _run_settings(args)},
+                        out / "best.pt",
+                    )  # fmt: skip
             save()
             ddp.barrier()
             stop.check()

@@ -78,7 +78,12 @@ def test_export_writes_half_weights_a_card_and_a_log_that_load_back(tmp_path, ti
     saved = torch.load(out / pretrained.WEIGHTS_NAME, weights_only=True)
     assert all(v.dtype == torch.float16 for v in saved["model"].values() if v.is_floating_point())
     assert card["sha256"] == pretrained.sha256(out / pretrained.WEIGHTS_NAME)
-    assert card["training"]["epochs_done"] == card["training"]["total_epochs"] == 2
+    # The weights of the epoch with the best mean validation accuracy over the exits (the first, on a tie).
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    means = [sum(r["acc"]) / len(r["acc"]) for r in records]
+    chosen = 1 + means.index(max(means))
+    assert card["training"]["epochs_done"] == card["training"]["total_epochs"] == chosen
+    assert card["val_accuracy_per_exit"] == records[chosen - 1]["acc"] and card["training"]["weights"] == "trained"
     assert card["test_images"] == len(data.load("test", source=tiny_folder))
     assert len(card["test_accuracy_per_exit"]) == 4 and card["macs_per_exit"] == sorted(card["macs_per_exit"])
     model = pretrained.load(out / pretrained.WEIGHTS_NAME)
@@ -94,15 +99,33 @@ def test_a_second_cycle_keeps_the_first_cycles_record(tmp_path, tiny_folder):
     weights = out / pretrained.WEIGHTS_NAME
     train.train(tiny_args(tmp_path / "c2", tiny_folder, "--epochs", "1", "--init-from", str(weights)))
     second = pretrained.export(tmp_path / "c2", out, command="cycle 2", hardware="test", source=tiny_folder,
-                               note="paused twice")
+                               note="paused twice", allow_worse=True)
     t = second["training"]
     assert t["command"] == "cycle 2" and t["started_from"]["command"] == "cycle 1"
     assert t["note"] == "paused twice" and "note" not in t["started_from"]
     assert t["init_from_sha256"] == first["sha256"] != second["sha256"]
-    assert t["total_epochs"] == 3
+    assert t["total_epochs"] == first["training"]["epochs_done"] + t["epochs_done"]
     log = [json.loads(line) for line in (out / "training-log.jsonl").read_text().splitlines()]
     assert [(r["cycle"], r["epoch"], r["total_epoch"]) for r in log] == [(1, 1, 1), (1, 2, 2), (2, 1, 3)]
     pretrained.load(weights)  # the new card's SHA-256 matches the new weights
+
+
+def test_weights_worse_on_validation_than_the_shipped_ones_are_not_exported(tmp_path, tiny_folder):
+    train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "1", "--ema", "0.5"))
+    out = tmp_path / "shipped"
+    first = pretrained.export(tmp_path / "run", out, command="first", hardware="test", source=tiny_folder)
+    assert first["training"]["weights"] == "ema"
+    card_path = out / "msdnet-cifar10-anytime.json"
+    card = json.loads(card_path.read_text())
+    card["val_accuracy_per_exit"] = [1.0] * 4  # as if the shipped weights were perfect
+    card_path.write_text(json.dumps(card))
+    before = (out / pretrained.WEIGHTS_NAME).read_bytes()
+    with pytest.raises(checkpoint.CheckpointError, match="not exported"):
+        pretrained.export(tmp_path / "run", out, command="second", hardware="test", source=tiny_folder)
+    assert (out / pretrained.WEIGHTS_NAME).read_bytes() == before and json.loads(card_path.read_text()) == card
+    again = pretrained.export(tmp_path / "run", out, command="second", hardware="test", source=tiny_folder,
+                              allow_worse=True)
+    assert again["training"]["command"] == "second"
 
 
 @pytest.mark.slow

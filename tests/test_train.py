@@ -49,6 +49,35 @@ def test_multi_exit_loss_is_the_sum_of_each_exits_cross_entropy():
     assert smoothed.item() == pytest.approx(sum(F.cross_entropy(z, labels, label_smoothing=0.1) for z in logits).item())
 
 
+def test_distillation_loss_has_the_known_value():
+    # Two exits, label 0: the first exit is unsure (p = 1/2, 1/2), the last is sure (p = e^2/(e^2+1), 1/(e^2+1)).
+    first, last = torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 0.0]])
+    labels = torch.tensor([0])
+    p = [math.exp(2) / (math.exp(2) + 1), 1 / (math.exp(2) + 1)]
+    kl = sum(pi * math.log(pi / 0.5) for pi in p)  # KL(teacher || student) at T = 1
+    ce_first, ce_last = math.log(2), -math.log(p[0])
+    got = train.multi_exit_loss([first, last], labels, distill=0.25, temperature=1.0).item()
+    assert got == pytest.approx(0.75 * ce_first + 0.25 * kl + ce_last)
+    # At temperature T the soft term is T^2 KL of the softened distributions.
+    q = [math.exp(1) / (math.exp(1) + 1), 1 / (math.exp(1) + 1)]  # softmax([2, 0] / 2)
+    kl2 = sum(qi * math.log(qi / 0.5) for qi in q)
+    got = train.multi_exit_loss([first, last], labels, distill=1.0, temperature=2.0).item()
+    assert got == pytest.approx(4 * kl2 + ce_last)
+    assert train.multi_exit_loss([first, last], labels, distill=0.0).item() == pytest.approx(ce_first + ce_last)
+
+
+def test_distillation_teaches_the_earlier_exits_only():
+    """The teacher is detached: the last exit's gradient is that of its own cross-entropy."""
+    torch.manual_seed(0)
+    logits = [torch.randn(5, 10, requires_grad=True) for _ in range(3)]
+    labels = torch.randint(0, 10, (5,))
+    train.multi_exit_loss(logits, labels, distill=0.7, temperature=3.0).backward()
+    last = logits[-1].detach().requires_grad_()
+    F.cross_entropy(last, labels).backward()
+    assert torch.allclose(logits[-1].grad, last.grad)
+    assert all(z.grad.abs().sum() > 0 for z in logits[:-1])
+
+
 def test_exit_accuracies_counts_right_answers_per_exit(tiny_folder):
     from helpers import data
 
@@ -91,24 +120,69 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(tensor, sb["model"][name]), name
     for key, buf in sa["optimizer"]["state"].items():
         assert torch.equal(buf["momentum_buffer"], sb["optimizer"]["state"][key]["momentum_buffer"])
+    if "ema" in sa:
+        assert sa["ema"].keys() == sb["ema"].keys()
+        assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
     assert [r["acc"] for r in log_records(a)] == [r["acc"] for r in log_records(b)]
+    assert [r.get("acc_ema") for r in log_records(a)] == [r.get("acc_ema") for r in log_records(b)]
     assert [r["train_loss"] for r in log_records(a)] == [r["train_loss"] for r in log_records(b)]
 
 
-@pytest.mark.parametrize("stop_at", [2, 3, 6])  # mid-epoch, the last step of epoch 1, mid-epoch 2
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_folder, stop_at):
-    train.train(tiny_args(tmp_path / "straight", tiny_folder))
+@pytest.mark.parametrize(
+    "stop_at, extra",
+    [(2, ()), (3, ()), (6, ()), (4, ("--ema", "0.9", "--distill", "0.5"))],
+)  # mid-epoch, the last step of epoch 1, mid-epoch 2; and with a moving average and distillation
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_folder, stop_at, extra):
+    train.train(tiny_args(tmp_path / "straight", tiny_folder, *extra))
 
     def interrupt(step):
         if step == stop_at:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train.train(tiny_args(tmp_path / "stopped", tiny_folder), on_step=interrupt)
+        train.train(tiny_args(tmp_path / "stopped", tiny_folder, *extra), on_step=interrupt)
     saved = state(tmp_path / "stopped" / "last.pt")
     assert saved["epoch"] * 3 + saved["batch_in_epoch"] == stop_at  # 48 images / 16 = 3 steps an epoch
-    train.train(tiny_args(tmp_path / "stopped", tiny_folder, "--resume"))
+    train.train(tiny_args(tmp_path / "stopped", tiny_folder, *extra, "--resume"))
     assert_same_run(tmp_path / "straight", tmp_path / "stopped")
+    if extra:
+        assert torch.equal(state(tmp_path / "straight" / "best.pt")["model"]["classifiers.0.linear.weight"],
+                           state(tmp_path / "stopped" / "best.pt")["model"]["classifiers.0.linear.weight"])
+
+
+def test_the_moving_average_is_evaluated_and_the_best_validation_epoch_kept(tmp_path, tiny_folder):
+    from helpers import data
+
+    train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "4", "--lr", "0.1", "--ema", "0.5"))
+    records = log_records(tmp_path / "run")
+    assert all(len(r["acc_ema"]) == 4 for r in records)
+    means = [sum(r["acc_ema"]) / 4 for r in records]
+    best = state(tmp_path / "run" / "best.pt")
+    assert best["epoch"] == 1 + means.index(max(means)) and best["weights"] == "ema"
+    assert best["val_accuracy_per_exit"] == records[best["epoch"] - 1]["acc_ema"]
+    # The kept weights are the averaged ones: evaluated again, they give the logged validation accuracy.
+    model = msdnet.build("tiny")
+    model.load_state_dict(best["model"])
+    val = data.load("val", tiny_folder, val_size=12)
+    assert train.exit_accuracies(model, val) == pytest.approx(best["val_accuracy_per_exit"], abs=1e-5)
+    # With the test split as the per-epoch measure nothing is chosen: choosing on test would leak it.
+    train.train(tiny_args(tmp_path / "on-test", tiny_folder, "--epochs", "1", "--eval-split", "test", "--ema", "0.5"))
+    assert not (tmp_path / "on-test" / "best.pt").exists()
+
+
+def test_a_checkpoint_from_before_distillation_and_averaging_resumes(tmp_path, tiny_folder):
+    def interrupt(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_args(tmp_path / "run", tiny_folder), on_step=interrupt)
+    old = state(tmp_path / "run" / "last.pt")
+    for key in ("distill", "distill_temperature", "ema"):
+        del old["run"][key]  # as written before these settings existed
+    torch.save(old, tmp_path / "run" / "last.pt")
+    train.train(tiny_args(tmp_path / "run", tiny_folder, "--resume"))
+    assert [r["epoch"] for r in log_records(tmp_path / "run")] == [1, 2, 3]
 
 
 class StepClock:

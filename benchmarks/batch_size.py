@@ -1,0 +1,48 @@
+"""Training images per second of `cifar10-anytime` at several batch sizes, side by side.
+
+    python benchmarks/batch_size.py                     # batch 64, 128, 256
+
+Full training steps (forward, the 10-exit loss, backward, SGD) on random images, the batch sizes
+interleaved round by round so a busy moment of the machine does not favour one. The winner is
+what `python -m helpers.train --batch-size` should use on this machine, with the learning rate
+scaled in proportion (the linear scaling rule, Goyal et al. 2017).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from helpers import msdnet, train
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--rounds", type=int, default=5, help="timed steps per batch size (after one warm-up step)")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model = msdnet.build("cifar10-anytime").train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    rates: dict[int, list[float]] = {b: [] for b in args.batch_sizes}
+    for r in range(args.rounds + 1):
+        for b in args.batch_sizes:
+            x, y = torch.rand(b, 3, 32, 32), torch.randint(0, 10, (b,))
+            start = time.perf_counter()
+            loss = train.multi_exit_loss(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if r:  # the first round warms up
+                rates[b].append(b / (time.perf_counter() - start))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} timed steps each (median)")
+    base = statistics.median(rates[args.batch_sizes[0]])
+    for b in args.batch_sizes:
+        med = statistics.median(rates[b])
+        print(f"batch {b:4d}: {med:6.1f} images/s  ({med / base:.2f}x batch {args.batch_sizes[0]})")
+
+
+if __name__ == "__main__":
+    main()
