@@ -9,7 +9,7 @@ import torch
 from . import atomic
 from .msdnet import MSDNet, MSDNetConfig
 
-__all__ = ["CheckpointError", "atomic_save", "read", "check_config", "load_weights"]
+__all__ = ["CheckpointError", "atomic_save", "read", "check_config", "load_weights", "compact"]
 
 
 class CheckpointError(RuntimeError):
@@ -58,3 +58,35 @@ def load_weights(model: MSDNet, ckpt: dict, path: str | os.PathLike = "checkpoin
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the weights do not fit the model ({e})") from e
+
+
+def compact(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """A training checkpoint made small enough to carry between machines (git, a GPU's output folder):
+    the weights and their moving average in half precision, the optimizer's state dropped. `--resume`
+    continues from it with the momentum starting again from zero, so not bit for bit, but at the
+    same step of the same schedule, data order and random state."""
+    ckpt = read(src)
+
+    def half(state: dict) -> dict:
+        return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+    small = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scaler")}
+    small["model"] = half(ckpt["model"])
+    if "ema" in ckpt:
+        small["ema"] = half(ckpt["ema"])
+    atomic_save(small, dst)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m helpers.checkpoint", description="compact SRC DST: " + compact.__doc__.split(":")[0])
+    p.add_argument("command", choices=["compact"])
+    p.add_argument("src")
+    p.add_argument("dst")
+    args = p.parse_args()
+    try:
+        compact(args.src, args.dst)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"{args.dst}: {Path(args.dst).stat().st_size / 1e6:.1f} MB")

@@ -11,7 +11,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -94,11 +93,14 @@ def _chosen_weights(run_dir: Path) -> tuple[dict, dict, Path]:
     """The weights a run ships: best.pt (chosen on validation, the moving average when the run kept
     one) if the run wrote it, else the last epoch's (again the moving average if there is one).
     Returns (weights checkpoint, the run's last.pt, the file the weights came from)."""
-    last = checkpoint.read(run_dir / "last.pt")
     if (run_dir / "best.pt").is_file():
-        return checkpoint.read(run_dir / "best.pt"), last, run_dir / "best.pt"
+        best = checkpoint.read(run_dir / "best.pt")
+        # A run brought back from a GPU machine may carry best.pt alone (last.pt, with the optimizer, is large).
+        last = checkpoint.read(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else best
+        return best, last, run_dir / "best.pt"
+    last = checkpoint.read(run_dir / "last.pt")
     chosen = {"config": last["config"], "model": last["model"], "weights": "trained", "epoch": last["epoch"],
-              "elapsed_s": last["elapsed_s"], "val_accuracy_per_exit": None}
+              "elapsed_s": last["elapsed_s"], "hardware": last.get("hardware"), "val_accuracy_per_exit": None}
     if "ema" in last:  # AveragedModel's state: the averaged model's under "module.", and a step count
         chosen["model"] = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
         chosen["weights"] = "ema"
@@ -108,12 +110,13 @@ def _chosen_weights(run_dir: Path) -> tuple[dict, dict, Path]:
     return chosen, last, run_dir / "last.pt"
 
 
-def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: str | None = None,
+def export(run_dir: Path, out_dir: Path, command: str, hardware: str | None = None, source: str | None = None,
            note: str | None = None, allow_worse: bool = False) -> dict:
     """Half-precision weights, a JSON card (config, command, epochs, wall time, hardware, accuracy, SHA-256)
     and the training log, from a run's best.pt (chosen on validation) or, without one, its last.pt.
     `note` records what the numbers alone don't say (for example, that the wall time includes hours the
-    run was paused). The shipped checkpoint only improves: weights whose mean validation accuracy over
+    run was paused). `hardware` defaults to what the run recorded (the GPU's name, or the CPU's).
+    The shipped checkpoint only improves: weights whose mean validation accuracy over
     the exits is below the card's in `out_dir` are refused unless `allow_worse`."""
     chosen, last, source_file = _chosen_weights(run_dir)
     val_acc = chosen["val_accuracy_per_exit"]
@@ -126,6 +129,7 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: st
                 f"weights {_mean(shipped_val):.2%}: not exported. Train on, or pass --allow-worse to replace them anyway."
             )
     ckpt = {**chosen, "run": last["run"]}
+    hardware = hardware or chosen.get("hardware") or last.get("hardware") or "unknown (not recorded by the run)"
     training = {**ckpt["run"], "epochs_done": chosen["epoch"], "wall_time_s": round(chosen["elapsed_s"]),
                 "weights": chosen["weights"], "command": command, "hardware": hardware, "torch": torch.__version__}
     if last["epoch"] != chosen["epoch"]:
@@ -149,7 +153,9 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: st
 
     test = data.load("test", source)
     acc32 = exit_accuracies(model.eval(), test)
-    acc16 = exit_accuracies(_read_weights(staged).eval(), test)  # what users get: fp16 weights back in float32
+    shipped = _read_weights(staged).eval()  # what users get: fp16 weights back in float32
+    acc16 = exit_accuracies(shipped, test)
+    acc_flip = exit_accuracies(shipped, test, flip=True)  # a row of its own: it costs two passes
     costs = msdnet.exit_costs(model)
     log = _chained_log(run_dir, parent)  # this run's records last
     card = {
@@ -160,10 +166,12 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str, source: st
         "training": training,
         "test_accuracy_per_exit": [round(a, 4) for a in acc16],
         "test_accuracy_per_exit_float32": [round(a, 4) for a in acc32],
+        "test_accuracy_per_exit_flip_tta": [round(a, 4) for a in acc_flip],
         "val_accuracy_per_exit": val_acc,
         "test_images": len(test),
         "params_per_exit": [c.params for c in costs],
         "macs_per_exit": [c.macs for c in costs],
+        "macs_per_exit_flip_tta": [2 * c.macs for c in costs],
     }
     chained_log = "".join(json.dumps(r) + "\n" for r in log)
     os.replace(staged, weights)  # everything is measured: only now replace the shipped files
@@ -177,11 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     ev = sub.add_parser("evaluate", help="per-exit accuracy of the shipped weights on the test split")
     ev.add_argument("--weights", default=None)
+    ev.add_argument("--flip", action="store_true",
+                    help="also with flip test-time augmentation (image and mirror, logits averaged: twice the cost)")
     ev.add_argument("--source", default=None, help=f"CIFAR-10 source (default: ${data.ENV_SOURCE} or torchvision)")
     ex = sub.add_parser("export", help="write data/pretrained/ from a finished run")
     ex.add_argument("--run", required=True, type=Path)
     ex.add_argument("--command", required=True, help="the exact training command, recorded in the card")
-    ex.add_argument("--hardware", default=f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU")
+    ex.add_argument("--hardware", default=None, help="default: what the run recorded (GPU name, or CPU)")
     ex.add_argument("--out", type=Path, default=PRETRAINED_DIR)
     ex.add_argument("--source", default=None)
     ex.add_argument("--note", default=None, help="a remark kept in the card's training record")
@@ -193,11 +203,15 @@ def main(argv: list[str] | None = None) -> int:
             card = export(args.run, args.out, args.command, args.hardware, args.source, args.note, args.allow_worse)
             accs = card["test_accuracy_per_exit"]
         else:
-            accs = exit_accuracies(load(args.weights), data.load("test", args.source))
+            model, test = load(args.weights), data.load("test", args.source)
+            accs = exit_accuracies(model, test)
+            accs_flip = exit_accuracies(model, test, flip=True) if args.flip else None
     except (checkpoint.CheckpointError, data.DataNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("test accuracy per exit: " + " ".join(f"B{k + 1}={a * 100:.2f}" for k, a in enumerate(accs)))
+    if args.cmd == "evaluate" and accs_flip:
+        print("with flip TTA (2x MACs): " + " ".join(f"B{k + 1}={a * 100:.2f}" for k, a in enumerate(accs_flip)))
     return 0
 
 

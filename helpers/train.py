@@ -73,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: bf16 (or fp16) autocast on CUDA, float32 on the CPU")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on most CPUs)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
+                   help="stop cleanly (as Ctrl-C does: saved, resumable) after this much training in this process")
     return p.parse_args(argv)
 
 
@@ -113,15 +115,20 @@ def multi_exit_loss(logits: list[Tensor], labels: Tensor, label_smoothing: float
 
 
 @torch.no_grad()
-def exit_accuracies(model: nn.Module, split: data.Split, batch_size: int = 500, device=None) -> list[float]:
-    """Share of `split` each exit classifies correctly."""
+def exit_accuracies(model: nn.Module, split: data.Split, batch_size: int = 500, device=None,
+                    flip: bool = False) -> list[float]:
+    """Share of `split` each exit classifies correctly; flip=True averages each exit's logits for the
+    image and its mirror (test-time augmentation, at twice the cost)."""
     model.eval()
     device = device or next(model.parameters()).device
     correct = None
     for i in range(0, len(split), batch_size):
         x = split.images[i : i + batch_size].to(device).float().div_(255)
         y = split.labels[i : i + batch_size].to(device)
-        hits = torch.stack([(z.argmax(1) == y).sum() for z in model(x)])
+        logits = model(x)
+        if flip:
+            logits = [(a + b) / 2 for a, b in zip(logits, model(x.flip(-1)))]
+        hits = torch.stack([(z.argmax(1) == y).sum() for z in logits])
         correct = hits if correct is None else correct + hits
     return (correct.double() / len(split)).tolist()
 
@@ -163,6 +170,13 @@ def _autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dty
     return torch.bfloat16
 
 
+def hardware_name(device: torch.device) -> str:
+    """What the run trained on, for the card: the GPU's name, or the CPU's architecture and cores."""
+    if device.type == "cuda":
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
+
+
 def _run_settings(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in RUN_DEFINING}
 
@@ -202,6 +216,9 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
         train_set = data.subset(train_set, args.train_subset)
     if args.eval_subset:
         eval_set = data.subset(eval_set, args.eval_subset)
+    if device.type == "cuda":  # CIFAR-10 is 150 MB of uint8: keep it on the GPU, so batches never cross the bus
+        train_set = data.Split(train_set.images.to(device), train_set.labels.to(device))
+        eval_set = data.Split(eval_set.images.to(device), eval_set.labels.to(device))
     steps_per_epoch = len(train_set) // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch ({args.batch_size})")
@@ -227,8 +244,11 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
         ckpt = checkpoint.read(ckpt_path)
         _check_resume(ckpt["run"], args, ckpt_path)
         checkpoint.load_weights(model, ckpt, ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+        elif ddp.main:  # a compact checkpoint (checkpoint.compact): everything but the momentum
+            print("this checkpoint carries no optimizer state: the momentum starts again from zero", flush=True)
         gen.set_state(ckpt["generator"])
         epoch, batch_in_epoch, perm, elapsed = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["perm"], ckpt["elapsed_s"]
         seen, loss_sum = ckpt["epoch_images"], ckpt["epoch_loss_sum"]
@@ -251,7 +271,8 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
     if args.resume and ckpt_path.exists():
         if ema is not None:
             ema.load_state_dict(ckpt["ema"])
-        best_score = ckpt.get("best_score", -1.0)
+        if (out / "best.pt").is_file():  # else the next validated epoch writes a new one
+            best_score = ckpt.get("best_score", -1.0)
     net = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
     micro = args.batch_size // (ddp.world * args.accumulate)
     record: dict = {}
@@ -274,6 +295,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
                     "epoch_loss_sum": loss_sum,
                     "epoch_time_s": epoch_time_before,
                     "best_score": best_score,
+                    "hardware": hardware_name(device),
                     "run": _run_settings(args),
                     **({"ema": ema.state_dict()} if ema is not None else {}),
                 },
@@ -282,7 +304,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
 
     from tqdm.auto import tqdm
 
-    stop = _StopRequest()
+    stop = _StopRequest(args.time_limit)
     consistent, t0 = True, time.perf_counter()  # consistent: no step is half done, so the state may be saved
     try:
         while epoch < args.epochs:
@@ -366,7 +388,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
                         {"format": "msdnet-weights/1", "config": model.config.to_dict(),
                          "model": (ema.module if ema is not None else model).state_dict(),
                          "weights": "ema" if ema is not None else "trained", "epoch": epoch,
-                         "elapsed_s": elapsed, "val_accuracy_per_exit": record[
+                         "elapsed_s": elapsed, "hardware": hardware_name(device), "val_accuracy_per_exit": record[
                              "acc_ema" if ema is not None else "acc"], "run": _run_settings(args)},
                         out / "best.pt",
                     )  # fmt: skip
@@ -389,11 +411,17 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
     return record
 
 
-class _StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to stop after the current step (a second Ctrl-C stops at once)."""
+class TimeUp(KeyboardInterrupt):
+    """--time-limit reached: the run stopped as Ctrl-C stops it (saved, resumable)."""
 
-    def __init__(self) -> None:
+
+class _StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to stop after the current step (a second Ctrl-C stops at once);
+    so does the end of `time_limit` seconds (0: none) counted from now."""
+
+    def __init__(self, time_limit: float = 0.0) -> None:
         self.requested = False
+        self.deadline = time.perf_counter() + time_limit if time_limit else math.inf
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -407,6 +435,8 @@ class _StopRequest:
     def check(self) -> None:
         if self.requested:
             raise KeyboardInterrupt
+        if time.perf_counter() > self.deadline:
+            raise TimeUp
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -419,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} threads", flush=True)
     try:
         train(args)
+    except TimeUp:
+        print(f"--time-limit {args.time_limit:g} s reached; continue with the same command and --resume", flush=True)
+        return 0
     except KeyboardInterrupt:
         return 130
     except (checkpoint.CheckpointError, data.DataNotFoundError, FileExistsError, ValueError) as e:

@@ -1,7 +1,11 @@
 """The shipped checkpoint: it loads offline after its SHA-256 check, refuses damage clearly, and its
 card's numbers are the ones a rerun measures; export turns a run into such a checkpoint."""
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,8 +77,9 @@ def test_weights_whose_config_was_edited_are_refused(tmp_path):
 def test_export_writes_half_weights_a_card_and_a_log_that_load_back(tmp_path, tiny_folder):
     train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "2"))
     out = tmp_path / "shipped"
-    card = pretrained.export(tmp_path / "run", out, command="python -m helpers.train ...", hardware="test",
-                             source=tiny_folder)
+    card = pretrained.export(tmp_path / "run", out, command="python -m helpers.train ...", source=tiny_folder)
+    assert card["training"]["hardware"] == train.hardware_name(torch.device("cpu"))  # as the run recorded it
+    assert card["macs_per_exit_flip_tta"] == [2 * m for m in card["macs_per_exit"]]
     saved = torch.load(out / pretrained.WEIGHTS_NAME, weights_only=True)
     assert all(v.dtype == torch.float16 for v in saved["model"].values() if v.is_floating_point())
     assert card["sha256"] == pretrained.sha256(out / pretrained.WEIGHTS_NAME)
@@ -134,3 +139,21 @@ def test_the_cards_test_accuracy_is_what_evaluate_measures(real_cifar, capsys):
     assert len(test) == CARD["test_images"] == 10_000
     measured = train.exit_accuracies(pretrained.load(), test)
     assert measured == pytest.approx(CARD["test_accuracy_per_exit"], abs=1e-4)
+
+
+def test_the_gpu_script_runs_on_a_cpu_and_its_weights_export(tmp_path, tiny_folder):
+    """tools/gpu_train.sh end to end, with the tiny preset for one epoch on the CPU (bf16 autocast and
+    channels_last as on the GPU), then `pretrained export` of the half-precision weights it brings back."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu"
+    cmd = ["bash", str(root / "tools" / "gpu_train.sh"), "--preset", "tiny", "--epochs", "1", "--device", "cpu",
+           "--amp", "bf16", "--source", str(tiny_folder), "--val-size", "12", "--batch-size", "16"]
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in (out / "export").iterdir()) == ["best.pt", "log.jsonl"]
+    card = pretrained.export(out / "export", tmp_path / "shipped", command="bash tools/gpu_train.sh", source=tiny_folder)
+    assert card["training"]["amp"] == "bf16" and card["training"]["channels_last"] and card["training"]["weights"] == "ema"
+    assert card["training"]["hardware"] == train.hardware_name(torch.device("cpu"))  # on CUDA: the GPU's name
+    assert card["training"]["epochs_done"] == 1 and card["training"]["distill"] == 0.5
+    pretrained.load(tmp_path / "shipped" / pretrained.WEIGHTS_NAME)

@@ -330,3 +330,28 @@ def test_cli_short_run_on_the_real_mirror_and_resume(tmp_path, real_cifar, monke
     records = log_records(tmp_path / "real")
     assert len(records) == 2 and records[-1]["eval_images"] == 500
     assert records[-1]["acc"][-1] > 0.15  # better than chance (0.10) after 80 steps on real photos
+
+
+def test_a_compact_checkpoint_resumes_at_the_same_step(tmp_path, tiny_folder, capsys):
+    """checkpoint.compact keeps a run going across machines: half-precision weights and moving average,
+    no optimizer state; --resume goes on from the same step with the momentum starting from zero."""
+    extra = ("--ema", "0.9")
+
+    def interrupt(step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_args(tmp_path / "run", tiny_folder, *extra), on_step=interrupt)
+    full = tmp_path / "run" / "last.pt"
+    checkpoint.compact(full, tmp_path / "small.pt")
+    small = state(tmp_path / "small.pt")
+    assert "optimizer" not in small and (small["epoch"], small["batch_in_epoch"]) == (1, 1)
+    assert {v.dtype for v in small["model"].values() if v.is_floating_point()} == {torch.float16}
+    assert (tmp_path / "small.pt").stat().st_size < 0.7 * full.stat().st_size
+    (tmp_path / "small.pt").replace(full)
+    (tmp_path / "run" / "best.pt").unlink()  # as when only last.pt and the log were carried over
+    train.train(tiny_args(tmp_path / "run", tiny_folder, *extra, "--resume"))
+    assert "momentum starts again from zero" in capsys.readouterr().out
+    assert [r["epoch"] for r in log_records(tmp_path / "run")] == [1, 2, 3]
+    assert state(tmp_path / "run" / "best.pt")["epoch"] >= 2  # chosen again among the epochs run since
