@@ -220,11 +220,10 @@ class EarlyExit(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         m = self.model
-        m.check_input(x)
         predicted = torch.empty(len(x), dtype=torch.long, device=x.device)
         exit_of = torch.empty(len(x), dtype=torch.long, device=x.device)
         alive = torch.arange(len(x), device=x.device)  # original index of each image still computing
-        xs = (x - m.mean) / m.std
+        xs = m.normalize(x)
         last = m.n_exits - 1
         for k, (block, head) in enumerate(zip(m.blocks, m.classifiers)):
             xs = block(xs)
@@ -271,8 +270,7 @@ class LastExitOnly(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         m = self.model
-        m.check_input(x)
-        xs = (x - m.mean) / m.std
+        xs = m.normalize(x)
         for block in m.blocks:
             xs = block(xs)
         return m.classifiers[-1](xs[-1])

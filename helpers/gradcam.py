@@ -82,8 +82,7 @@ def _resolve(model: msdnet.MSDNet, site: Site, exit: int) -> Site:
 
 def _run(model: msdnet.MSDNet, x: Tensor, n_exits: int, keep: set[Site] = frozenset(), keep_all: bool = False):
     """Blocks 1..n_exits module by module; returns the kept maps {Site: tensor} and the logits."""
-    model.check_input(x)
-    xs = (x - model.mean) / model.std
+    xs = model.normalize(x)
     kept, logits = {}, []
     for b, (block, head) in enumerate(zip(model.blocks[:n_exits], model.classifiers[:n_exits]), start=1):
         for i, module in enumerate(block):

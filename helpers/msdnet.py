@@ -288,6 +288,25 @@ class MSDNet(nn.Module):
                 f"add a batch dimension with x[None], convert grayscale or RGBA to RGB, "
                 f"and resize to {size}x{size} (e.g. torchvision.transforms.Resize(({size}, {size})))"
             )
+        # One reduction, cheap beside the network: NaN fails both comparisons, so it is caught too.
+        # The small margin lets resampling overshoot (bilinear, antialias) through.
+        if x.numel() and not ((x >= -0.01) & (x <= 1.01)).all():
+            finite = x[torch.isfinite(x)]
+            if finite.numel() < x.numel():
+                raise ValueError(
+                    f"MSDNet got {x.numel() - finite.numel()} NaN or infinite pixel values; "
+                    "check the images (and whatever computed them) before calling the model"
+                )
+            raise ValueError(
+                f"MSDNet expects images in [0, 1], got values from {finite.min().item():.3g} to {finite.max().item():.3g}; "
+                "divide 0..255 images by 255, and undo any normalization (the model normalizes by itself)"
+            )
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """Checked images [B, 3, H, W] in [0, 1] -> the first layer's input: in the model's dtype,
+        standardized with the dataset's mean and std. Every way into the network starts here."""
+        self.check_input(x)
+        return (x.to(self.mean.dtype) - self.mean) / self.std
 
     def forward(
         self, x: Tensor, exits: int | None = None, return_features: bool = False
@@ -297,10 +316,9 @@ class MSDNet(nn.Module):
         With return_features, also the coarsest-scale map each classifier reads.
         """
         n = self.n_exits if exits is None else exits
-        if not 1 <= n <= self.n_exits:
-            raise ValueError(f"exits must be between 1 and {self.n_exits}, got {exits}")
-        self.check_input(x)
-        xs = (x - self.mean) / self.std
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.n_exits:
+            raise ValueError(f"exits must be a whole number between 1 and {self.n_exits}, got {exits!r}")
+        xs = self.normalize(x)
         logits, feats = [], []
         for block, head in zip(self.blocks[:n], self.classifiers[:n]):
             xs = block(xs)

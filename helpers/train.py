@@ -19,9 +19,14 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import torch
 import torch.distributed as dist
@@ -195,12 +200,43 @@ def _check_resume(saved: dict, args: argparse.Namespace, path: Path) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
+class OutFolderBusy(RuntimeError):
+    """Another run holds the output folder."""
+
+
+@contextmanager
+def _exclusive(out: Path):
+    """Hold <out>/.lock while training, so a second run into the same folder is refused instead of
+    interleaving its checkpoints and log with ours. The operating system releases the lock when the
+    process ends, however it ends, so a killed run never leaves the folder locked."""
+    if fcntl is None or int(os.environ.get("RANK", 0)) != 0:  # Windows: no lock; DDP: rank 0 holds it
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutFolderBusy(f"another training run is writing to {out}; wait for it to end, or choose another --out") from None
+        try:
+            yield
+        finally:
+            if [p.name for p in out.iterdir()] == [".lock"]:  # a run that wrote nothing leaves nothing
+                (out / ".lock").unlink()
+                out.rmdir()
+
+
 def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None) -> dict:
     """Run (or resume) training; returns the last epoch's log record.
 
     on_step(step) is called after every optimizer step; an exception it raises ends the run
     the way Ctrl-C does (KeyboardInterrupt saves the position first).
     """
+    with _exclusive(Path(args.out)):
+        return _train(args, on_step)
+
+
+def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> dict:
     device = _device(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -239,6 +275,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
     epoch, batch_in_epoch, perm, elapsed = 0, 0, None, 0.0
     seen, loss_sum = 0, 0.0  # this epoch's images and summed batch losses, kept across an interruption
     epoch_time_before, seen_untimed = 0.0, 0  # this epoch's training seconds before an interruption
+    record: dict = {}  # the last finished epoch's log record
 
     if args.resume and ckpt_path.exists():
         ckpt = checkpoint.read(ckpt_path)
@@ -252,6 +289,9 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
         gen.set_state(ckpt["generator"])
         epoch, batch_in_epoch, perm, elapsed = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["perm"], ckpt["elapsed_s"]
         seen, loss_sum = ckpt["epoch_images"], ckpt["epoch_loss_sum"]
+        record = ckpt.get("epoch_record", {})
+        if record and ddp.main and _last_logged_epoch(log_path) < record["epoch"]:
+            _append_record(log_path, record)  # stopped between the checkpoint and its log line
         if "epoch_time_s" in ckpt:
             epoch_time_before = ckpt["epoch_time_s"]
         else:  # older checkpoints did not keep it: time this epoch from the resume on
@@ -275,7 +315,6 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
             best_score = ckpt.get("best_score", -1.0)
     net = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
     micro = args.batch_size // (ddp.world * args.accumulate)
-    record: dict = {}
 
     def save() -> None:
         if ddp.main:
@@ -295,6 +334,7 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
                     "epoch_loss_sum": loss_sum,
                     "epoch_time_s": epoch_time_before,
                     "best_score": best_score,
+                    "epoch_record": record,
                     "hardware": hardware_name(device),
                     "run": _run_settings(args),
                     **({"ema": ema.state_dict()} if ema is not None else {}),
@@ -338,6 +378,12 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
                                                args.distill, args.distill_temperature)
                         scaler.scale(loss / args.accumulate).backward()
                     batch_loss += loss.item() / args.accumulate
+                if not math.isfinite(batch_loss) and amp_dtype != torch.float16:  # fp16's scaler skips such steps
+                    raise Diverged(
+                        f"the loss became {batch_loss} at epoch {epoch + 1}, step {batch_in_epoch + 1} (lr {lr:.4g}): "
+                        f"the run diverged and was stopped before the bad step; {ckpt_path} still holds the last "
+                        "good state. Start again with a lower --lr or a longer --warmup-epochs."
+                    )
                 scaler.step(optimizer)
                 scaler.update()
                 if ema is not None:
@@ -372,9 +418,6 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
                     "epoch_time_s": round(epoch_time, 1), "eval_time_s": round(time.perf_counter() - t_eval, 1),
                     "train_images_per_s": round(epoch_rate, 1), "elapsed_s": round(elapsed, 1),
                 }  # fmt: skip
-                out.mkdir(parents=True, exist_ok=True)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
                 print(f"epoch {epoch}: {args.eval_split} accuracy per exit "
                       + " ".join(f"B{k + 1}={a:.3f}" for k, a in enumerate(accs)), flush=True)
                 if ema is not None:
@@ -392,7 +435,9 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
                              "acc_ema" if ema is not None else "acc"], "run": _run_settings(args)},
                         out / "best.pt",
                     )  # fmt: skip
-            save()
+            save()  # the checkpoint first, then the log line that announces it (a resume restores a lost line)
+            if ddp.main:
+                _append_record(log_path, record)
             ddp.barrier()
             stop.check()
     except KeyboardInterrupt:
@@ -409,6 +454,21 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
     finally:
         stop.restore()
     return record
+
+
+def _append_record(log_path: Path, record: dict) -> None:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _last_logged_epoch(log_path: Path) -> int:
+    lines = log_path.read_text().splitlines() if log_path.is_file() else []
+    return json.loads(lines[-1])["epoch"] if lines else 0
+
+
+class Diverged(RuntimeError):
+    """The loss is no longer finite: the run stops before the step that would spoil the weights."""
 
 
 class TimeUp(KeyboardInterrupt):
@@ -454,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         return 130
-    except (checkpoint.CheckpointError, data.DataNotFoundError, FileExistsError, ValueError) as e:
+    except (checkpoint.CheckpointError, data.DataNotFoundError, FileExistsError, ValueError, Diverged, OutFolderBusy) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

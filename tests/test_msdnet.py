@@ -169,6 +169,10 @@ def test_exit_costs_equal_a_count_by_hand():
         (torch.rand(2, 4, 32, 32), ValueError, "RGB"),
         (torch.rand(3, 32, 32), ValueError, "batch dimension"),
         (torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8), TypeError, "/ 255"),
+        (torch.rand(2, 3, 32, 32) * 255, ValueError, "divide 0..255 images by 255"),
+        (torch.rand(2, 3, 32, 32) - 0.5, ValueError, "undo any normalization"),
+        (torch.rand(2, 3, 32, 32).index_put_((torch.tensor([0]),), torch.tensor(float("nan"))), ValueError, "NaN or infinite"),
+        (torch.full((1, 3, 32, 32), float("inf")), ValueError, "NaN or infinite"),
     ],
 )
 def test_bad_images_get_a_clear_error(x, error, words):
@@ -176,10 +180,17 @@ def test_bad_images_get_a_clear_error(x, error, words):
         msdnet.build("tiny")(x)
 
 
-@pytest.mark.parametrize("exits", [0, 5, -1])
+@pytest.mark.parametrize("exits", [0, 5, -1, 2.5, "3", True])
 def test_exit_out_of_range_is_refused(exits):
-    with pytest.raises(ValueError, match="between 1 and 4"):
+    with pytest.raises(ValueError, match="whole number between 1 and 4"):
         msdnet.build("tiny")(torch.rand(1, 3, 32, 32), exits=exits)
+
+
+def test_float64_images_give_the_float32_answer():
+    model = msdnet.build("tiny").eval()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(model(x)[-1], model(x.float())[-1], atol=1e-5)
 
 
 def test_unknown_preset_names_the_choices():

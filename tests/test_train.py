@@ -355,3 +355,49 @@ def test_a_compact_checkpoint_resumes_at_the_same_step(tmp_path, tiny_folder, ca
     assert "momentum starts again from zero" in capsys.readouterr().out
     assert [r["epoch"] for r in log_records(tmp_path / "run")] == [1, 2, 3]
     assert state(tmp_path / "run" / "best.pt")["epoch"] >= 2  # chosen again among the epochs run since
+
+
+def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, tiny_folder, capsys):
+    out = tmp_path / "run"
+    train.train(tiny_args(out, tiny_folder, "--epochs", "1"))
+    good = state(out / "last.pt")
+    args = ["--preset", "tiny", "--source", str(tiny_folder), "--out", str(out), "--val-size", "12", "--batch-size", "16",
+            "--epochs", "3", "--lr", "1e12", "--schedule", "paper", "--init-from", str(out / "last.pt")]
+    (out / "last.pt").rename(tmp_path / "start.pt")
+    args[args.index(str(out / "last.pt"))] = str(tmp_path / "start.pt")
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "the run diverged" in err and "lower --lr" in err and "Traceback" not in err
+    assert not (out / "last.pt").exists() or all(torch.isfinite(v).all() for v in state(out / "last.pt")["model"].values()
+                                               if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path, tiny_folder):
+    out = tmp_path / "run"
+    with train._exclusive(out):  # as a run in another process holds it
+        with pytest.raises(train.OutFolderBusy, match="another training run is writing to"):
+            train.train(tiny_args(out, tiny_folder, "--epochs", "1"))
+    train.train(tiny_args(out, tiny_folder, "--epochs", "1"))  # free again once it ended
+
+
+def test_a_run_that_fails_to_start_leaves_no_folder(tmp_path):
+    assert train.main(["--preset", "tiny", "--source", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_log_line_lost_after_its_checkpoint_is_restored_on_resume(tmp_path, tiny_folder):
+    train.train(tiny_args(tmp_path / "straight", tiny_folder))
+    out = tmp_path / "run"
+
+    def interrupt(step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_args(out, tiny_folder), on_step=interrupt)
+    log = out / "log.jsonl"
+    log.write_text("")  # killed after epoch 1's checkpoint, before its log line
+    train.train(tiny_args(out, tiny_folder, "--resume"))
+    fields = lambda r: (r["epoch"], r["acc"], r["train_loss"])  # the times differ from run to run
+    assert list(map(fields, log_records(out))) == list(map(fields, log_records(tmp_path / "straight")))
