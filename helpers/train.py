@@ -35,13 +35,17 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import checkpoint, data, msdnet
+from .cache import fingerprint
 
 # Settings that define what a run computes; `--resume` refuses to change them.
 RUN_DEFINING = (
     "preset", "epochs", "batch_size", "accumulate", "lr", "momentum", "weight_decay", "schedule",
     "warmup_epochs", "label_smoothing", "distill", "distill_temperature", "ema", "seed", "val_size", "train_subset", "init_from", "channels_last",
-    "amp", "source",
+    "amp",
 )  # fmt: skip
+# Where the data came from may be written many ways (a path with or without a trailing slash, or
+# $CIFAR10_SOURCE): a run records what it trained on instead (count and content hash), and a resume
+# refuses other images.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -255,6 +259,7 @@ def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> d
     if device.type == "cuda":  # CIFAR-10 is 150 MB of uint8: keep it on the GPU, so batches never cross the bus
         train_set = data.Split(train_set.images.to(device), train_set.labels.to(device))
         eval_set = data.Split(eval_set.images.to(device), eval_set.labels.to(device))
+    trained_on = {"train_images": len(train_set), "train_fingerprint": fingerprint((train_set.images, train_set.labels))}
     steps_per_epoch = len(train_set) // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch ({args.batch_size})")
@@ -280,6 +285,13 @@ def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> d
     if args.resume and ckpt_path.exists():
         ckpt = checkpoint.read(ckpt_path)
         _check_resume(ckpt["run"], args, ckpt_path)
+        if ckpt.get("data", trained_on) != trained_on:
+            raise checkpoint.CheckpointError(
+                f"cannot resume {ckpt_path}: it was trained on other images ({ckpt['data']['train_images']} training "
+                f"images, content {ckpt['data']['train_fingerprint']}; now {trained_on['train_images']}, content "
+                f"{trained_on['train_fingerprint']}). Point --source (or ${data.ENV_SOURCE}) at the data the run "
+                "began with, or start a new run with another --out."
+            )
         checkpoint.load_weights(model, ckpt, ckpt_path)
         if "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -337,6 +349,7 @@ def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> d
                     "epoch_record": record,
                     "hardware": hardware_name(device),
                     "run": _run_settings(args),
+                    "data": trained_on,
                     **({"ema": ema.state_dict()} if ema is not None else {}),
                 },
                 ckpt_path,

@@ -401,3 +401,28 @@ def test_a_log_line_lost_after_its_checkpoint_is_restored_on_resume(tmp_path, ti
     train.train(tiny_args(out, tiny_folder, "--resume"))
     fields = lambda r: (r["epoch"], r["acc"], r["train_loss"])  # the times differ from run to run
     assert list(map(fields, log_records(out))) == list(map(fields, log_records(tmp_path / "straight")))
+
+
+def test_resume_refuses_other_images_but_not_the_same_folder_written_otherwise(tmp_path, tiny_folder):
+    from PIL import Image
+
+    def interrupt(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_args(out, tiny_folder), on_step=interrupt)
+    other = tmp_path / "edited"
+    import shutil
+
+    shutil.copytree(tiny_folder, other)
+    first = sorted((other / "train" / "cat").iterdir())[0]
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(first)  # one training image edited: same count, other content
+    args = tiny_args(out, other, "--resume")
+    args.source = str(other)
+    with pytest.raises(checkpoint.CheckpointError, match="trained on other images"):
+        train.train(args)
+    args.source = str(tiny_folder) + "/"  # the same folder, written with a trailing slash
+    train.train(args)
+    assert [r["epoch"] for r in log_records(out)] == [1, 2, 3]
