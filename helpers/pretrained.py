@@ -37,15 +37,31 @@ def _card_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
-def load(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> msdnet.MSDNet:
+def _recorded_sha256(card: Path, weights: Path) -> str:
+    """The SHA-256 the card beside `weights` records, or one clear error saying what is wrong with the card."""
+    restore = f"restore it with `git checkout -- {card}`, or load unchecked weights with verify=False"
+    if not card.is_file():
+        raise checkpoint.CheckpointError(
+            f"no card {card.name} beside {weights.name}, so its SHA-256 cannot be checked; {restore}")
+    try:
+        recorded = json.loads(card.read_text()).get("sha256")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise checkpoint.CheckpointError(f"{card} is not a valid card (not a JSON object: {e}); {restore}") from None
+    if not isinstance(recorded, str):
+        raise checkpoint.CheckpointError(f"{card} records no sha256 for {weights.name}; {restore}")
+    return recorded
+
+
+def load(path: str | os.PathLike | None = None, device: str | torch.device = "cpu", verify: bool = True) -> msdnet.MSDNet:
     """The shipped MSD-Net (or the weights at `path`), in float32 and eval mode, after checking the
-    SHA-256 recorded in the JSON card beside the weights."""
+    SHA-256 recorded in the JSON card beside the weights. verify=False loads weights without a card
+    (a run's best.pt, say) unchecked."""
     weights = Path(path) if path else PRETRAINED_DIR / WEIGHTS_NAME
     card = _card_path(weights)
     if not weights.is_file():
         raise checkpoint.CheckpointError(f"no weights at {weights}; restore them with `git checkout -- {weights}`")
-    if card.is_file():
-        expected = json.loads(card.read_text())["sha256"]
+    if verify:
+        expected = _recorded_sha256(card, weights)
         actual = sha256(weights)
         if actual != expected:
             raise checkpoint.CheckpointError(

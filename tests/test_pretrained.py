@@ -57,6 +57,25 @@ def test_a_truncated_file_without_a_card_is_refused_as_unreadable(tmp_path):
     weights.with_suffix(".json").unlink()
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(checkpoint.CheckpointError, match="not a readable checkpoint"):
+        pretrained.load(weights, verify=False)
+
+
+@pytest.mark.parametrize("card, words", [
+    (None, "no card msdnet-cifar10-anytime.json beside"),
+    ("{not json", "not a valid card"),
+    ("[1, 2]", "not a valid card"),
+    ('{"weights": "msdnet-cifar10-anytime.pt"}', "records no sha256"),
+])
+def test_weights_whose_card_is_missing_or_broken_are_not_loaded_unchecked(tmp_path, card, words):
+    weights = copy_shipped(tmp_path)
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # damaged: without the check it would load with one weight changed
+    weights.write_bytes(raw)
+    if card is None:
+        weights.with_suffix(".json").unlink()
+    else:
+        weights.with_suffix(".json").write_text(card)
+    with pytest.raises(checkpoint.CheckpointError, match=words):
         pretrained.load(weights)
 
 
@@ -71,7 +90,7 @@ def test_weights_whose_config_was_edited_are_refused(tmp_path):
     weights = tmp_path / "edited.pt"
     torch.save(ckpt, weights)
     with pytest.raises(checkpoint.CheckpointError, match="do not fit"):
-        pretrained.load(weights)
+        pretrained.load(weights, verify=False)
 
 
 def test_export_writes_half_weights_a_card_and_a_log_that_load_back(tmp_path, tiny_folder):
