@@ -88,9 +88,10 @@ def _chain_total(training: dict, key: str) -> int:
     return total
 
 
-def _chained_log(run_dir: Path, parent_card: Path | None) -> list[dict]:
-    """The earlier cycles' log (beside the card the run started from), then this run's, each record
-    tagged with its cycle and its epoch counted from the very start."""
+def _chained_log(run_dir: Path, parent_card: Path | None, up_to_epoch: int) -> list[dict]:
+    """The earlier cycles' log (beside the card the run started from), then this run's up to the
+    epoch whose weights are shipped, each record tagged with its cycle and its epoch counted from
+    the very start."""
     earlier: list[dict] = []
     if parent_card is not None and (parent_card.parent / "training-log.jsonl").is_file():
         lines = (parent_card.parent / "training-log.jsonl").read_text().splitlines()
@@ -98,7 +99,8 @@ def _chained_log(run_dir: Path, parent_card: Path | None) -> list[dict]:
     cycle = max((r["cycle"] for r in earlier), default=0) + 1
     done = max((r["total_epoch"] for r in earlier), default=0)
     lines = (run_dir / "log.jsonl").read_text().splitlines()
-    return earlier + [{**r, "cycle": cycle, "total_epoch": done + r["epoch"]} for r in map(json.loads, lines)]
+    ours = [r for r in map(json.loads, lines) if r["epoch"] <= up_to_epoch]
+    return earlier + [{**r, "cycle": cycle, "total_epoch": done + r["epoch"]} for r in ours]
 
 
 def _mean(values: list[float]) -> float:
@@ -115,6 +117,11 @@ def _chosen_weights(run_dir: Path) -> tuple[dict, dict, Path]:
         last = checkpoint.read(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else best
         return best, last, run_dir / "best.pt"
     last = checkpoint.read(run_dir / "last.pt")
+    if last.get("batch_in_epoch"):
+        raise checkpoint.CheckpointError(
+            f"{run_dir / 'last.pt'} was saved in the middle of epoch {last['epoch'] + 1} (batch {last['batch_in_epoch']}), "
+            "so its weights were never validated: finish the epoch with --resume, then export"
+        )
     chosen = {"config": last["config"], "model": last["model"], "weights": "trained", "epoch": last["epoch"],
               "elapsed_s": last["elapsed_s"], "hardware": last.get("hardware"), "val_accuracy_per_exit": None}
     if "ema" in last:  # AveragedModel's state: the averaged model's under "module.", and a step count
@@ -166,14 +173,17 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str | None = No
     out_dir.mkdir(parents=True, exist_ok=True)
     weights, staged = out_dir / WEIGHTS_NAME, out_dir / f".{WEIGHTS_NAME}.new"
     checkpoint.atomic_save({"format": "msdnet-weights/1", "config": ckpt["config"], "model": half}, staged)
-
-    test = data.load("test", source)
-    acc32 = exit_accuracies(model.eval(), test)
-    shipped = _read_weights(staged).eval()  # what users get: fp16 weights back in float32
-    acc16 = exit_accuracies(shipped, test)
-    acc_flip = exit_accuracies(shipped, test, flip=True)  # a row of its own: it costs two passes
+    try:
+        test = data.load("test", source)
+        acc32 = exit_accuracies(model.eval(), test)
+        shipped = _read_weights(staged).eval()  # what users get: fp16 weights back in float32
+        acc16 = exit_accuracies(shipped, test)
+        acc_flip = exit_accuracies(shipped, test, flip=True)  # a row of its own: it costs two passes
+    except BaseException:  # a failed (or interrupted) measurement leaves the shipped files as they were
+        staged.unlink(missing_ok=True)
+        raise
     costs = msdnet.exit_costs(model)
-    log = _chained_log(run_dir, parent)  # this run's records last
+    log = _chained_log(run_dir, parent, chosen["epoch"])  # this run's records last
     card = {
         "weights": WEIGHTS_NAME,
         "sha256": sha256(staged),

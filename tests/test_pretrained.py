@@ -130,7 +130,9 @@ def test_a_second_cycle_keeps_the_first_cycles_record(tmp_path, tiny_folder):
     assert t["init_from_sha256"] == first["sha256"] != second["sha256"]
     assert t["total_epochs"] == first["training"]["epochs_done"] + t["epochs_done"]
     log = [json.loads(line) for line in (out / "training-log.jsonl").read_text().splitlines()]
-    assert [(r["cycle"], r["epoch"], r["total_epoch"]) for r in log] == [(1, 1, 1), (1, 2, 2), (2, 1, 3)]
+    n1, n2 = first["training"]["epochs_done"], t["epochs_done"]  # each cycle's log ends at its shipped epoch
+    assert [(r["cycle"], r["epoch"], r["total_epoch"]) for r in log] == (
+        [(1, e, e) for e in range(1, n1 + 1)] + [(2, e, n1 + e) for e in range(1, n2 + 1)])
     pretrained.load(weights)  # the new card's SHA-256 matches the new weights
 
 
@@ -176,3 +178,29 @@ def test_the_gpu_script_runs_on_a_cpu_and_its_weights_export(tmp_path, tiny_fold
     assert card["training"]["hardware"] == train.hardware_name(torch.device("cpu"))  # on CUDA: the GPU's name
     assert card["training"]["epochs_done"] == 1 and card["training"]["distill"] == 0.5
     pretrained.load(tmp_path / "shipped" / pretrained.WEIGHTS_NAME)
+
+
+def test_an_export_that_fails_leaves_nothing_behind(tmp_path, tiny_folder):
+    train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "1"))
+    out = tmp_path / "shipped"
+    with pytest.raises(data.DataNotFoundError):
+        pretrained.export(tmp_path / "run", out, command="x", source=tmp_path / "no-data")
+    assert list(out.iterdir()) == []
+
+
+def test_a_run_stopped_mid_epoch_without_a_validated_epoch_is_not_exported(tmp_path, tiny_folder):
+    def interrupt(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_args(tmp_path / "run", tiny_folder, "--eval-split", "test"), on_step=interrupt)
+    with pytest.raises(checkpoint.CheckpointError, match="middle of epoch 1 .*finish the epoch with --resume"):
+        pretrained.export(tmp_path / "run", tmp_path / "shipped", command="x", source=tiny_folder)
+
+
+def test_the_shipped_log_ends_at_the_epoch_whose_weights_are_shipped(tmp_path, tiny_folder):
+    train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "4", "--lr", "0.1"))
+    card = pretrained.export(tmp_path / "run", tmp_path / "shipped", command="x", source=tiny_folder)
+    log = (tmp_path / "shipped" / "training-log.jsonl").read_text().splitlines()
+    assert len(log) == card["training"]["epochs_done"] == card["training"]["total_epochs"]
