@@ -32,7 +32,7 @@ python - "$OUT" "${variants[@]}" <<'PY'
 import json, sys
 from pathlib import Path
 out, variants = Path(sys.argv[1]), sys.argv[2:]
-print("| run | differs from A in | val B1 | val B10 | val mean B1..B10 | train images/s |")
+print("| run | settings (A: the baseline) | val B1 | val B10 | val mean B1..B10 | train images/s |")
 print("|---|---|---|---|---|---|")
 for v in variants:
     name, flags = v.split(":", 1)

@@ -33,7 +33,10 @@ def cached(kind: str, model: nn.Module, images: Tensor, labels: Tensor, compute:
     folder = Path(cache_dir) if cache_dir else data.DATA_DIR / "cache"
     path = folder / f"{kind}-{fingerprint(model.state_dict().values())}-{fingerprint((images, labels))}.pt"
     if path.is_file():
-        return torch.load(path, weights_only=True)
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # truncated or damaged (a killed write of an older version, a full disk): recompute
+            path.unlink(missing_ok=True)
     result = compute()
     atomic.save(result, path)
     return result

@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import tarfile
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -91,8 +92,9 @@ def _fingerprint(path: Path) -> str:
                 h.update(chunk)
     else:
         for p in sorted(path.rglob("*")):
-            if p.is_file():
-                h.update(f"{p.relative_to(path).as_posix()}:{p.stat().st_size}\n".encode())
+            if p.is_file():  # size and modification time: an image edited in place changes the key
+                st = p.stat()
+                h.update(f"{p.relative_to(path).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -129,8 +131,8 @@ def _iter_files(path: Path):
             members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
             for m in members:
                 yield m.name, tar.extractfile(m).read()
-    except tarfile.TarError as e:
-        raise DataNotFoundError(_no_data_message(f"{path} is not a readable .tar.gz ({e})")) from e
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # not a tarball, or cut short
+        raise DataNotFoundError(_no_data_message(f"{path} is not a readable .tar.gz, or is truncated ({e!r})")) from e
 
 
 def _from_class_folders(path: Path) -> dict[str, Split]:
@@ -146,9 +148,12 @@ def _from_class_folders(path: Path) -> dict[str, Split]:
             raise ValueError(f"{path}: folder {split}/{cls} is not a CIFAR-10 class; expected one of {CLASSES}")
         found[split][0].append(_decode(data, f"{path}/{rel}"))
         found[split][1].append(CLASSES.index(cls))
-    for split, (images, _) in found.items():
+    for split, (images, labels) in found.items():
         if not images:
             raise DataNotFoundError(_no_data_message(f"{path} has no images under {split}/<class>/"))
+        missing = [c for i, c in enumerate(CLASSES) if i not in set(labels)]
+        if missing:  # accuracy over nine classes would pass for accuracy on CIFAR-10
+            raise DataNotFoundError(_no_data_message(f"{path} has no {split} images of class {', '.join(missing)}"))
     return {
         split: Split(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels))
         for split, (images, labels) in found.items()

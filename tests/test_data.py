@@ -115,6 +115,50 @@ def test_a_tarball_that_is_not_one_is_refused(tmp_path):
         data.load("test", source=bad)
 
 
+def test_a_truncated_tarball_is_refused_clearly(tiny_tarball):
+    raw = tiny_tarball.read_bytes()
+    tiny_tarball.write_bytes(raw[: len(raw) // 2])  # a download or copy cut short
+    with pytest.raises(data.DataNotFoundError, match="is not a readable .tar.gz, or is truncated"):
+        data.load("test", source=tiny_tarball)
+
+
+def test_an_image_edited_in_place_is_decoded_anew(tiny_folder):
+    before = data.load("test", source=tiny_folder)
+    path, other = tiny_folder / "test" / "airplane" / "0000.png", tiny_folder / "test" / "airplane" / "0001.png"
+    assert path.stat().st_size == other.stat().st_size  # so the edit keeps the file's size: only its content changes
+    mtime = path.stat().st_mtime_ns
+    path.write_bytes(other.read_bytes())
+    import os
+
+    os.utime(path, ns=(mtime + 1_000_000_000, mtime + 1_000_000_000))  # saved a second later
+    after = data.load("test", source=tiny_folder)
+    assert len(after) == len(before) and (after.images[0, 1] == 1).all()  # image 0 now shows index 1
+
+
+def test_a_missing_class_folder_is_refused(tiny_folder):
+    import shutil
+
+    shutil.rmtree(tiny_folder / "test" / "truck")
+    with pytest.raises(data.DataNotFoundError, match="has no test images of class truck"):
+        data.load("test", source=tiny_folder)
+
+
+def test_a_killed_cache_write_leaves_no_temporary_file_for_long(tiny_folder, isolated_data_dir):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has ended, as a SIGKILLed writer has
+    cache_dir = isolated_data_dir / "cache"
+    data.load("test", source=tiny_folder)
+    (cache_file,) = cache_dir.glob("cifar10-*.pt")
+    stale = cache_file.with_name(f".{cache_file.name}.tmp{pid}")
+    stale.write_bytes(b"half of a cache")
+    cache_file.unlink()  # the next load writes the cache again, and sweeps the dead writer's file
+    data.load("test", source=tiny_folder)
+    assert not stale.exists() and cache_file.exists()
+
+
 def test_a_folder_without_the_layout_is_refused(tmp_path):
     (tmp_path / "photos").mkdir()
     Image.fromarray(class_image(0, 0)).save(tmp_path / "photos" / "a.png")

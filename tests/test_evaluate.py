@@ -166,3 +166,14 @@ def test_exit_accuracies_with_flip_agree_with_flipped_predictions(tiny_folder):
     preds = evaluate.predict(model, split, cache=False, flip=True)
     assert train.exit_accuracies(model, split, batch_size=7, flip=True) == pytest.approx(
         preds.correct.double().mean(0).tolist())
+
+
+def test_a_truncated_predictions_cache_is_recomputed(tiny_folder, tmp_path):
+    model = msdnet.build("tiny").eval()
+    split = data.load("test", source=tiny_folder)
+    first = evaluate.predict(model, split, cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("predictions-*.pt")
+    cached.write_bytes(cached.read_bytes()[:100])
+    again = evaluate.predict(model, split, cache_dir=tmp_path)
+    assert torch.equal(again.logits, first.logits)
+    assert torch.load(cached, weights_only=True)["logits"].shape == first.logits.shape  # rewritten whole
