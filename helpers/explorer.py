@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from . import data, evaluate, gradcam, msdnet, viz
+from .cache import fingerprint
 
 __all__ = ["Explorer", "explore", "load_image"]
 
@@ -35,6 +36,9 @@ def load_image(content: bytes, size: int = 32) -> torch.Tensor:
     try:
         img = Image.open(io.BytesIO(content))
         img.load()
+    except Image.DecompressionBombError:
+        raise ValueError("that picture is too large to open safely (over Pillow's limit of "
+                         f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels); upload a smaller copy") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"that file is not an image Pillow can read ({e.__class__.__name__}); "
                          "upload a PNG, JPEG, BMP or GIF") from None
@@ -171,7 +175,8 @@ class Explorer:
         index, image = self.current_index(), self.current_image()
         target = self._target(index)
         method = METHOD_NAMES[self.method.value]
-        shown = index if index is not None else id(self.uploaded)
+        # An upload is known by its pixels: ids of freed tensors are reused, and would show an old answer.
+        shown = index if index is not None else ("upload", fingerprint([self.uploaded]))
         if len(self._maps) > 256:
             self._maps.clear()
         key = (shown, target, method)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import msdnet
+from . import data, msdnet
 from .cache import cached
 
 __all__ = ["Site", "CAM", "METHODS", "class_activation_map", "default_site", "sites", "compute", "gradcam", "gradcam_all_exits", "normalize", "maps_for_split"]
@@ -48,6 +48,7 @@ def default_site(exit: int) -> Site:
 def sites(model: msdnet.MSDNet, exit: int) -> list[Site]:
     """Every map (block, module, scale) that can explain exit `exit`, i.e. that its score depends on.
     Finer scales reach the classifier only through the strided paths of later MSD layers."""
+    _check_exit(model, exit)
     x = torch.zeros(1, 3, model.config.image_size, model.config.image_size, device=_device(model))
     was_training = model.training
     model.eval()  # a pass in training mode would move the batch-norm statistics
@@ -66,9 +67,13 @@ def _device(model: msdnet.MSDNet) -> torch.device:
     return next(model.parameters()).device
 
 
+def _check_exit(model: msdnet.MSDNet, exit) -> None:
+    if isinstance(exit, bool) or not isinstance(exit, int) or not 1 <= exit <= model.n_exits:
+        raise ValueError(f"exit must be a whole number between 1 and {model.n_exits} (B1..B{model.n_exits}), got {exit!r}")
+
+
 def _resolve(model: msdnet.MSDNet, site: Site, exit: int) -> Site:
-    if not 1 <= exit <= model.n_exits:
-        raise ValueError(f"exit must be between 1 and {model.n_exits} (B1..B{model.n_exits}), got {exit}")
+    _check_exit(model, exit)
     if not 1 <= site.block <= model.n_exits:
         raise ValueError(f"{site}: block must be between 1 and {model.n_exits}")
     if site.block > exit:
@@ -138,17 +143,32 @@ class CAM(NamedTuple):
 
 
 def _targets(target, logits: Tensor) -> Tensor:
-    b = logits.shape[0]
+    b, n = logits.shape
+    names = data.CLASSES if n == len(data.CLASSES) else ()
+    usage = (f"target must be None or 'predicted' (each exit's prediction), a class index, a class name "
+             f"({', '.join(names) or 'none for this model'}), or one class index per image ({b})")
     if target is None or (isinstance(target, str) and target == "predicted"):
         return logits.argmax(1)
+    if isinstance(target, str):
+        if target not in names:
+            raise ValueError(f"{usage}; got {target!r}")
+        target = names.index(target)
+    if isinstance(target, bool):
+        raise ValueError(f"{usage}; got {target!r}")
     if isinstance(target, int):
         t = torch.full((b,), target, dtype=torch.long, device=logits.device)
     else:
-        t = torch.as_tensor(target, device=logits.device).long().reshape(-1)
+        try:
+            t = torch.as_tensor(target, device=logits.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{usage}; got {target!r}") from None
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{usage}; got values of dtype {t.dtype}")
+        t = t.long().reshape(-1)
         if t.numel() == 1:
             t = t.expand(b)
     if t.shape != (b,):
-        raise ValueError(f"target must be None, 'predicted', a class index, or one class per image ({b}); got {tuple(t.shape)}")
+        raise ValueError(f"{usage}; got {tuple(t.shape)}")
     n = logits.shape[1]
     if ((t < 0) | (t >= n)).any():
         raise ValueError(f"target classes must be between 0 and {n - 1}")

@@ -118,3 +118,31 @@ def test_show_jumps_to_an_image_whatever_the_filters(app):
     assert app.current_index() == 19 and app.class_filter.value == "all"
     with pytest.raises(ValueError, match="between 0 and 19"):
         app.show(20)
+
+
+def _upload(app, array: np.ndarray, name: str = "mine.png") -> None:
+    png = io.BytesIO()
+    Image.fromarray(array).save(png, format="png")
+    app.upload.value = ({"name": name, "type": "image/png", "size": len(png.getvalue()),
+                         "content": memoryview(png.getvalue()), "last_modified": datetime.now(timezone.utc)},)
+
+
+def test_each_upload_shows_its_own_answer(app):
+    """Uploads are told apart by their pixels: an answer computed for one picture is never shown for another
+    (keyed by id(), freed tensors' ids came back and showed an earlier picture's prediction)."""
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        _upload(app, rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), f"{i}.png")
+        with torch.no_grad():
+            want = torch.stack(app.model(app.uploaded[None]))[:, 0]
+        _, logits = app.maps()
+        assert torch.allclose(logits, want, atol=1e-5), f"upload {i} shows another picture's answer"
+        app._on_back()  # freed: the next upload's tensor may well get its id
+
+
+def test_a_picture_too_large_to_open_safely_is_refused_in_words(app, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # as a 20000x20000 picture is under the real limit
+        _upload(app, np.zeros((64, 48, 3), dtype=np.uint8), "huge.png")
+    assert "huge.png" in app.status.value and "too large to open safely" in app.status.value
+    app._on_back()

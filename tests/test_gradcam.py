@@ -95,8 +95,13 @@ def test_target_can_be_the_prediction_a_label_or_any_class(model, images):
     assert torch.equal(gradcam.compute(model, images, [2], target=labels).targets[:, 0], labels)
     with pytest.raises(ValueError, match="between 0 and 9"):
         gradcam.compute(model, images, [2], target=10)
-    with pytest.raises(ValueError, match="one class per image"):
+    with pytest.raises(ValueError, match="one class index per image"):
         gradcam.compute(model, images, [2], target=torch.tensor([1, 2]))
+    # A CIFAR-10 class name is a class too; anything else is refused in words, not a TypeError.
+    assert torch.equal(gradcam.compute(model, images, [2], target="cat").targets[:, 0], torch.full((3,), 3))
+    for bad in ("unicorn", 2.5, torch.tensor([0.5, 1.0, 2.0]), True, [None]):
+        with pytest.raises(ValueError, match="target must be None or 'predicted'"):
+            gradcam.compute(model, images, [2], target=bad)
 
 
 def test_finer_maps_of_earlier_layers_explain_an_exit_and_the_rest_are_refused(model, images):
@@ -112,8 +117,11 @@ def test_finer_maps_of_earlier_layers_explain_an_exit_and_the_rest_are_refused(m
         gradcam.gradcam(model, images, exit=2, site=Site(3))
     with pytest.raises(ValueError, match="no 32x32 map"):
         gradcam.gradcam(model, images, exit=4, site=Site(4, -1, 32))
-    with pytest.raises(ValueError, match="exit must be between 1 and 4"):
-        gradcam.gradcam(model, images, exit=5)
+    for bad in (5, 0, 2.5, "3"):
+        with pytest.raises(ValueError, match="exit must be a whole number between 1 and 4"):
+            gradcam.gradcam(model, images, exit=bad)
+        with pytest.raises(ValueError, match="exit must be a whole number between 1 and 4"):
+            gradcam.sites(model, bad)
 
 
 def test_every_listed_site_has_a_nonzero_gradient(model, images):
