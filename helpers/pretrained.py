@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             model, test = load(args.weights), data.load("test", args.source)
             accs = exit_accuracies(model, test)
             accs_flip = exit_accuracies(model, test, flip=True) if args.flip else None
-    except (checkpoint.CheckpointError, data.DataNotFoundError) as e:
+    except (checkpoint.CheckpointError, data.DataNotFoundError, ValueError) as e:  # bad input: one message
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("test accuracy per exit: " + " ".join(f"B{k + 1}={a * 100:.2f}" for k, a in enumerate(accs)))

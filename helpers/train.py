@@ -84,7 +84,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
                    help="stop cleanly (as Ctrl-C does: saved, resumable) after this much training in this process")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    _validate(args, p)
+    return args
+
+
+def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Settings that would fail late (or train on quietly) are refused up front, in argparse's words."""
+    checks = [
+        (args.epochs >= 1, "--epochs must be at least 1"),
+        (args.batch_size >= 1 and args.accumulate >= 1, "--batch-size and --accumulate must be at least 1"),
+        (math.isfinite(args.lr) and args.lr >= 0, "--lr must be a finite number >= 0"),
+        (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
+        (args.weight_decay >= 0, "--weight-decay must be >= 0"),
+        (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
+        (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
+        (0 <= args.distill <= 1, "--distill (gamma) must be in [0, 1]"),
+        (args.distill_temperature > 0, "--distill-temperature must be > 0"),
+        (0 <= args.ema < 1, "--ema (the decay) must be in [0, 1): 0 turns it off, 0.999 is typical"),
+        (args.val_size >= 0 and args.train_subset >= 0 and args.eval_subset >= 0, "sizes must be >= 0"),
+        (args.time_limit >= 0, "--time-limit must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)  # one line and exit status 2, like any argparse error
 
 
 # ----------------------------------------------------------------------------- schedule and loss

@@ -204,3 +204,13 @@ def test_the_shipped_log_ends_at_the_epoch_whose_weights_are_shipped(tmp_path, t
     card = pretrained.export(tmp_path / "run", tmp_path / "shipped", command="x", source=tiny_folder)
     log = (tmp_path / "shipped" / "training-log.jsonl").read_text().splitlines()
     assert len(log) == card["training"]["epochs_done"] == card["training"]["total_epochs"]
+
+
+def test_evaluate_reports_bad_data_in_one_line(tmp_path, tiny_folder, capsys):
+    (tiny_folder / "test" / "unicorn").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tiny_folder / "test" / "unicorn" / "0.png")
+    assert pretrained.main(["evaluate", "--source", str(tiny_folder)]) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: " in err and "unicorn is not a CIFAR-10 class" in err and "Traceback" not in err

@@ -426,3 +426,18 @@ def test_resume_refuses_other_images_but_not_the_same_folder_written_otherwise(t
     args.source = str(tiny_folder) + "/"  # the same folder, written with a trailing slash
     train.train(args)
     assert [r["epoch"] for r in log_records(out)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--distill", "1.5"], "--distill (gamma) must be in [0, 1]"),
+    (["--distill-temperature", "0"], "--distill-temperature must be > 0"),
+    (["--ema", "1"], "--ema (the decay) must be in [0, 1)"),
+    (["--label-smoothing", "-0.1"], "--label-smoothing must be in [0, 1)"),
+])
+def test_bad_training_settings_are_refused_in_one_line(flags, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and "Traceback" not in err
