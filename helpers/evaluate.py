@@ -7,6 +7,8 @@
     difficulty(preds)                      # per image: how many exits are right (the blog's "k/10")
     thresholds = budget_thresholds(val_preds, q=0.6)   # the paper's budgeted batch classification
     budgeted(preds, thresholds, costs)     # accuracy and average multiply-accumulates
+    one_threshold(val_preds, costs, target)        # one confidence threshold for every exit, chosen on validation
+    per_exit_thresholds(val_preds, costs, target)  # a threshold per exit: the cheapest that keep `target`
     EarlyExit(model, thresholds)(images)   # real early exit: an image leaves at its exit and stops computing
     LastExitOnly(model)(images)            # the baseline: all blocks, only the last classifier
 
@@ -24,11 +26,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import data, msdnet
-from .cache import cached
+from .cache import cached, lookup, store
 
 __all__ = [
     "Predictions",
     "predict",
+    "cached_predictions",
+    "store_predictions",
     "accuracy_with_ci",
     "class_exit_accuracy",
     "difficulty",
@@ -41,6 +45,9 @@ __all__ = [
     "EarlyExit",
     "budget_curve",
     "cheapest_matching",
+    "SCORES",
+    "one_threshold",
+    "per_exit_thresholds",
     "LastExitOnly",
 ]
 
@@ -70,6 +77,27 @@ class Predictions(NamedTuple):
     def confidence(self) -> Tensor:
         """[N, exits]: the maximum softmax probability, which early exit thresholds."""
         return self.logits.softmax(-1).amax(-1)
+
+    def score(self, kind: str = "confidence") -> Tensor:
+        """[N, exits]: how sure each exit is, by one of SCORES (higher: surer)."""
+        return _score(self.logits, kind)
+
+
+def _score(logits: Tensor, kind: str) -> Tensor:
+    """How sure a classifier is, from its logits [..., classes]: the top softmax probability, the gap
+    between the top two ("margin"), or the negative entropy of the softmax."""
+    if kind not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {kind!r}")
+    p = logits.float().softmax(-1)
+    if kind == "confidence":
+        return p.amax(-1)
+    if kind == "margin":
+        top2 = p.topk(2, dim=-1).values
+        return top2[..., 0] - top2[..., 1]
+    return (p * p.clamp(min=1e-12).log()).sum(-1)  # minus the entropy
+
+
+SCORES = ("confidence", "margin", "entropy")
 
 
 @torch.no_grad()
@@ -110,6 +138,17 @@ def predict(
 
     saved = cached("predictions_flip" if flip else "predictions", model, split.images, split.labels, run, cache_dir, enabled=cache)
     return Predictions(saved["logits"], saved["labels"])
+
+
+def cached_predictions(model: nn.Module, split: data.Split, cache_dir=None) -> Predictions | None:
+    """predict()'s stored result for these weights and images, or None: never computes."""
+    saved = lookup("predictions", model, split.images, split.labels, cache_dir)
+    return None if saved is None else Predictions(saved["logits"], saved["labels"])
+
+
+def store_predictions(model: nn.Module, split: data.Split, preds: Predictions, cache_dir=None) -> None:
+    """Store predictions computed elsewhere (the explorer's, in the background) where predict() finds them."""
+    store("predictions", model, split.images, split.labels, {"logits": preds.logits, "labels": preds.labels}, cache_dir)
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -189,10 +228,11 @@ class Budgeted(NamedTuple):
     exit_counts: list[int]  # images leaving at each exit
 
 
-def budgeted(preds: Predictions, thresholds: Tensor, costs: list[msdnet.ExitCost]) -> Budgeted:
+def budgeted(preds: Predictions, thresholds: Tensor, costs: list[msdnet.ExitCost],
+             score: str = "confidence") -> Budgeted:
     """Accuracy and average cost when every image leaves at its exit point. An image leaving at
     exit k has paid for blocks 1..k and classifiers 1..k: the cumulative cost of exit k."""
-    where = exit_points(preds.confidence, thresholds)
+    where = exit_points(preds.score(score), thresholds)
     right = preds.correct.gather(1, where[:, None]).squeeze(1)
     macs = torch.tensor([c.macs for c in costs], dtype=torch.float64)
     counts = torch.bincount(where, minlength=preds.n_exits)
@@ -210,11 +250,13 @@ class EarlyExit(nn.Module):
     classifiers are the model's own, so the answers equal the full network's exits at those points.
     """
 
-    def __init__(self, model: msdnet.MSDNet, thresholds: Tensor) -> None:
+    def __init__(self, model: msdnet.MSDNet, thresholds: Tensor, score: str = "confidence") -> None:
         super().__init__()
         if len(thresholds) != model.n_exits:
             raise ValueError(f"need one threshold per exit ({model.n_exits}), got {len(thresholds)}")
-        self.model = model.eval()
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        self.model, self.score = model.eval(), score
         self.register_buffer("thresholds", thresholds.float().clone(), persistent=False)
 
     @torch.no_grad()
@@ -227,8 +269,8 @@ class EarlyExit(nn.Module):
         last = m.n_exits - 1
         for k, (block, head) in enumerate(zip(m.blocks, m.classifiers)):
             xs = block(xs)
-            probs = head(xs[-1]).softmax(-1)
-            conf, cls = probs.max(-1)
+            logits = head(xs[-1])
+            conf, cls = _score(logits, self.score), logits.argmax(-1)
             leave = conf >= self.thresholds[k] if k < last else torch.ones_like(conf, dtype=torch.bool)
             predicted[alive[leave]] = cls[leave]
             exit_of[alive[leave]] = k
@@ -257,6 +299,53 @@ def cheapest_matching(val: Predictions, costs: list[msdnet.ExitCost], target: fl
         raise ValueError(f"no q reaches accuracy {target:.4f} on the validation predictions")
     q, _ = min(curve, key=lambda item: item[1].average_macs)
     return q, budget_thresholds(val, q)
+
+
+def _candidates(scores: Tensor, n: int = 200) -> Tensor:
+    """Threshold values worth trying: quantiles of the scores (every distinct value when few)."""
+    flat = scores.flatten().double()
+    if flat.unique().numel() <= n:
+        return flat.unique()
+    return flat.quantile(torch.linspace(0, 1, n, dtype=torch.float64)).unique()
+
+
+def one_threshold(val: Predictions, costs: list[msdnet.ExitCost], target: float,
+                  score: str = "confidence") -> Tensor:
+    """One threshold for every exit but the last, chosen on validation: the lowest (so the cheapest)
+    whose validation accuracy reaches `target`, e.g. the last exit's. Returns thresholds [exits]."""
+    s = val.score(score)
+    for t in _candidates(s[:, :-1]).tolist():  # ascending: the first that keeps the accuracy is the cheapest
+        thresholds = torch.full((val.n_exits,), t, dtype=torch.float64)
+        thresholds[-1] = -math.inf
+        if budgeted(val, thresholds, costs, score).accuracy >= target:
+            return thresholds
+    thresholds = torch.full((val.n_exits,), math.inf, dtype=torch.float64)
+    thresholds[-1] = -math.inf
+    return thresholds  # nobody leaves early: the last exit's accuracy
+
+
+def per_exit_thresholds(val: Predictions, costs: list[msdnet.ExitCost], target: float,
+                        score: str = "confidence", rounds: int = 3) -> Tensor:
+    """A threshold for each exit, chosen on validation by coordinate descent: starting from
+    one_threshold, each exit's threshold in turn is moved to the value that makes the average cost
+    lowest while validation accuracy stays at `target` or above; a few rounds over the exits.
+    Returns thresholds [exits] (the last is -inf: every image that gets there leaves)."""
+    s = val.score(score)
+    thresholds = one_threshold(val, costs, target, score)
+    best = budgeted(val, thresholds, costs, score)
+    grids = [torch.cat([_candidates(s[:, k], 100), torch.tensor([math.inf], dtype=torch.float64)]) for k in range(val.n_exits - 1)]
+    for _ in range(rounds):
+        moved = False
+        for k in range(val.n_exits - 1):
+            for t in grids[k].tolist():
+                trial = thresholds.clone()
+                trial[k] = t
+                r = budgeted(val, trial, costs, score)
+                if r.accuracy >= target and r.average_macs < best.average_macs - 1e-9:
+                    thresholds, best, moved = trial, r, True
+        if not moved:
+            break
+    return thresholds
 
 
 class LastExitOnly(nn.Module):

@@ -15,6 +15,7 @@ pass) and kept, predictions come from evaluate's cache, and pictures are drawn w
 from __future__ import annotations
 
 import io
+import threading
 import time
 
 import ipywidgets as widgets
@@ -58,18 +59,66 @@ def _overlay(image: torch.Tensor, cam: torch.Tensor | None, alpha: float, scale:
     return img.repeat(scale, 0).repeat(scale, 1)  # nearest-neighbour: the pixels as the network sees them
 
 
+class _Predictor:
+    """Every exit's logits for a split, computed in the background in chunks, in a seeded random order
+    so that every class (and difficulty) appears from the first chunk on; `known` marks the images done.
+    When all are done they are stored where evaluate.predict finds them, so the next start is instant."""
+
+    def __init__(self, model: msdnet.MSDNet, split: data.Split, first: int, chunk: int, on_chunk) -> None:
+        n = len(split)
+        self.model, self.split, self.chunk, self.on_chunk = model, split, chunk, on_chunk
+        self.order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        self.logits = torch.full((n, model.n_exits, model.config.num_classes), float("nan"))
+        self.known = torch.zeros(n, dtype=torch.bool)
+        self.error: BaseException | None = None
+        self._predict(self.order[:first])  # what the first screen needs, before the app appears
+        self.thread = threading.Thread(target=self._rest, args=(first,), daemon=True, name="explorer-predictions")
+
+    def start(self) -> None:
+        """Predict the rest in the background (called once the app's widgets exist)."""
+        self.thread.start()
+
+    @torch.no_grad()
+    def _predict(self, idx: torch.Tensor) -> None:
+        device = next(self.model.parameters()).device
+        x = self.split.images[idx].to(device).float() / 255
+        self.logits[idx] = torch.stack(self.model(x), 1).float().cpu()
+        self.known[idx] = True
+
+    def _rest(self, start: int) -> None:
+        try:
+            for i in range(start, len(self.order), self.chunk):
+                self._predict(self.order[i : i + self.chunk])
+                self.on_chunk()
+            evaluate.store_predictions(self.model, self.split, evaluate.Predictions(self.logits, self.split.labels))
+        except BaseException as e:  # shown in the app's status line; the images predicted so far stay usable
+            self.error = e
+            self.on_chunk()
+
+
 class Explorer:
-    """The app's state and widgets; `Explorer(model, split).widget` is what a notebook displays."""
+    """The app's state and widgets; `Explorer(model, split).widget` is what a notebook displays.
+
+    Without `preds`, the predictions come from evaluate's cache when the model met this split before;
+    else the first `first` images (a random sample of the split) are predicted before the app appears and
+    the rest in the background, `chunk` at a time: filters and the image slider cover the images
+    predicted so far, and the status line counts them. `wait()` blocks until all are done."""
 
     def __init__(self, model: msdnet.MSDNet, split: data.Split, preds: evaluate.Predictions | None = None,
-                 classes=data.CLASSES) -> None:
+                 classes=data.CLASSES, first: int = 200, chunk: int = 500) -> None:
         self.model = model.eval()
         self.split = split
-        self.preds = preds if preds is not None else evaluate.predict(model, split)
-        if len(self.preds) != len(split):
-            raise ValueError(f"predictions for {len(self.preds)} images, but the split has {len(split)}")
         self.classes = classes
         self.n_exits = model.n_exits
+        self._predictor = None
+        if preds is None:
+            preds = evaluate.cached_predictions(model, split)
+        if preds is None:
+            self._predictor = _Predictor(model, split, min(first, len(split)), chunk, self._on_predicted)
+            preds = evaluate.Predictions(self._predictor.logits, split.labels)
+        if len(preds) != len(split):
+            raise ValueError(f"predictions for {len(preds)} images, but the split has {len(split)}")
+        self.preds = preds
         self.difficulty = evaluate.difficulty(self.preds)
         self.uploaded: torch.Tensor | None = None
         self._maps: dict = {}
@@ -92,6 +141,7 @@ class Explorer:
         self.back = widgets.Button(description="Back to the test images", disabled=True)
         self.title = widgets.HTML()
         self.status = widgets.HTML()
+        self.progress = widgets.HTML()
         self.picture = widgets.Image(format="png")
         self.overlay = widgets.Image(format="png")
         self.bars = widgets.Image(format="png")
@@ -115,8 +165,11 @@ class Explorer:
             widgets.HBox([self.method, self.upload, self.back]),
         ])
         pictures = widgets.HBox([self.picture, self.overlay, self.bars])
-        self.widget = widgets.VBox([controls, self.title, pictures, self.strip, self.status])
+        self.widget = widgets.VBox([controls, self.title, pictures, self.strip, self.status, self.progress])
         self.redraw()
+        if self._predictor is not None:
+            self._on_predicted()  # the count so far
+            self._predictor.start()
 
     # ------------------------------------------------------------------ what is shown
 
@@ -136,8 +189,41 @@ class Explorer:
         i = self.current_index()
         return None if i is None else self.split.images[i].float() / 255
 
+    @property
+    def known(self) -> torch.Tensor:
+        """[N] bool: the images whose predictions are ready (all of them unless predicting in the background)."""
+        if self._predictor is None:
+            return torch.ones(len(self.split), dtype=torch.bool)
+        return self._predictor.known.clone()
+
+    def wait(self) -> None:
+        """Block until every image is predicted (returns at once when all were)."""
+        if self._predictor is not None:
+            self._predictor.thread.join()
+            if self._predictor.error is not None:
+                raise self._predictor.error
+
+    def _on_predicted(self) -> None:
+        """Called from the background thread after each chunk: widen the filters to the new images."""
+        p = self._predictor
+        self.difficulty = evaluate.difficulty(self.preds)
+        done = int(p.known.sum())
+        if p.error is not None:
+            self.progress.value = f"<span style='color:#d62728'>predicting stopped after {done:,} images: {p.error}</span>"
+        elif done < len(self.split):
+            self.progress.value = (f"predicting in the background: {done:,} of {len(self.split):,} images ready "
+                                   "(the filters and the Image slider cover those)")
+        else:
+            self.progress.value = f"all {len(self.split):,} images predicted (kept in data/cache/ for next time)"
+        shown = self.current_index()
+        self._refilter()
+        if shown is not None and self.current_index() != shown:  # keep the picture the reader is looking at
+            where = torch.nonzero(self._indices == shown)
+            if len(where):
+                self.image.value = int(where[0, 0])
+
     def _refilter(self) -> None:
-        mask = torch.ones(len(self.split), dtype=torch.bool)
+        mask = self.known
         if self.class_filter.value != "all":
             mask &= self.preds.labels == self.classes.index(self.class_filter.value)
         if self.difficulty_filter.value != "any":

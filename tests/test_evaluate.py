@@ -177,3 +177,60 @@ def test_a_truncated_predictions_cache_is_recomputed(tiny_folder, tmp_path):
     again = evaluate.predict(model, split, cache_dir=tmp_path)
     assert torch.equal(again.logits, first.logits)
     assert torch.load(cached, weights_only=True)["logits"].shape == first.logits.shape  # rewritten whole
+
+
+def test_scores_have_their_known_values():
+    p = evaluate.Predictions(torch.tensor([[[2.0, 0.0, 0.0]]]), torch.tensor([0]))
+    e2 = math.exp(2)
+    probs = [e2 / (e2 + 2), 1 / (e2 + 2), 1 / (e2 + 2)]
+    assert p.score("confidence").item() == pytest.approx(probs[0])
+    assert p.score("margin").item() == pytest.approx(probs[0] - probs[1])
+    assert p.score("entropy").item() == pytest.approx(sum(q * math.log(q) for q in probs))
+    with pytest.raises(ValueError, match="score must be one of"):
+        p.score("vibes")
+
+
+def policy_case() -> tuple[evaluate.Predictions, list[msdnet.ExitCost]]:
+    """4 images, 3 exits costing 1, 2, 3; label 0 for all. Confidence (and right or wrong) per exit:
+    exit 1: 0.9 R, 0.8 W, 0.7 R, 0.6 R;  exit 2: 0.55 R for all;  exit 3: 0.51 R for all."""
+    def logit(p: float, right: bool) -> list[float]:
+        d = math.log(p / (1 - p))  # two classes: softmax([d, 0]) = (p, 1 - p)
+        return [d, 0.0] if right else [0.0, d]
+
+    first = [(0.9, True), (0.8, False), (0.7, True), (0.6, True)]
+    logits = [[logit(*first[i]), logit(0.55, True), logit(0.51, True)] for i in range(4)]
+    costs = [msdnet.ExitCost(k, 0, k) for k in (1, 2, 3)]
+    return evaluate.Predictions(torch.tensor(logits), torch.zeros(4, dtype=torch.long)), costs
+
+
+def test_one_threshold_is_the_lowest_that_keeps_the_accuracy():
+    val, costs = policy_case()
+    t = evaluate.one_threshold(val, costs, target=1.0)
+    # Any threshold at or under 0.8 lets image 1 leave wrong at exit 1; 0.9 lets only image 0 leave early.
+    assert t[0].item() == pytest.approx(0.9) and t[1].item() == pytest.approx(0.9) and t[2] == -math.inf
+    r = evaluate.budgeted(val, t, costs)
+    assert (r.accuracy, r.average_macs, r.exit_counts) == (1.0, 2.5, [1, 0, 3])
+    # A looser target lets everyone leave at exit 1 (3 of 4 right there).
+    assert evaluate.budgeted(val, evaluate.one_threshold(val, costs, target=0.75), costs).average_macs == 1.0
+
+
+def test_per_exit_thresholds_find_the_cheaper_split():
+    val, costs = policy_case()
+    t = evaluate.per_exit_thresholds(val, costs, target=1.0)
+    r = evaluate.budgeted(val, t, costs)
+    # Exit 1 keeps 0.9 (image 1 is wrong there); exit 2 lets the other three leave: (1 + 2 + 2 + 2) / 4.
+    assert (r.accuracy, r.average_macs, r.exit_counts) == (1.0, 1.75, [1, 3, 0])
+    assert r.average_macs < evaluate.budgeted(val, evaluate.one_threshold(val, costs, 1.0), costs).average_macs
+
+
+@pytest.mark.parametrize("score", ["margin", "entropy"])
+def test_real_early_exit_follows_any_score(tiny_folder, score):
+    model = msdnet.build("tiny").eval()
+    split = data.load("test", source=tiny_folder)
+    preds = evaluate.predict(model, split, cache=False)
+    s = preds.score(score)
+    thresholds = torch.quantile(s, 0.6, dim=0)
+    want_exit = evaluate.exit_points(s, thresholds)
+    got_class, got_exit = evaluate.EarlyExit(model, thresholds, score=score)(split.images.float() / 255)
+    assert got_exit.tolist() == want_exit.tolist()
+    assert got_class.tolist() == preds.predicted.gather(1, want_exit[:, None]).squeeze(1).tolist()

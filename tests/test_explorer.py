@@ -146,3 +146,20 @@ def test_a_picture_too_large_to_open_safely_is_refused_in_words(app, monkeypatch
         _upload(app, np.zeros((64, 48, 3), dtype=np.uint8), "huge.png")
     assert "huge.png" in app.status.value and "too large to open safely" in app.status.value
     app._on_back()
+
+
+def test_without_cached_predictions_it_opens_at_once_and_predicts_the_rest_in_the_background(tiny_folder):
+    split = data.load("test", source=tiny_folder)
+    torch.manual_seed(0)
+    model = msdnet.build("tiny").eval()
+    assert evaluate.cached_predictions(model, split) is None
+    app = explorer.Explorer(model, split, first=5, chunk=4)
+    assert 5 <= int(app.known.sum()) <= len(split) and app.title.value  # usable from the first images on
+    app.wait()
+    assert bool(app.known.all()) and "all 20 images predicted" in app.progress.value
+    want = evaluate.predict(model, split, cache=False)
+    assert torch.allclose(app.preds.logits, want.logits, atol=1e-5)
+    assert app.image.max == len(split) - 1  # the slider now walks through every image
+    # Stored where predict() looks: the next explorer starts from the cache, predicting nothing.
+    again = explorer.Explorer(model, split)
+    assert again._predictor is None and torch.allclose(again.preds.logits, want.logits, atol=1e-5)
