@@ -274,11 +274,12 @@ class EarlyExit(nn.Module):
             leave = conf >= self.thresholds[k] if k < last else torch.ones_like(conf, dtype=torch.bool)
             predicted[alive[leave]] = cls[leave]
             exit_of[alive[leave]] = k
-            stay = ~leave
-            if not stay.any():
+            if leave.all():
                 break
-            alive = alive[stay]
-            xs = [t[stay] for t in xs]
+            if leave.any():  # only then does the batch shrink (indexing copies every scale's maps)
+                stay = ~leave
+                alive = alive[stay]
+                xs = [t[stay] for t in xs]
         return predicted, exit_of
 
 
