@@ -179,3 +179,26 @@ def test_maps_for_a_split_equal_the_batched_maps_and_are_cached(model, tiny_fold
     assert len(list(tmp_path.glob("*.pt"))) == 2
     again = gradcam.maps_for_split(model, split, cache_dir=tmp_path)
     assert torch.equal(again, maps)
+
+
+@pytest.mark.parametrize("exit", [1, 3, 4])
+def test_maps_equal_pytorch_grad_cams_applied_as_a_user_would(model, images, exit):
+    """jacobgil's pytorch-grad-cam on a wrapper that returns exit k's logits, hooked on the map its
+    classifier reads; it upsamples and scales to [0, 1] as gradcam() does."""
+    from pytorch_grad_cam import GradCAM
+
+    class OneExit(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.tap = model, torch.nn.Identity()
+
+        def forward(self, x):
+            xs = self.net.normalize(x)
+            for block in self.net.blocks[:exit]:
+                xs = block(xs)
+            return self.net.classifiers[exit - 1](self.tap(xs[-1]))
+
+    wrapper = OneExit().eval()
+    with GradCAM(model=wrapper, target_layers=[wrapper.tap]) as cam:
+        theirs = torch.from_numpy(cam(input_tensor=images, targets=None))
+    assert torch.allclose(gradcam.gradcam(model, images, exit=exit), theirs, atol=1e-5)
