@@ -33,7 +33,8 @@ METHOD_NAMES = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcam++"}
 
 
 def load_image(content: bytes, size: int = 32) -> torch.Tensor:
-    """An uploaded file as a float image [3, size, size] in [0, 1] (RGB, resized), or a clear error."""
+    """An uploaded file as a float image [3, size, size] in [0, 1] (RGB, its centre square resized), or a
+    clear error."""
     try:
         img = Image.open(io.BytesIO(content))
         img.load()
@@ -43,7 +44,10 @@ def load_image(content: bytes, size: int = 32) -> torch.Tensor:
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"that file is not an image Pillow can read ({e.__class__.__name__}); "
                          "upload a PNG, JPEG, BMP or GIF") from None
-    img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    img = img.convert("RGB")
+    side = min(img.size)  # the centre square: a resize alone would squash a wide or tall picture
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
 
 
@@ -105,9 +109,9 @@ class Explorer:
     predicted so far, and the status line counts them. `wait()` blocks until all are done."""
 
     def __init__(self, model: msdnet.MSDNet, split: data.Split, preds: evaluate.Predictions | None = None,
-                 classes=data.CLASSES, first: int = 200, chunk: int = 500) -> None:
+                 classes=data.CLASSES, first: int = 200, chunk: int = 500, split_name: str = "test") -> None:
         self.model = model.eval()
-        self.split = split
+        self.split, self.split_name = split, split_name
         self.classes = classes
         self.n_exits = model.n_exits
         self._predictor = None
@@ -132,14 +136,18 @@ class Explorer:
                                                description="At this exit")
         self.image = widgets.IntSlider(min=0, max=max(len(split) - 1, 0), value=0, description="Image",
                                        continuous_update=False)
-        self.exit = widgets.SelectionSlider(options=exits, value=exits[-1], description="Exit")
+        # continuous_update=False: a drag sends its last value only, so moves never queue up behind redraws
+        self.exit = widgets.SelectionSlider(options=exits, value=exits[-1], description="Exit", continuous_update=False)
         self.target = widgets.Dropdown(options=["predicted", "true", *classes], value="predicted", description="Target")
         self.scale = widgets.Dropdown(options=[8], value=8, description="Scale")
         self.method = widgets.ToggleButtons(options=list(METHOD_NAMES), value="Grad-CAM", description="Method")
         self.alpha = widgets.FloatSlider(min=0, max=1, step=0.05, value=0.5, description="Opacity")
         self.upload = widgets.FileUpload(accept="image/*", multiple=False, description="Your image")
-        self.back = widgets.Button(description="Back to the test images", disabled=True)
+        self.back = widgets.Button(description=f"Back to the {split_name} images", disabled=True,
+                                   layout=widgets.Layout(width="auto"))
+        self.count = widgets.HTML()
         self.title = widgets.HTML()
+        self.explains = widgets.HTML()
         self.status = widgets.HTML()
         self.progress = widgets.HTML()
         self.picture = widgets.Image(format="png")
@@ -160,12 +168,13 @@ class Explorer:
 
         controls = widgets.VBox([
             widgets.HBox([self.class_filter, self.difficulty_filter, self.correct_filter]),
-            widgets.HBox([self.image, self.exit]),
+            widgets.HBox([self.image, self.count]),
+            self.exit,
             widgets.HBox([self.target, self.scale, self.alpha]),
             widgets.HBox([self.method, self.upload, self.back]),
         ])
         pictures = widgets.HBox([self.picture, self.overlay, self.bars])
-        self.widget = widgets.VBox([controls, self.title, pictures, self.strip, self.status, self.progress])
+        self.widget = widgets.VBox([controls, self.title, self.explains, pictures, self.strip, self.status, self.progress])
         self.redraw()
         if self._predictor is not None:
             self._on_predicted()  # the count so far
@@ -236,6 +245,12 @@ class Explorer:
             self.image.max = max(len(self._indices) - 1, 0)
             self.image.value = min(self.image.value, self.image.max)
         self.image.disabled = len(self._indices) <= 1
+        self._update_count()
+
+    def _update_count(self) -> None:
+        n, total = len(self._indices), len(self.split)
+        where = f"image {self.image.value + 1:,} of " if n else ""
+        self.count.value = f"{where}{n:,} {self.split_name} images that pass the filters (of {total:,})"
 
     def _update_scales(self) -> None:
         options = gradcam.sites(self.model, self.exit_number)
@@ -312,12 +327,15 @@ class Explorer:
         except ValueError as e:
             self.status.value = f"<span style='color:#d62728'>{f['name']}: {e}</span>"
             return
-        self.status.value = f"showing your image {f['name']}, resized to 32x32"
+        size = self.model.config.image_size
+        self.status.value = f"showing your image {f['name']}: its centre square, resized to {size}x{size} as the network sees it"
         self.back.disabled = False
         self.redraw()
 
     def _on_back(self, button=None) -> None:
         self.uploaded = None
+        if self.upload.value:
+            self.upload.value = ()  # the upload button's counter goes back to 0 (its observer ignores empty)
         self.back.disabled = True
         self.status.value = ""
         self.redraw()
@@ -326,13 +344,18 @@ class Explorer:
 
     def redraw(self) -> None:
         start = time.perf_counter()
+        self._update_count()
         image = self.current_image()
-        if image is None:
-            self.title.value = "<b>no test image matches these filters</b>"
-            for w in (self.picture, self.overlay, self.bars, self.strip):
-                w.value = b""
+        pictures = (self.picture, self.overlay, self.bars, self.strip)
+        if image is None:  # a message, and no empty images (a browser draws those as broken-image icons)
+            self.title.value = f"<b>no {self.split_name} image passes these filters</b>: loosen one of them"
+            self.explains.value = ""
+            for w in pictures:
+                w.layout.display = "none"
             self.last_redraw_s = time.perf_counter() - start
             return
+        for w in pictures:
+            w.layout.display = None
         index = self.current_index()
         maps, logits = self.maps()
         k = self.exit_number
@@ -345,6 +368,13 @@ class Explorer:
         colour = "#2ca02c" if right[k - 1] else "#d62728" if right[k - 1] is False else "#555"
         self.title.value = (f"<b>{name}</b> — B{k} says <span style='color:{colour}'>"
                             f"{self.classes[int(predicted[k - 1])]} ({conf[k - 1]:.0%}){verdict}</span>")
+        target = self._target(index)
+        explained = int(predicted[k - 1]) if target is None else target
+        why = {"predicted": "B{k}'s own prediction", "true": "the true class"}.get(self.target.value, "the class chosen")
+        if self.target.value == "true" and label is None:
+            why = "B{k}'s own prediction: your image has no true class"
+        self.explains.value = (f"The heatmap shows where B{k} looked for <b>{self.classes[explained]}</b> "
+                               f"({why.format(k=k)}); each map is scaled to its own maximum.")
         self.picture.value = _png(_overlay(image, None, 0, 6))
         self.overlay.value = _png(_overlay(image, maps[k - 1], self.alpha.value, 6))
         self.bars.value = self._draw_bars(conf, predicted, right, k)
@@ -352,19 +382,19 @@ class Explorer:
         self.last_redraw_s = time.perf_counter() - start
 
     def _draw_bars(self, conf, predicted, right, k) -> bytes:
-        w, h, pad = 300, 192, 18
+        """One horizontal bar per exit: its prediction, in full, and its confidence in percent."""
+        row, top, label_w, bar_w = 17, 16, 28, 150
+        w, h = label_w + bar_w + 120, top + row * self.n_exits + 4
         img = Image.new("RGB", (w, h), "white")
         d = ImageDraw.Draw(img)
-        bw = (w - 2 * pad) / self.n_exits
+        d.text((2, 2), "each exit's prediction and confidence", fill="black")
         for j in range(self.n_exits):
-            x0 = pad + j * bw
-            top = h - pad - (h - 2 * pad) * float(conf[j])
+            y = top + j * row
             fill = NEUTRAL if right[j] is None else RIGHT if right[j] else WRONG
-            d.rectangle([x0 + 2, top, x0 + bw - 2, h - pad], fill=fill, outline="black" if j == k - 1 else None,
-                        width=2 if j == k - 1 else 0)
-            d.text((x0 + 3, h - pad + 3), f"B{j + 1}", fill="black")
-            d.text((x0 + 2, max(top - 12, 0)), self.classes[int(predicted[j])][:4], fill="black")
-        d.text((pad, 2), "confidence of each exit's prediction", fill="black")
+            d.text((2, y + 3), f"B{j + 1}", fill="black")
+            d.rectangle([label_w, y + 2, label_w + bar_w * float(conf[j]), y + row - 2], fill=fill,
+                        outline="black" if j == k - 1 else None, width=2 if j == k - 1 else 0)
+            d.text((label_w + bar_w + 4, y + 3), f"{self.classes[int(predicted[j])]} {float(conf[j]):.0%}", fill="black")
         return _png(np.asarray(img))
 
     def _draw_strip(self, image, maps, right, k) -> bytes:

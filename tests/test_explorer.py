@@ -163,3 +163,39 @@ def test_without_cached_predictions_it_opens_at_once_and_predicts_the_rest_in_th
     # Stored where predict() looks: the next explorer starts from the cache, predicting nothing.
     again = explorer.Explorer(model, split)
     assert again._predictor is None and torch.allclose(again.preds.logits, want.logits, atol=1e-5)
+
+
+def test_it_counts_the_images_that_pass_the_filters_and_names_the_explained_class(app):
+    app.class_filter.value = "truck"
+    app.image.value = 1
+    assert app.count.value == "image 2 of 2 test images that pass the filters (of 20)"
+    app.exit.value = "B3"
+    app.target.value = "true"
+    assert "for <b>truck</b> (the true class)" in app.explains.value
+    app.target.value = "cat"
+    assert "for <b>cat</b> (the class chosen)" in app.explains.value
+    app.target.value = "predicted"
+    said = app.title.value.split("B3 says ")[1].split("<span style='color:")[1].split(">")[1].split(" (")[0]
+    assert f"for <b>{said}</b> (B3's own prediction)" in app.explains.value
+    app.class_filter.value = "all"
+
+
+def test_an_empty_filter_shows_a_message_and_no_broken_images(app):
+    app.class_filter.value = "truck"
+    app.difficulty_filter.value = "4/4"
+    app.correct_filter.value = "wrong"  # right at all four exits, yet wrong at this one: nobody
+    assert "no test image passes these filters" in app.title.value and app.count.value.startswith("0 test images")
+    assert all(w.layout.display == "none" for w in (app.picture, app.overlay, app.bars, app.strip))
+    for w, value in ((app.class_filter, "all"), (app.difficulty_filter, "any"), (app.correct_filter, "any")):
+        w.value = value
+    assert all(w.layout.display is None for w in (app.picture, app.overlay, app.bars, app.strip))
+
+
+def test_an_upload_keeps_its_aspect_ratio_and_back_clears_the_button(app):
+    wide = np.zeros((32, 96, 3), dtype=np.uint8)
+    wide[:, 32:64] = (0, 0, 255)  # a blue square in the middle of a black strip three times as wide
+    _upload(app, wide, "wide.png")
+    assert torch.allclose(app.uploaded, torch.tensor([0.0, 0.0, 1.0])[:, None, None].expand(3, 32, 32))
+    assert "centre square" in app.status.value and len(app.upload.value) == 1
+    app._on_back()
+    assert app.uploaded is None and len(app.upload.value) == 0 and app.back.description == "Back to the test images"
