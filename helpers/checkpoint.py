@@ -9,14 +9,11 @@ import torch
 from . import atomic
 from .msdnet import MSDNet, MSDNetConfig
 
-__all__ = ["CheckpointError", "atomic_save", "read", "check_config", "load_weights", "compact"]
+__all__ = ["CheckpointError", "read", "check_config", "load_weights", "compact"]
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-atomic_save = atomic.save  # torch.save to a temporary name, then rename: never half a checkpoint
 
 
 def read(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -74,7 +71,7 @@ def compact(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     small["model"] = half(ckpt["model"])
     if "ema" in ckpt:
         small["ema"] = half(ckpt["ema"])
-    atomic_save(small, dst)
+    atomic.save(small, dst)  # a temporary name, then a rename: never half a checkpoint
 
 
 if __name__ == "__main__":

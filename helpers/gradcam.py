@@ -100,7 +100,7 @@ def _run(model: msdnet.MSDNet, x: Tensor, n_exits: int, keep: set[Site] = frozen
     return kept, logits
 
 
-def _check_site_has_map(maps: dict, site: Site, model: msdnet.MSDNet) -> None:
+def _check_site_has_map(maps: dict, site: Site) -> None:
     if site not in maps:
         sizes = sorted({s.size for s in maps if s.block == site.block and s.layer == site.layer}, reverse=True)
         raise ValueError(f"{site}: that module has no {site.size}x{site.size} map (its scales: {sizes})")
@@ -201,7 +201,7 @@ def compute(model: msdnet.MSDNet, x: Tensor, exits: list[int], target=None, site
             maps, logits = _run(model, x, max(exits), keep=set(site_list))
             out_maps, out_logits, out_targets = [], [], []
             for i, (k, s) in enumerate(zip(exits, site_list)):
-                _check_site_has_map(maps, s, model)
+                _check_site_has_map(maps, s)
                 z = logits[k - 1]
                 t = _targets(target, z.detach())
                 score = z.gather(1, t[:, None]).sum()  # images are independent: one backward for the batch

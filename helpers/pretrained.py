@@ -172,7 +172,7 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str | None = No
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     weights, staged = out_dir / WEIGHTS_NAME, out_dir / f".{WEIGHTS_NAME}.new"
-    checkpoint.atomic_save({"format": "msdnet-weights/1", "config": ckpt["config"], "model": half}, staged)
+    atomic.save({"format": "msdnet-weights/1", "config": ckpt["config"], "model": half}, staged)
     try:
         test = data.load("test", source)
         acc32 = exit_accuracies(model.eval(), test)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from . import checkpoint, data, msdnet
+from . import atomic, checkpoint, data, msdnet
 from .cache import fingerprint
 
 # Settings that define what a run computes; `--resume` refuses to change them.
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "it is evaluated beside the trained weights and is what best.pt and the export keep")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and the augmentation")
     p.add_argument("--val-size", type=int, default=5000,
-                   help="training images held out for validation (seeded by --seed 0 always); 0 trains on all 50,000")
+                   help="training images held out for validation, the same ones whatever --seed (the hold-out's seed is fixed at 0); 0 trains on all 50,000")
     p.add_argument("--eval-split", choices=("val", "test"), default="val", help="measured after every epoch")
     p.add_argument("--eval-subset", type=int, default=0, help="evaluate on N images spread over the classes (0: all)")
     p.add_argument("--train-subset", type=int, default=0, help="train on N images spread over the classes (0: all)")
@@ -353,7 +353,7 @@ def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> d
 
     def save() -> None:
         if ddp.main:
-            checkpoint.atomic_save(
+            atomic.save(
                 {
                     "format": "msdnet-train/1",
                     "config": model.config.to_dict(),
@@ -463,7 +463,7 @@ def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> d
                 if args.eval_split == "val" and sum(kept) / len(kept) > best_score:
                     # Chosen on validation only: the weights the export ships, kept before the next epoch moves on.
                     best_score = sum(kept) / len(kept)
-                    checkpoint.atomic_save(
+                    atomic.save(
                         {"format": "msdnet-weights/1", "config": model.config.to_dict(),
                          "model": (ema.module if ema is not None else model).state_dict(),
                          "weights": "ema" if ema is not None else "trained", "epoch": epoch,

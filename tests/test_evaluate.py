@@ -103,16 +103,15 @@ def test_real_early_exit_skips_the_later_blocks():
     assert exits.tolist() == [0] * 5 and ran == [0]
 
 
-def test_predictions_are_cached_by_weights_and_images(tiny_folder, tmp_path):
+def test_predictions_are_cached_by_weights_and_images(tiny_folder, tmp_path, monkeypatch):
     model = msdnet.build("tiny").eval()
     split = data.load("test", source=tiny_folder)
     first = evaluate.predict(model, split, cache_dir=tmp_path)
     assert first.logits.shape == (len(split), 4, 10) and len(list(tmp_path.glob("predictions-*.pt"))) == 1
-    forward = model.forward
-    model.forward = lambda *a, **k: pytest.fail("recomputed instead of reading the cache")
-    again = evaluate.predict(model, split, cache_dir=tmp_path)
+    with monkeypatch.context() as m:  # undone even when the assertion fails
+        m.setattr(model, "forward", lambda *a, **k: pytest.fail("recomputed instead of reading the cache"))
+        again = evaluate.predict(model, split, cache_dir=tmp_path)
     assert torch.equal(again.logits, first.logits) and torch.equal(again.labels, split.labels)
-    model.forward = forward
     with torch.no_grad():
         model.classifiers[0].linear.bias += 1  # other weights: another cache entry
     evaluate.predict(model, split, cache_dir=tmp_path)

@@ -137,7 +137,7 @@ def test_exit_costs_are_cumulative_and_match_the_reference():
     costs = msdnet.exit_costs(msdnet.build("cifar10-anytime"))
     assert [c.exit for c in costs] == list(range(1, 11))
     assert costs[-1].params == OFFICIAL_CIFAR10_ANYTIME_PARAMS
-    assert round(costs[-1].macs / 1e6, 1) == 121.0  # design.md: about 121.0 M multiply-accumulates
+    assert round(costs[-1].macs / 1e6, 1) == 121.0  # about 121.0 M multiply-accumulates, counted by torch.utils.flop_counter
     assert all(a.params < b.params and a.macs < b.macs for a, b in zip(costs, costs[1:]))
 
 

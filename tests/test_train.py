@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import checkpoint, msdnet, train
+from helpers import atomic, checkpoint, msdnet, train
 
 
 def tiny_args(out: Path, source: Path, *extra: str):
@@ -261,7 +261,7 @@ def test_a_corrupt_checkpoint_is_refused_clearly(tmp_path, tiny_folder, damage):
 def test_weights_for_another_config_are_refused_by_name(tmp_path):
     other = msdnet.build("tiny", growth_rate=6)
     path = tmp_path / "other.pt"
-    checkpoint.atomic_save({"config": other.config.to_dict(), "model": other.state_dict()}, path)
+    atomic.save({"config": other.config.to_dict(), "model": other.state_dict()}, path)
     with pytest.raises(checkpoint.CheckpointError, match="growth_rate: checkpoint 6 vs model 4"):
         checkpoint.load_weights(msdnet.build("tiny"), checkpoint.read(path), path)
 
@@ -276,7 +276,7 @@ def test_init_from_starts_from_given_weights(tmp_path, tiny_folder):
 
 def test_atomic_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     path = tmp_path / "ck.pt"
-    checkpoint.atomic_save({"x": torch.ones(1)}, path)
+    atomic.save({"x": torch.ones(1)}, path)
 
     def crash(obj, f):
         Path(f).write_bytes(b"half")
@@ -284,7 +284,7 @@ def test_atomic_save_leaves_nothing_half_written(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        checkpoint.atomic_save({"x": torch.zeros(1)}, path)
+        atomic.save({"x": torch.zeros(1)}, path)
     assert torch.load(path, weights_only=True)["x"].item() == 1.0
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
 

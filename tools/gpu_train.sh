@@ -27,9 +27,9 @@ mkdir -p "$OUT/export"
 cp "$RUN/log.jsonl" "$OUT/export/log.jsonl"
 $PY - "$RUN/best.pt" "$OUT/export/best.pt" <<'PY'
 import sys
-from helpers import checkpoint
+from helpers import atomic, checkpoint
 best = checkpoint.read(sys.argv[1])
 best["model"] = {k: v.half() if v.is_floating_point() else v for k, v in best["model"].items()}
-checkpoint.atomic_save(best, sys.argv[2])
+atomic.save(best, sys.argv[2])
 print(f"{sys.argv[2]}: epoch {best['epoch']}, {best['weights']} weights, val per exit {best['val_accuracy_per_exit']}")
 PY
