@@ -71,7 +71,7 @@ def _no_data_message(detail: str) -> str:
     )
 
 
-def _resolve_source(source: str | os.PathLike | None) -> str:
+def resolve_source(source: str | os.PathLike | None) -> str:
     source = str(source if source is not None else os.environ.get(ENV_SOURCE) or "torchvision")
     if source == "torchvision":
         return source
@@ -213,7 +213,7 @@ def load(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    decoded = _load_decoded(_resolve_source(source), Path(data_dir) if data_dir else DATA_DIR)
+    decoded = _load_decoded(resolve_source(source), Path(data_dir) if data_dir else DATA_DIR)
     if split in ("test", "trainval"):
         return decoded["test" if split == "test" else "train"]
     full = decoded["train"]

@@ -155,6 +155,8 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str | None = No
     hardware = hardware or chosen.get("hardware") or last.get("hardware") or "unknown (not recorded by the run)"
     training = {**ckpt["run"], "epochs_done": chosen["epoch"], "wall_time_s": round(chosen["elapsed_s"]),
                 "weights": chosen["weights"], "command": command, "hardware": hardware, "torch": torch.__version__}
+    if "data" in last:  # what the run trained on: image count and content hash, and where it was read from
+        training["trained_on"] = {**last["data"], "source": last.get("data_source")}
     if last["epoch"] != chosen["epoch"]:
         training["note_epochs"] = f"chosen on validation after epoch {chosen['epoch']} of the {last['epoch']} run so far"
     if note:

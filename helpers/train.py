@@ -373,6 +373,7 @@ def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> d
                     "hardware": hardware_name(device),
                     "run": _run_settings(args),
                     "data": trained_on,
+                    "data_source": data.resolve_source(args.source),  # for the record; the fingerprint decides
                     **({"ema": ema.state_dict()} if ema is not None else {}),
                 },
                 ckpt_path,
