@@ -469,7 +469,8 @@ def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> d
                          "model": (ema.module if ema is not None else model).state_dict(),
                          "weights": "ema" if ema is not None else "trained", "epoch": epoch,
                          "elapsed_s": elapsed, "hardware": hardware_name(device), "val_accuracy_per_exit": record[
-                             "acc_ema" if ema is not None else "acc"], "run": _run_settings(args)},
+                             "acc_ema" if ema is not None else "acc"], "run": _run_settings(args),
+                         "data": trained_on, "data_source": data.resolve_source(args.source)},
                         out / "best.pt",
                     )  # fmt: skip
             save()  # the checkpoint first, then the log line that announces it (a resume restores a lost line)

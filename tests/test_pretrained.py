@@ -177,6 +177,7 @@ def test_the_gpu_script_runs_on_a_cpu_and_its_weights_export(tmp_path, tiny_fold
     assert card["training"]["amp"] == "bf16" and card["training"]["channels_last"] and card["training"]["weights"] == "ema"
     assert card["training"]["hardware"] == train.hardware_name(torch.device("cpu"))  # on CUDA: the GPU's name
     assert card["training"]["epochs_done"] == 1 and card["training"]["distill"] == 0.5
+    assert card["training"]["trained_on"]["train_images"] == 48 and card["training"]["trained_on"]["source"] == str(tiny_folder)
     pretrained.load(tmp_path / "shipped" / pretrained.WEIGHTS_NAME)
 
 
