@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from . import data, msdnet
 from .cache import cached
 
-__all__ = ["Site", "CAM", "METHODS", "class_activation_map", "default_site", "sites", "compute", "gradcam", "gradcam_all_exits", "normalize", "maps_for_split"]
+__all__ = ["Site", "CAM", "METHODS", "class_activation_map", "default_site", "sites", "compute", "gradcam",
+           "gradcam_all_exits", "normalize", "maps_for_split", "guided_backprop", "guided_gradcam"]
 
 
 class Site(NamedTuple):
@@ -270,3 +271,64 @@ def maps_for_split(model: msdnet.MSDNet, split, method: str = "gradcam", target=
 
     kind = f"{method.replace('+', 'p')}-{'true' if target == 'true' else 'pred'}"
     return cached(kind, model, split.images, split.labels, run, cache_dir, enabled=cache)["maps"]
+
+
+# ----------------------------------------------------------------------------- Guided Grad-CAM
+
+
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU whose backward passes only positive gradients, and only where the input was positive
+    (Springenberg et al. 2015, guided backpropagation)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x.clamp(min=0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (out > 0)
+
+
+class _GuidedReLUs:
+    """Within the block, every nn.ReLU of the model runs as _GuidedReLU; on leaving, however it is
+    left, the modules are as before (an instance attribute set and deleted: no hooks)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.relus = [m for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+
+    def __enter__(self):
+        for m in self.relus:
+            m.forward = _GuidedReLU.apply
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in self.relus:
+            del m.forward
+
+
+def guided_backprop(model: msdnet.MSDNet, x: Tensor, exit: int = 10, target=None) -> Tensor:
+    """Guided backpropagation of exit `exit`'s score for `target` (as in compute) to the pixels:
+    [B, 3, H, W], the fine detail that Guided Grad-CAM multiplies by the coarse map."""
+    _check_exit(model, exit)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), _GuidedReLUs(model):
+            x = x.detach().clone().requires_grad_(True)
+            z = model(x, exits=exit)[exit - 1]
+            t = _targets(target, z.detach())
+            (grad,) = torch.autograd.grad(z.gather(1, t[:, None]).sum(), x)
+    finally:
+        model.train(was_training)
+    return grad
+
+
+def guided_gradcam(model: msdnet.MSDNet, x: Tensor, exit: int = 10, target=None, method: str = "gradcam") -> Tensor:
+    """Guided Grad-CAM (Selvaraju et al.): guided backpropagation times the Grad-CAM map upsampled
+    bilinearly to the image, [B, 3, H, W]: where the map points, the pixels that matter there.
+    The map is scaled to [0, 1] per image, so the result keeps guided backpropagation's units."""
+    cam = gradcam(model, x, exit, target, method=method)  # [B, H, W] in [0, 1]
+    return guided_backprop(model, x, exit, target) * cam[:, None]

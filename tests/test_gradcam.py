@@ -202,3 +202,43 @@ def test_maps_equal_pytorch_grad_cams_applied_as_a_user_would(model, images, exi
     with GradCAM(model=wrapper, target_layers=[wrapper.tap]) as cam:
         theirs = torch.from_numpy(cam(input_tensor=images, targets=None))
     assert torch.allclose(gradcam.gradcam(model, images, exit=exit), theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("exit", [1, 3])
+def test_guided_backprop_equals_captums(model, images, exit):
+    from captum.attr import GuidedBackprop
+
+    class OneExit(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return self.net(x, exits=exit)[exit - 1]
+
+    target = model(images, exits=exit)[exit - 1].argmax(1)
+    with pytest.warns(UserWarning):  # captum says it sets hooks on the ReLUs
+        theirs = GuidedBackprop(OneExit()).attribute(images.clone(), target=target)
+    ours = gradcam.guided_backprop(model, images, exit=exit)
+    assert ours.shape == images.shape and ours.abs().sum() > 0
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_guided_gradcam_is_guided_backprop_times_the_upsampled_map(model, images):
+    g = gradcam.guided_gradcam(model, images, exit=2, target=4)
+    want = gradcam.guided_backprop(model, images, exit=2, target=4) * gradcam.gradcam(model, images, exit=2, target=4)[:, None]
+    assert g.shape == (3, 3, 32, 32) and torch.allclose(g, want)
+    # Where the map is zero, Guided Grad-CAM is zero whatever the fine gradient says.
+    cam = gradcam.gradcam(model, images, exit=2, target=4)
+    assert (g.abs().sum(1)[cam == 0] == 0).all()
+    # The model is left as it was: plain ReLUs, no hooks, the same answers.
+    assert all(type(m).forward is torch.nn.ReLU.forward and "forward" not in vars(m)
+               for m in model.modules() if isinstance(m, torch.nn.ReLU))
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+def test_guided_relu_passes_positive_gradients_where_the_input_was_positive():
+    x = torch.tensor([-1.0, 2.0, 3.0, 0.5], requires_grad=True)
+    y = gradcam._GuidedReLU.apply(x)
+    (g,) = torch.autograd.grad(y, x, torch.tensor([5.0, -4.0, 3.0, 0.0]))
+    assert y.tolist() == [0.0, 2.0, 3.0, 0.5] and g.tolist() == [0.0, 0.0, 3.0, 0.0]
