@@ -6,6 +6,13 @@ Deletion: remove the image's pixels in the order the map ranks them, most import
 follow the exit's probability of the explained class. A faithful map makes it fall fast: a low area
 under the curve. Insertion starts from the mean image and puts the pixels back in the same order: a
 faithful map makes the probability rise fast, a high area. A random order is the baseline.
+
+ROAD (Rong et al., "A Consistent and Efficient Evaluation Strategy for Attribution Methods", ICML
+2022): deletion's removed pixels form a shape the network can read (the mean colour draws the
+map's outline), which favours blurry maps. ROAD fills each removed pixel instead from its neighbours
+(noisy linear imputation: every removed pixel is the weighted mean of its eight neighbours, all
+removed pixels solved together, plus a little noise), and measures at several percentiles, most
+relevant first (MoRF: the probability should fall) and least relevant first (LeRF: it should stay).
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from torch import Tensor
 
 from . import msdnet
 
-__all__ = ["Curves", "deletion_insertion"]
+__all__ = ["Curves", "deletion_insertion", "noisy_linear_impute", "Road", "road"]
 
 
 class Curves(NamedTuple):
@@ -50,3 +57,83 @@ def deletion_insertion(model: msdnet.MSDNet, images: Tensor, saliency: Tensor, e
             probs = model(x, exits=exit)[exit - 1].softmax(-1)
             curve.append(probs.gather(1, targets[:, None]).squeeze(1))
     return Curves(fractions, torch.stack(deletion, 1), torch.stack(insertion, 1))
+
+
+# ----------------------------------------------------------------------------- ROAD
+
+# Neighbour weights of the noisy linear imputation: the four direct neighbours count twice as much as
+# the four diagonal ones (ROAD's choice).
+_NEIGHBOURS = [(-1, 0, 1 / 6), (1, 0, 1 / 6), (0, -1, 1 / 6), (0, 1, 1 / 6),
+               (-1, -1, 1 / 12), (-1, 1, 1 / 12), (1, -1, 1 / 12), (1, 1, 1 / 12)]
+
+
+def noisy_linear_impute(image: Tensor, removed: Tensor, noise: float = 0.01,
+                        generator: torch.Generator | None = None) -> Tensor:
+    """image [C, H, W] in [0, 1], removed [H, W] bool -> the image with every removed pixel replaced by
+    the weighted mean of its neighbours (removed neighbours included, so all are solved together as one
+    linear system: known pixels are its boundary), plus Gaussian noise of std `noise`. Needs at least
+    one pixel kept."""
+    c, h, w = image.shape
+    if removed.shape != (h, w):
+        raise ValueError(f"removed must be [H, W] = {[h, w]}, got {list(removed.shape)}")
+    flat_removed = removed.reshape(-1)
+    idx = flat_removed.nonzero()[:, 0]
+    n = len(idx)
+    if n == 0:
+        return image.clone()
+    if n == h * w:
+        raise ValueError("every pixel is removed: nothing is left to impute from")
+    flat = image.reshape(c, -1).double()
+    pos = torch.full((h * w,), -1, dtype=torch.long)
+    pos[idx] = torch.arange(n)
+    a = torch.zeros(n, n, dtype=torch.float64)
+    b = torch.zeros(n, c, dtype=torch.float64)
+    ys, xs = idx // w, idx % w
+    rows = torch.arange(n)
+    for dy, dx, weight in _NEIGHBOURS:
+        ny, nx = ys + dy, xs + dx
+        inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+        r, nb = rows[inside], (ny * w + nx)[inside]
+        a[r, r] += weight  # this pixel, weighed against each neighbour that exists
+        unknown = flat_removed[nb]
+        a[r[unknown], pos[nb[unknown]]] -= weight  # a removed neighbour: solved for too
+        b[r[~unknown]] += weight * flat[:, nb[~unknown]].T  # a kept neighbour: known
+    solved = torch.linalg.solve(a, b)  # [n, C]
+    if noise:
+        solved += noise * torch.randn(solved.shape, generator=generator, dtype=torch.float64)
+    out = flat.clone()
+    out[:, idx] = solved.T
+    return out.reshape(c, h, w).clamp(0, 1).to(image.dtype)
+
+
+class Road(NamedTuple):
+    percentiles: Tensor  # [P]: share of the pixels removed, in percent
+    morf: Tensor  # [N, P]: probability of the explained class, most relevant pixels removed first
+    lerf: Tensor  # [N, P]: least relevant first
+
+    def score(self) -> Tensor:
+        """Per image, the mean over percentiles of LeRF minus MoRF: high when removing what the map
+        ranks first hurts and removing what it ranks last does not."""
+        return (self.lerf - self.morf).mean(1)
+
+
+@torch.no_grad()
+def road(model: msdnet.MSDNet, images: Tensor, saliency: Tensor, exit: int, targets: Tensor,
+         percentiles=(10, 30, 50, 70, 90), noise: float = 0.01, seed: int = 0) -> Road:
+    """ROAD per image: for each percentile p, the exit's probability of `targets` after the p% of pixels
+    the saliency [N, H, W] ranks highest (MoRF) or lowest (LeRF) are imputed. Seeded noise."""
+    n, _, h, w = images.shape
+    if saliency.shape != (n, h, w):
+        raise ValueError(f"saliency must be [N, H, W] = {[n, h, w]}, got {list(saliency.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    order = saliency.reshape(n, -1).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(h * w).expand(n, -1))  # 0: the most relevant pixel
+    curves = {"morf": [], "lerf": []}
+    for p in percentiles:
+        k = round(p / 100 * h * w)
+        for name, removed in (("morf", rank < k), ("lerf", rank >= h * w - k)):
+            x = torch.stack([noisy_linear_impute(images[i], removed[i].reshape(h, w), noise, g) for i in range(n)])
+            probs = model(x, exits=exit)[exit - 1].softmax(-1)
+            curves[name].append(probs.gather(1, targets[:, None]).squeeze(1))
+    return Road(torch.tensor(percentiles, dtype=torch.float32), torch.stack(curves["morf"], 1), torch.stack(curves["lerf"], 1))

@@ -53,3 +53,41 @@ def test_a_saliency_of_the_wrong_shape_is_refused():
     model = msdnet.build("tiny").eval()
     with pytest.raises(ValueError, match="saliency must be"):
         faithfulness.deletion_insertion(model, torch.rand(2, 3, 32, 32), torch.rand(2, 8, 8), 1, torch.tensor([0, 1]))
+
+
+def test_imputation_solves_the_neighbour_equations():
+    """Known answers: a linear ramp is harmonic for these weights, so its removed pixels come back exactly;
+    and every imputed pixel equals the weighted mean of its neighbours."""
+    ramp = torch.linspace(0.1, 0.9, 8)[None, :].expand(8, 8)
+    image = torch.stack([ramp, ramp.T, torch.full((8, 8), 0.5)])
+    removed = torch.zeros(8, 8, dtype=torch.bool)
+    removed[2:6, 3:7] = True
+    filled = faithfulness.noisy_linear_impute(image, removed, noise=0.0)
+    assert torch.allclose(filled, image, atol=1e-6)
+    noise_image = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    filled = faithfulness.noisy_linear_impute(noise_image, removed, noise=0.0).double()
+    assert torch.equal(filled[:, ~removed], noise_image[:, ~removed].double())  # kept pixels untouched
+    y, x = 3, 4  # an inner removed pixel: all eight neighbours exist
+    mean = sum(wt * filled[:, y + dy, x + dx] for dy, dx, wt in faithfulness._NEIGHBOURS)
+    assert torch.allclose(filled[:, y, x], mean, atol=1e-6)
+
+
+def test_imputation_noise_is_seeded_and_everything_removed_is_refused():
+    image, removed = torch.rand(3, 6, 6), torch.rand(6, 6) > 0.5
+    a = faithfulness.noisy_linear_impute(image, removed, generator=torch.Generator().manual_seed(1))
+    b = faithfulness.noisy_linear_impute(image, removed, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, faithfulness.noisy_linear_impute(image, removed, noise=0.0))
+    with pytest.raises(ValueError, match="every pixel is removed"):
+        faithfulness.noisy_linear_impute(image, torch.ones(6, 6, dtype=torch.bool))
+
+
+def test_road_removes_the_most_or_least_relevant_pixels_first():
+    images = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    saliency = torch.arange(16.0).reshape(1, 4, 4)  # the last pixels are the most relevant
+    fake = Recorder(torch.zeros(1, 3, 1, 1))
+    result = faithfulness.road(fake, images, saliency, exit=1, targets=torch.tensor([3]), percentiles=(25,), noise=0.0)
+    morf, lerf = fake.seen  # 25%: four pixels each
+    changed = lambda x: (x[0] != images[0]).any(0).flatten()
+    assert changed(morf).tolist() == [False] * 12 + [True] * 4
+    assert changed(lerf).tolist() == [True] * 4 + [False] * 12
+    assert result.morf.shape == result.lerf.shape == (1, 1) and result.score().shape == (1,)
