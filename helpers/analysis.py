@@ -1,0 +1,177 @@
+"""What the series concludes from the maps and the predictions, computed in one tested place.
+
+    span(maps), entropy(maps)              # [N, exits]: how much of a map is lit, how spread it is
+    map_correlation(maps)                  # [N, exits, exits]: per image, how alike two exits' maps are
+    consistency(maps)                      # [N, exits]: each exit's map against the last exit's
+    bootstrap_ci(values)                   # the mean and its 95% interval, resampling images
+    judge(values)                          # a Verdict: SUPPORTED / NOT SUPPORTED / CONTRADICTED
+    class_best_exits(preds)                # per class: the best exit, and whether it beats the overall best
+    cascading_randomization(model, x, k)   # the sanity check of Adebayo et al. for exit k
+
+maps are raw class activation maps [N, exits, h, w] (gradcam.maps_for_split). A map that is all
+zero says nothing (no channel speaks for the class); `valid` marks the others, and the measures
+below are meant to be read where it is true.
+
+The verdict rule, stated once: a claim is a per-image quantity whose mean is the effect (say, the
+span of B5 and B10 minus that of B1 and B3). Its 95% interval comes from a bootstrap over the images.
+SUPPORTED when the interval lies above zero, CONTRADICTED when below, NOT SUPPORTED when it holds zero.
+"""
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import evaluate, gradcam, msdnet
+
+__all__ = [
+    "valid", "span", "entropy", "map_correlation", "consistency", "overthinking",
+    "bootstrap_ci", "Verdict", "judge", "class_best_exits", "rank_correlation", "cascading_randomization",
+]
+
+
+def valid(maps: Tensor) -> Tensor:
+    """[N, exits] bool: the maps that are not all zero."""
+    return maps.flatten(2).amax(-1) > 0
+
+
+def span(maps: Tensor, level: float = 0.5) -> Tensor:
+    """[N, exits]: the share of a map's cells at `level` of its maximum or more (the blog's "attention
+    span": how much of the image the exit looks at)."""
+    flat = maps.flatten(2)
+    peak = flat.amax(-1, keepdim=True).clamp(min=1e-12)
+    return (flat >= level * peak).double().mean(-1)
+
+
+def entropy(maps: Tensor) -> Tensor:
+    """[N, exits]: the entropy of a map read as a distribution over its cells, divided by its largest
+    possible value (log of the number of cells): 1 for a flat map, 0 for a single lit cell."""
+    flat = maps.flatten(2).double()
+    p = flat / flat.sum(-1, keepdim=True).clamp(min=1e-12)
+    return -(p * p.clamp(min=1e-12).log()).sum(-1) / torch.log(torch.tensor(float(flat.shape[-1]), dtype=torch.float64))
+
+
+def _standardized(maps: Tensor) -> Tensor:
+    flat = maps.flatten(2).double()
+    z = flat - flat.mean(-1, keepdim=True)
+    return z / z.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def map_correlation(maps: Tensor) -> Tensor:
+    """[N, exits, exits]: per image, the Pearson correlation between the maps of every two exits
+    (0 where a map is constant, all-zero maps included)."""
+    z = _standardized(maps)
+    return torch.einsum("nip,njp->nij", z, z)
+
+
+def consistency(maps: Tensor, reference: int = -1) -> Tensor:
+    """[N, exits]: per image, the correlation of each exit's map with the reference exit's (the last by
+    default): attention consistency, as early-exit explanation work measures it."""
+    z = _standardized(maps)
+    return torch.einsum("nip,np->ni", z, z[:, reference])
+
+
+def overthinking(preds: evaluate.Predictions) -> Tensor:
+    """[N, exits] bool: exit k is right and the last exit wrong (Kaya et al., "Shallow-Deep Networks",
+    2019): the network knew, and thought itself out of it."""
+    return preds.correct & ~preds.correct[:, -1:]
+
+
+# ----------------------------------------------------------------------------- the verdict rule
+
+
+def bootstrap_ci(values: Tensor, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of `values` [N] and its percentile-bootstrap interval, resampling the
+    N values (images) with replacement, seeded."""
+    v = values.double().flatten()
+    if v.numel() < 2:
+        raise ValueError(f"a bootstrap needs at least 2 values, got {v.numel()}")
+    g = torch.Generator().manual_seed(seed)
+    means = torch.cat([v[torch.randint(0, len(v), (min(200, n_boot - i), len(v)), generator=g)].mean(1)
+                       for i in range(0, n_boot, 200)])  # in chunks: 2,000 x 10,000 indices at once is 160 MB
+    tail = (1 - level) / 2
+    low, high = means.quantile(torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return v.mean().item(), low, high
+
+
+class Verdict(NamedTuple):
+    word: str  # SUPPORTED, NOT SUPPORTED or CONTRADICTED
+    effect: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.word} ({self.effect:+.3f}, 95% interval [{self.low:+.3f}, {self.high:+.3f}])"
+
+
+def judge(values: Tensor, **kw) -> Verdict:
+    """The rule: the mean of per-image `values` (the claimed effect, positive if the claim holds) with
+    its bootstrap interval; SUPPORTED above zero, CONTRADICTED below, else NOT SUPPORTED."""
+    effect, low, high = bootstrap_ci(values, **kw)
+    word = "SUPPORTED" if low > 0 else "CONTRADICTED" if high < 0 else "NOT SUPPORTED"
+    return Verdict(word, effect, low, high)
+
+
+class ClassBest(NamedTuple):
+    best: Tensor  # [classes]: the 0-based exit with the highest accuracy on the class's images
+    overall: int  # the 0-based exit with the highest accuracy on all images
+    verdicts: list  # per class: Verdict on accuracy(best exit) - accuracy(overall best exit), on that class
+
+
+def class_best_exits(preds: evaluate.Predictions, **kw) -> ClassBest:
+    """Does the best exit really differ between classes? Per class, the exit with the highest accuracy,
+    judged against the exit that is best overall by the rule above on that class's images. Choosing the
+    best of ten exits on the same images flatters it, so only a SUPPORTED difference counts as one."""
+    correct = preds.correct.double()
+    overall = int(correct.mean(0).argmax())
+    best, verdicts = [], []
+    for c in range(preds.logits.shape[-1]):
+        mine = correct[preds.labels == c]
+        b = int(mine.mean(0).argmax())
+        best.append(b)
+        verdicts.append(judge(mine[:, b] - mine[:, overall], **kw) if len(mine) > 1 else None)
+    return ClassBest(torch.tensor(best), overall, verdicts)
+
+
+# ----------------------------------------------------------------------------- the sanity check
+
+
+def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman's rank correlation between the rows of a and b [N, P] (ties share their average rank)."""
+    return (_standardized(_average_ranks(a)[:, None]) * _standardized(_average_ranks(b)[:, None])).sum(-1)[:, 0]
+
+
+def _average_ranks(x: Tensor) -> Tensor:
+    x = x.flatten(1).double()
+    ranks = torch.empty_like(x)
+    for i, row in enumerate(x):
+        values, order = row.sort()
+        _, inverse, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
+        first = counts.cumsum(0) - counts
+        ranks[i, order] = (first + (counts - 1) / 2).double()[inverse]
+    return ranks
+
+
+def cascading_randomization(model: msdnet.MSDNet, x: Tensor, exit: int, seed: int = 0) -> list[tuple[str, float]]:
+    """Adebayo et al., "Sanity Checks for Saliency Maps" (NeurIPS 2018), for exit `exit`: re-initialize
+    the weights from the top down (classifier `exit`, then block `exit`, `exit`-1, ... 1), cumulatively,
+    and after each step measure the mean rank correlation of the new maps with the trained model's.
+    A map that keeps its shape while the weights it explains are gone explains the image, not the model.
+    Works on a copy: `model` is left as it is. Returns [(what was re-initialized, mean correlation)]."""
+    gradcam._check_exit(model, exit)
+    original = gradcam.gradcam(model, x, exit=exit).flatten(1)
+    target = model(x, exits=exit)[exit - 1].argmax(1)  # explain the trained model's answer throughout
+    randomized = copy.deepcopy(model).eval()
+    torch.manual_seed(seed)
+    steps = [(f"classifier {exit}", randomized.classifiers[exit - 1])]
+    steps += [(f"block {b}", randomized.blocks[b - 1]) for b in range(exit, 0, -1)]
+    out = []
+    for name, module in steps:
+        for m in module.modules():
+            if hasattr(m, "reset_parameters"):  # convolutions, batch norms (statistics too), the linear layer
+                m.reset_parameters()
+        maps = gradcam.gradcam(randomized, x, exit=exit, target=target).flatten(1)
+        out.append((f"up to {name}", rank_correlation(original, maps).mean().item()))
+    return out

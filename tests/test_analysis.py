@@ -1,0 +1,110 @@
+"""The measures behind the series' verdicts, on constructed maps and predictions with known answers."""
+import math
+
+import pytest
+import torch
+
+from helpers import analysis, evaluate, gradcam, msdnet
+
+
+def maps_from(*cells_lit: list[tuple[int, int]]) -> torch.Tensor:
+    """One image, one exit per argument: an 8x8 map with value 1 at the listed cells."""
+    out = torch.zeros(1, len(cells_lit), 8, 8)
+    for e, cells in enumerate(cells_lit):
+        for y, x in cells:
+            out[0, e, y, x] = 1.0
+    return out
+
+
+def test_span_entropy_and_validity_have_their_known_values():
+    four = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    maps = maps_from(four, [(3, 3)], [])
+    maps[0, 1, 5, 5] = 0.4  # under half the peak: not part of the span, but in the entropy
+    assert analysis.span(maps)[0, :2].tolist() == [4 / 64, 1 / 64]
+    assert analysis.valid(maps).tolist() == [[True, True, False]]
+    flat = torch.ones(1, 1, 8, 8)
+    assert analysis.entropy(flat).item() == pytest.approx(1.0) and analysis.span(flat).item() == 1.0
+    assert analysis.entropy(maps_from([(2, 2)])).item() == pytest.approx(0.0)
+    assert analysis.entropy(maps_from(four)).item() == pytest.approx(math.log(4) / math.log(64))
+
+
+def test_map_correlation_and_consistency():
+    a = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    maps = torch.cat([a, 2 * a + 1, -a, a], 1)  # same shape, a positive rescaling, a negative one, the same
+    corr = analysis.map_correlation(maps)
+    assert torch.allclose(corr[:, 0, 1], torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(corr[:, 0, 2], -torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(analysis.consistency(maps), corr[:, :, -1])
+    assert torch.allclose(analysis.consistency(maps)[:, -1], torch.ones(3, dtype=torch.float64))
+
+
+def test_overthinking_is_right_early_and_wrong_at_the_last_exit():
+    # image 0: right, right, wrong; image 1: wrong, right, right; image 2: right, wrong, wrong
+    right, wrong = [3.0, 0.0], [0.0, 3.0]
+    logits = torch.tensor([[right, right, wrong], [wrong, right, right], [right, wrong, wrong]])
+    preds = evaluate.Predictions(logits, torch.zeros(3, dtype=torch.long))
+    assert analysis.overthinking(preds).tolist() == [[True, True, False], [False, False, False], [True, False, False]]
+
+
+def test_bootstrap_interval_matches_the_normal_approximation_for_a_mean():
+    v = torch.tensor([0.0, 1.0]).repeat(5000)  # mean 0.5, standard error 0.005
+    mean, low, high = analysis.bootstrap_ci(v, n_boot=2000, seed=0)
+    assert mean == 0.5 and low == pytest.approx(0.5 - 1.96 * 0.005, abs=0.001) and high == pytest.approx(0.5 + 1.96 * 0.005, abs=0.001)
+    assert analysis.bootstrap_ci(torch.full((10,), 3.0)) == (3.0, 3.0, 3.0)
+    assert analysis.bootstrap_ci(v, seed=1) == analysis.bootstrap_ci(v, seed=1)  # seeded
+
+
+def test_the_verdict_rule():
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2000, generator=g)
+    assert analysis.judge(noise + 0.5).word == "SUPPORTED"
+    assert analysis.judge(noise - 0.5).word == "CONTRADICTED"
+    assert analysis.judge(noise - noise.mean()).word == "NOT SUPPORTED"
+    v = analysis.judge(noise + 0.5)
+    assert v.low < v.effect < v.high and str(v).startswith("SUPPORTED (+0.")
+
+
+def test_a_class_whose_best_exit_really_differs_is_told_from_noise():
+    """Three classes, two exits. Class 0 (400 images): exit 1 right on all, exit 2 on 280: a real
+    difference. Class 1 (400): both right on the same 360, and exit 1 on one more: best by a hair, which
+    the rule must not call a difference. Class 2 (800): only exit 2 is right, which makes it best overall."""
+    def logit(c: int) -> list[float]:
+        return [5.0 if j == c else 0.0 for j in range(3)]
+
+    rows, labels = [], []
+    for i in range(400):
+        rows.append([logit(0), logit(0 if i < 280 else 2)]); labels.append(0)
+    for i in range(400):
+        rows.append([logit(1 if i < 361 else 0), logit(1 if i < 360 else 0)]); labels.append(1)
+    for i in range(800):
+        rows.append([logit(0), logit(2)]); labels.append(2)
+    preds = evaluate.Predictions(torch.tensor(rows), torch.tensor(labels))
+    result = analysis.class_best_exits(preds)
+    assert result.overall == 1 and result.best.tolist() == [0, 0, 1]
+    assert result.verdicts[0].word == "SUPPORTED" and result.verdicts[0].effect == pytest.approx(0.3)
+    assert result.verdicts[1].word == "NOT SUPPORTED" and result.verdicts[1].effect == pytest.approx(1 / 400)
+    assert result.verdicts[2].effect == 0.0
+
+
+def test_rank_correlation_handles_monotone_maps_and_ties():
+    a = torch.tensor([[0.0, 0.0, 1.0, 2.0, 5.0]])
+    assert analysis.rank_correlation(a, a.exp()).item() == pytest.approx(1.0)
+    assert analysis.rank_correlation(a, -a).item() == pytest.approx(-1.0)
+    # Ties share their average rank: [1.5, 1.5, 3, 4, 5] against [1, 2, 3, 4, 5].
+    want = torch.corrcoef(torch.tensor([[1.5, 1.5, 3, 4, 5], [1.0, 2, 3, 4, 5]]))[0, 1].item()
+    assert analysis.rank_correlation(a, torch.arange(5.0)[None]).item() == pytest.approx(want)
+
+
+def test_cascading_randomization_goes_from_the_top_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = msdnet.build("tiny").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    steps = analysis.cascading_randomization(model, x, exit=3)
+    assert [name for name, _ in steps] == ["up to classifier 3", "up to block 3", "up to block 2", "up to block 1"]
+    assert all(-1 <= r <= 1 for _, r in steps)
+    assert steps[-1][1] < 0.9  # with every weight re-drawn, the maps are others
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert analysis.cascading_randomization(model, x, exit=3) == steps  # seeded
+    with pytest.raises(ValueError, match="exit must be a whole number"):
+        analysis.cascading_randomization(model, x, exit=7)
