@@ -4,8 +4,8 @@
     explorer.explore(pretrained.load())        # in a notebook cell: the app
 
 Sliders pick the image (filtered by class, difficulty "k/10", and right or wrong at the chosen
-exit) and the exit B1..B10; the target class, the scale of the map, the method (Grad-CAM or
-Grad-CAM++) and the overlay's opacity can be chosen; an upload explains your own picture. It shows
+exit) and the exit B1..B10; the target class, the scale of the map, the method (Grad-CAM, Grad-CAM++
+or LayerCAM) and the overlay's opacity can be chosen; an upload explains your own picture. It shows
 the image, the overlay, every exit's prediction and confidence for this image, and a strip of all
 ten exits' maps.
 
@@ -28,8 +28,6 @@ from .cache import fingerprint
 
 __all__ = ["Explorer", "explore", "load_image"]
 
-RIGHT, WRONG, NEUTRAL = (44, 160, 44), (214, 39, 40), (120, 120, 120)
-METHOD_NAMES = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcam++"}
 
 
 def load_image(content: bytes, size: int = 32) -> torch.Tensor:
@@ -140,7 +138,8 @@ class Explorer:
         self.exit = widgets.SelectionSlider(options=exits, value=exits[-1], description="Exit", continuous_update=False)
         self.target = widgets.Dropdown(options=["predicted", "true", *classes], value="predicted", description="Target")
         self.scale = widgets.Dropdown(options=[8], value=8, description="Scale")
-        self.method = widgets.ToggleButtons(options=list(METHOD_NAMES), value="Grad-CAM", description="Method")
+        self.method = widgets.ToggleButtons(options=[(m.title, key) for key, m in gradcam.METHODS.items()],
+                                            value="gradcam", description="Method")
         self.alpha = widgets.FloatSlider(min=0, max=1, step=0.05, value=0.5, description="Opacity")
         self.upload = widgets.FileUpload(accept="image/*", multiple=False, description="Your image")
         self.back = widgets.Button(description=f"Back to the {split_name} images", disabled=True,
@@ -218,7 +217,7 @@ class Explorer:
         self.difficulty = evaluate.difficulty(self.preds)
         done = int(p.known.sum())
         if p.error is not None:
-            self.progress.value = f"<span style='color:#d62728'>predicting stopped after {done:,} images: {p.error}</span>"
+            self.progress.value = f"<span style='color:{viz.WRONG}'>predicting stopped after {done:,} images: {p.error}</span>"
         elif done < len(self.split):
             self.progress.value = (f"predicting in the background: {done:,} of {len(self.split):,} images ready "
                                    "(the filters and the Image slider cover those)")
@@ -275,7 +274,7 @@ class Explorer:
         The default scale gives every exit's map from one pass and is kept per image, target and method."""
         index, image = self.current_index(), self.current_image()
         target = self._target(index)
-        method = METHOD_NAMES[self.method.value]
+        method = self.method.value
         # An upload is known by its pixels: ids of freed tensors are reused, and would show an old answer.
         shown = index if index is not None else ("upload", fingerprint([self.uploaded]))
         if len(self._maps) > 256:
@@ -325,7 +324,7 @@ class Explorer:
         try:
             self.uploaded = load_image(bytes(f["content"]), self.model.config.image_size)
         except ValueError as e:
-            self.status.value = f"<span style='color:#d62728'>{f['name']}: {e}</span>"
+            self.status.value = f"<span style='color:{viz.WRONG}'>{f['name']}: {e}</span>"
             return
         size = self.model.config.image_size
         self.status.value = f"showing your image {f['name']}: its centre square, resized to {size}x{size} as the network sees it"
@@ -365,7 +364,7 @@ class Explorer:
         right = [None if label is None else int(p) == label for p in predicted]
         name = "your image" if label is None else f"{self.classes[label].capitalize()} ({int(self.difficulty[index])}/{self.n_exits})"
         verdict = "" if right[k - 1] is None else (" ✓" if right[k - 1] else " ✗")
-        colour = "#2ca02c" if right[k - 1] else "#d62728" if right[k - 1] is False else "#555"
+        colour = viz.RIGHT if right[k - 1] else viz.WRONG if right[k - 1] is False else viz.NEUTRAL
         self.title.value = (f"<b>{name}</b> — B{k} says <span style='color:{colour}'>"
                             f"{self.classes[int(predicted[k - 1])]} ({conf[k - 1]:.0%}){verdict}</span>")
         target = self._target(index)
@@ -390,7 +389,7 @@ class Explorer:
         d.text((2, 2), "each exit's prediction and confidence", fill="black")
         for j in range(self.n_exits):
             y = top + j * row
-            fill = NEUTRAL if right[j] is None else RIGHT if right[j] else WRONG
+            fill = viz.NEUTRAL if right[j] is None else viz.RIGHT if right[j] else viz.WRONG
             d.text((2, y + 3), f"B{j + 1}", fill="black")
             d.rectangle([label_w, y + 2, label_w + bar_w * float(conf[j]), y + row - 2], fill=fill,
                         outline="black" if j == k - 1 else None, width=2 if j == k - 1 else 0)
@@ -404,7 +403,7 @@ class Explorer:
         for j in range(self.n_exits):
             x0 = j * (tile + gap)
             strip.paste(Image.fromarray(_overlay(image, maps[j], self.alpha.value, 2)), (x0, 14))
-            colour = NEUTRAL if right[j] is None else RIGHT if right[j] else WRONG
+            colour = viz.NEUTRAL if right[j] is None else viz.RIGHT if right[j] else viz.WRONG
             d.rectangle([x0, 14, x0 + tile - 1, 14 + tile - 1], outline=colour, width=3 if j == k - 1 else 1)
             d.text((x0 + 2, 1), f"B{j + 1}", fill=colour)
         return _png(np.asarray(strip))

@@ -18,7 +18,7 @@ trunk and ten small backward passes through the heads.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import data, msdnet
 from .cache import cached
 
-__all__ = ["Site", "CAM", "METHODS", "class_activation_map", "default_site", "sites", "compute", "gradcam",
+__all__ = ["Site", "CAM", "Method", "METHODS", "class_activation_map", "default_site", "sites", "compute", "gradcam",
            "gradcam_all_exits", "normalize", "maps_for_split", "guided_backprop", "guided_gradcam"]
 
 
@@ -123,7 +123,25 @@ def _gradcam_pp_weights(grads: Tensor, maps: Tensor) -> Tensor:
     return (alpha * grads.clamp(min=0)).sum(dim=(2, 3))
 
 
-METHODS = {"gradcam": _gradcam_weights, "gradcam++": _gradcam_pp_weights}
+def _layercam_weights(grads: Tensor, maps: Tensor) -> Tensor:
+    # Jiang et al., LayerCAM (IEEE TIP 2021): a weight per position, the positive part of the gradient there.
+    return grads.clamp(min=0)  # [B, K, h, w]
+
+
+class Method(NamedTuple):
+    """A CAM method: its name as shown to readers, and how it weighs the feature map's channels. The
+    weights may be per channel, [B, K], or per channel and position, [B, K, h, w]."""
+
+    title: str
+    weights: Callable[[Tensor, Tensor], Tensor]
+
+
+# The one registry: add a method here and every function, the cache and the explorer offer it.
+METHODS = {
+    "gradcam": Method("Grad-CAM", _gradcam_weights),
+    "gradcam++": Method("Grad-CAM++", _gradcam_pp_weights),
+    "layercam": Method("LayerCAM", _layercam_weights),
+}
 
 
 def class_activation_map(score: Tensor, fmap: Tensor, method: str = "gradcam", retain_graph: bool = False) -> Tensor:
@@ -133,8 +151,10 @@ def class_activation_map(score: Tensor, fmap: Tensor, method: str = "gradcam", r
     if grads is None:
         raise ValueError("the score does not depend on this feature map")
     a = fmap.detach()
-    weights = METHODS[method](grads, a)  # [B, K]
-    return F.relu((weights[:, :, None, None] * a).sum(1))
+    weights = METHODS[method].weights(grads, a)  # [B, K] or [B, K, h, w]
+    if weights.dim() == 2:
+        weights = weights[:, :, None, None]
+    return F.relu((weights * a).sum(1))
 
 
 class CAM(NamedTuple):

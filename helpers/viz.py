@@ -11,9 +11,11 @@ from torch import Tensor
 
 from . import data
 
-__all__ = ["to_hwc", "overlay", "show_overlay", "exit_grid", "RIGHT", "WRONG"]
+__all__ = ["to_hwc", "overlay", "show_overlay", "exit_grid", "RIGHT", "WRONG", "NEUTRAL"]
 
-RIGHT, WRONG = "tab:green", "tab:red"
+# The colours of a right and a wrong answer (and of an answer with no label), for matplotlib, PIL and HTML alike:
+# matplotlib's tab:green and tab:red.
+RIGHT, WRONG, NEUTRAL = "#2ca02c", "#d62728", "#787878"
 
 
 def to_hwc(image: Tensor) -> np.ndarray:

@@ -70,9 +70,9 @@ def test_method_target_opacity_and_scale_change_the_overlay(app):
     app.exit.value = "B3"
     overlay = lambda: bytes(app.overlay.value)
     base = overlay()
-    app.method.value = "Grad-CAM++"
+    app.method.value = "gradcam++"
     plus = overlay()
-    app.method.value = "Grad-CAM"
+    app.method.value = "gradcam"
     app.alpha.value = 0.9
     assert overlay() not in (base, plus)
     app.alpha.value = 0.5

@@ -242,3 +242,24 @@ def test_guided_relu_passes_positive_gradients_where_the_input_was_positive():
     y = gradcam._GuidedReLU.apply(x)
     (g,) = torch.autograd.grad(y, x, torch.tensor([5.0, -4.0, 3.0, 0.0]))
     assert y.tolist() == [0.0, 2.0, 3.0, 0.5] and g.tolist() == [0.0, 0.0, 3.0, 0.0]
+
+
+def test_layercam_weighs_each_position_by_its_positive_gradient(model, images):
+    """LayerCAM written out: ReLU(sum_k ReLU(dy/dA_k) * A_k), element-wise, on the map classifier 3 reads."""
+    x = images.clone()
+    with torch.enable_grad():
+        logits, feats = model(x, return_features=True)
+        z, a = logits[2], feats[2]
+        (g,) = torch.autograd.grad(z.gather(1, z.argmax(1, keepdim=True)).sum(), a)
+    want = F.relu((g.clamp(min=0) * a.detach()).sum(1))
+    got = gradcam.gradcam(model, images, exit=3, method="layercam", raw=True)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, gradcam.gradcam(model, images, exit=3, raw=True), atol=1e-3)  # not Grad-CAM
+
+
+def test_every_registered_method_has_a_title_and_reaches_the_explorer():
+    from helpers import explorer  # noqa: F401  (the explorer builds its buttons from the registry)
+
+    assert [m.title for m in gradcam.METHODS.values()] == ["Grad-CAM", "Grad-CAM++", "LayerCAM"]
+    with pytest.raises(ValueError, match="method must be one of"):
+        gradcam.compute(msdnet.build("tiny").eval(), torch.rand(1, 3, 32, 32), [1], method="scorecam")
