@@ -36,3 +36,10 @@ def test_results_table_shows_the_cards_accuracy_and_costs():
     assert table_row("multiply-accumulates") == [round(m / 1e6, 1) for m in CARD["macs_per_exit"]]
     epochs = re.search(r"\*\*shipped checkpoint\*\* \((\d+) CPU epochs\)", README).group(1)
     assert int(epochs) == CARD["training"]["total_epochs"]
+
+
+def test_the_readmes_reference_rows_are_the_reference_module():
+    from helpers import reference
+
+    assert table_row("paper, anytime") == list(reference.PAPER_ANYTIME)
+    assert table_row("blog's model") == list(reference.BLOG_SEED)
