@@ -198,6 +198,11 @@ class Explorer:
         return None if i is None else self.split.images[i].float() / 255
 
     @property
+    def indices(self) -> torch.Tensor:
+        """The indices into the split of the images that pass the filters, in the Image slider's order."""
+        return self._indices.clone()
+
+    @property
     def known(self) -> torch.Tensor:
         """[N] bool: the images whose predictions are ready (all of them unless predicting in the background)."""
         if self._predictor is None:

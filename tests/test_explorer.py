@@ -10,8 +10,8 @@ from PIL import Image
 from helpers import data, evaluate, explorer, msdnet
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
+@pytest.fixture
+def app(tmp_path_factory):  # a fresh app per test: no test sees another's clicks
     from conftest import write_class_folders
 
     folder = write_class_folders(tmp_path_factory.mktemp("explorer") / "tiny")
@@ -48,22 +48,22 @@ def test_moving_the_image_slider_shows_another_image(app):
     app.image.value = 0
     first = bytes(app.picture.value)
     app.image.value = 5
-    assert bytes(app.picture.value) != first and app.current_index() == int(app._indices[5])
+    assert bytes(app.picture.value) != first and app.current_index() == int(app.indices[5])
 
 
 def test_filters_narrow_the_images_the_slider_walks_through(app):
     app.class_filter.value = "truck"
     assert app.image.max == 1  # 2 test trucks in the tiny set
-    assert all(app.preds.labels[i] == 9 for i in app._indices)
+    assert all(app.preds.labels[i] == 9 for i in app.indices)
     app.exit.value = "B2"
     app.correct_filter.value = "wrong"
-    assert all(not app.preds.correct[i, 1] for i in app._indices)
+    assert all(not app.preds.correct[i, 1] for i in app.indices)
     app.class_filter.value = "all"
     app.correct_filter.value = "any"
     app.difficulty_filter.value = "0/4"
-    assert all(app.difficulty[i] == 0 for i in app._indices)
+    assert all(app.difficulty[i] == 0 for i in app.indices)
     app.difficulty_filter.value = "any"
-    assert len(app._indices) == 20
+    assert len(app.indices) == 20
 
 
 def test_method_target_opacity_and_scale_change_the_overlay(app):
@@ -101,7 +101,7 @@ def test_an_uploaded_image_is_resized_and_a_non_image_refused(app):
     app.upload.value = ({"name": "notes.txt", "type": "text/plain", "size": 5, "content": memoryview(b"hello"),
                          "last_modified": datetime.now(timezone.utc)},)
     assert "notes.txt" in app.status.value and "not an image" in app.status.value
-    app._on_back()
+    app.back.click()
     assert app.uploaded is None and "your image" not in app.title.value
 
 
@@ -137,7 +137,7 @@ def test_each_upload_shows_its_own_answer(app):
             want = torch.stack(app.model(app.uploaded[None]))[:, 0]
         _, logits = app.maps()
         assert torch.allclose(logits, want, atol=1e-5), f"upload {i} shows another picture's answer"
-        app._on_back()  # freed: the next upload's tensor may well get its id
+        app.back.click()  # freed: the next upload's tensor may well get its id
 
 
 def test_a_picture_too_large_to_open_safely_is_refused_in_words(app, monkeypatch):
@@ -145,7 +145,7 @@ def test_a_picture_too_large_to_open_safely_is_refused_in_words(app, monkeypatch
         m.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # as a 20000x20000 picture is under the real limit
         _upload(app, np.zeros((64, 48, 3), dtype=np.uint8), "huge.png")
     assert "huge.png" in app.status.value and "too large to open safely" in app.status.value
-    app._on_back()
+    app.back.click()
 
 
 def test_without_cached_predictions_it_opens_at_once_and_predicts_the_rest_in_the_background(tiny_folder):
@@ -162,7 +162,7 @@ def test_without_cached_predictions_it_opens_at_once_and_predicts_the_rest_in_th
     assert app.image.max == len(split) - 1  # the slider now walks through every image
     # Stored where predict() looks: the next explorer starts from the cache, predicting nothing.
     again = explorer.Explorer(model, split)
-    assert again._predictor is None and torch.allclose(again.preds.logits, want.logits, atol=1e-5)
+    assert bool(again.known.all()) and "predicting" not in again.progress.value and torch.allclose(again.preds.logits, want.logits, atol=1e-5)
 
 
 def test_it_counts_the_images_that_pass_the_filters_and_names_the_explained_class(app):
@@ -197,5 +197,5 @@ def test_an_upload_keeps_its_aspect_ratio_and_back_clears_the_button(app):
     _upload(app, wide, "wide.png")
     assert torch.allclose(app.uploaded, torch.tensor([0.0, 0.0, 1.0])[:, None, None].expand(3, 32, 32))
     assert "centre square" in app.status.value and len(app.upload.value) == 1
-    app._on_back()
+    app.back.click()
     assert app.uploaded is None and len(app.upload.value) == 0 and app.back.description == "Back to the test images"

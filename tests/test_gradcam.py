@@ -125,10 +125,19 @@ def test_finer_maps_of_earlier_layers_explain_an_exit_and_the_rest_are_refused(m
 
 
 def test_every_listed_site_has_a_nonzero_gradient(model, images):
+    """sites(model, k) lists exactly the maps exit k's score depends on: each gets a gradient that is not
+    all zero, and the maps of the same block and scale that are not listed get none."""
     for exit in range(1, 5):
-        for site in gradcam.sites(model, exit):
-            maps = gradcam.gradcam(model, images, exit=exit, site=site, raw=True)
-            assert maps.shape[-1] == site.size
+        listed = set(gradcam.sites(model, exit))
+        with torch.enable_grad():
+            maps, logits = gradcam._run(model, images, exit, keep_all=True)
+            grads = torch.autograd.grad(logits[exit - 1].max(1).values.sum(), list(maps.values()), allow_unused=True)
+        for (site, fmap), g in zip(maps.items(), grads):
+            if site in listed:
+                assert g is not None and g.abs().sum() > 0, site
+                assert gradcam.gradcam(model, images, exit=exit, site=site, raw=True).shape[-1] == site.size
+            else:
+                assert g is None or g.abs().sum() == 0, site
 
 
 def test_works_under_no_grad_and_leaves_the_model_as_it_was(model, images):

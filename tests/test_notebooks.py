@@ -11,8 +11,11 @@ from conftest import REAL_SOURCE
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def test_the_series_is_there():
-    assert [p.name[:2] for p in NOTEBOOKS][:2] == ["01", "02"]
+def test_the_series_is_there_and_the_readme_lists_every_notebook():
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in range(1, len(NOTEBOOKS) + 1)]
+    assert len(NOTEBOOKS) >= 6
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert all(f"(notebooks/{p.name})" in readme for p in NOTEBOOKS)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
