@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -263,235 +264,264 @@ def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None
         return _train(args, on_step)
 
 
-def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> dict:
-    device = _device(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ddp = _Dist(device)
-    out = Path(args.out)
-    ckpt_path, log_path = out / "last.pt", out / "log.jsonl"
-    if args.batch_size % (ddp.world * args.accumulate):
-        raise ValueError(f"--batch-size {args.batch_size} must divide by processes x --accumulate ({ddp.world} x {args.accumulate})")
+@dataclass
+class Progress:
+    """Where a run stands: all that --resume needs besides the weights, the optimizer and the random
+    state. The checkpoint's keys are these fields' names, defined here once."""
 
-    train_set = data.load("train" if args.val_size else "trainval", args.source, val_size=args.val_size)
-    eval_set = data.load(args.eval_split, args.source, val_size=args.val_size)
-    if args.train_subset:
-        train_set = data.subset(train_set, args.train_subset)
-    if args.eval_subset:
-        eval_set = data.subset(eval_set, args.eval_subset)
-    if device.type == "cuda":  # CIFAR-10 is 150 MB of uint8: keep it on the GPU, so batches never cross the bus
-        train_set = data.Split(train_set.images.to(device), train_set.labels.to(device))
-        eval_set = data.Split(eval_set.images.to(device), eval_set.labels.to(device))
-    trained_on = {"train_images": len(train_set), "train_fingerprint": fingerprint((train_set.images, train_set.labels))}
-    steps_per_epoch = len(train_set) // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch ({args.batch_size})")
+    epoch: int = 0  # epochs finished
+    batch_in_epoch: int = 0  # steps done in the current epoch
+    perm: Tensor | None = None  # the current epoch's order of the training images
+    elapsed_s: float = 0.0  # seconds of training (validation excluded), all processes before this one included
+    epoch_images: int = 0  # images trained on in the current epoch
+    epoch_loss_sum: float = 0.0  # the current epoch's batch losses, summed
+    epoch_time_s: float = 0.0  # the current epoch's training seconds before an interruption
+    best_score: float = -1.0  # mean validation accuracy over the exits of the weights in best.pt
+    epoch_record: dict = field(default_factory=dict)  # the last finished epoch's log record
+    untimed_images: int = 0  # not saved: images of an epoch whose time an old checkpoint did not keep
 
-    torch.manual_seed(args.seed)
-    model = msdnet.build(args.preset).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    params_decay = [p for n, p in model.named_parameters() if p.dim() > 1]
-    params_no_decay = [p for n, p in model.named_parameters() if p.dim() <= 1]  # BN and biases
-    optimizer = torch.optim.SGD(
-        [{"params": params_decay, "weight_decay": args.weight_decay}, {"params": params_no_decay, "weight_decay": 0.0}],
-        lr=args.lr, momentum=args.momentum, nesterov=True,
-    )
-    amp_dtype = _autocast_dtype(args, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    gen = torch.Generator().manual_seed(args.seed)  # data order and augmentation, identical on every rank
-    epoch, batch_in_epoch, perm, elapsed = 0, 0, None, 0.0
-    seen, loss_sum = 0, 0.0  # this epoch's images and summed batch losses, kept across an interruption
-    epoch_time_before, seen_untimed = 0.0, 0  # this epoch's training seconds before an interruption
-    record: dict = {}  # the last finished epoch's log record
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "untimed_images"}
 
-    if args.resume and ckpt_path.exists():
-        ckpt = checkpoint.read(ckpt_path)
-        _check_resume(ckpt["run"], args, ckpt_path)
-        if ckpt.get("data", trained_on) != trained_on:
+    @classmethod
+    def from_dict(cls, ckpt: dict) -> "Progress":
+        p = cls(**{f.name: ckpt[f.name] for f in fields(cls) if f.name in ckpt})
+        if "epoch_time_s" not in ckpt:  # written before epochs were timed across a resume: time the rest only
+            p.untimed_images = p.epoch_images
+        return p
+
+
+class _Run:
+    """One training run's state and its three moves: a step, the end of an epoch, a save."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = _device(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.ddp = _Dist(self.device)
+        self.out = Path(args.out)
+        self.ckpt_path, self.log_path = self.out / "last.pt", self.out / "log.jsonl"
+        if args.batch_size % (self.ddp.world * args.accumulate):
+            raise ValueError(f"--batch-size {args.batch_size} must divide by processes x --accumulate "
+                             f"({self.ddp.world} x {args.accumulate})")
+        self._load_data()
+        torch.manual_seed(args.seed)
+        self.model = msdnet.build(args.preset).to(self.device)
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        decay = [p for p in self.model.parameters() if p.dim() > 1]
+        no_decay = [p for p in self.model.parameters() if p.dim() <= 1]  # BN and biases
+        self.optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=args.lr, momentum=args.momentum, nesterov=True,
+        )
+        self.amp_dtype = _autocast_dtype(args, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.gen = torch.Generator().manual_seed(args.seed)  # data order and augmentation, the same on every rank
+        self.progress = Progress()
+        ckpt = self._start()
+        # The moving average includes the batch-norm statistics (use_buffers), so it is a model ready to evaluate.
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+                    if args.ema else None)
+        if ckpt is not None and self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.net = nn.parallel.DistributedDataParallel(self.model) if self.ddp.world > 1 else self.model
+        self.micro = args.batch_size // (self.ddp.world * args.accumulate)
+
+    def _load_data(self) -> None:
+        args = self.args
+        train_set = data.load("train" if args.val_size else "trainval", args.source, val_size=args.val_size)
+        eval_set = data.load(args.eval_split, args.source, val_size=args.val_size)
+        if args.train_subset:
+            train_set = data.subset(train_set, args.train_subset)
+        if args.eval_subset:
+            eval_set = data.subset(eval_set, args.eval_subset)
+        self.trained_on = {"train_images": len(train_set),
+                           "train_fingerprint": fingerprint((train_set.images, train_set.labels))}
+        if self.device.type == "cuda":  # CIFAR-10 is 150 MB of uint8: keep it on the GPU, batches never cross the bus
+            train_set = data.Split(train_set.images.to(self.device), train_set.labels.to(self.device))
+            eval_set = data.Split(eval_set.images.to(self.device), eval_set.labels.to(self.device))
+        self.train_set, self.eval_set = train_set, eval_set
+        self.steps_per_epoch = len(train_set) // args.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch ({args.batch_size})")
+
+    def _start(self) -> dict | None:
+        """Resume, start from given weights, or start afresh; returns the checkpoint resumed, if any."""
+        args, path = self.args, self.ckpt_path
+        if not args.resume:
+            if path.exists():
+                raise FileExistsError(f"{path} exists: continue it with --resume, or choose another --out")
+            if args.init_from:
+                checkpoint.load_weights(self.model, checkpoint.read(args.init_from), args.init_from)
+            return None
+        if not path.exists():
+            raise checkpoint.CheckpointError(f"--resume: there is no {path} to resume; drop --resume to start a new run")
+        ckpt = checkpoint.read(path)
+        _check_resume(ckpt["run"], args, path)
+        if ckpt.get("data", self.trained_on) != self.trained_on:
+            saved, now = ckpt["data"], self.trained_on
             raise checkpoint.CheckpointError(
-                f"cannot resume {ckpt_path}: it was trained on other images ({ckpt['data']['train_images']} training "
-                f"images, content {ckpt['data']['train_fingerprint']}; now {trained_on['train_images']}, content "
-                f"{trained_on['train_fingerprint']}). Point --source (or ${data.ENV_SOURCE}) at the data the run "
-                "began with, or start a new run with another --out."
+                f"cannot resume {path}: it was trained on other images ({saved['train_images']} training images, "
+                f"content {saved['train_fingerprint']}; now {now['train_images']}, content {now['train_fingerprint']}). "
+                f"Point --source (or ${data.ENV_SOURCE}) at the data the run began with, or start a new run with another --out."
             )
-        checkpoint.load_weights(model, ckpt, ckpt_path)
+        checkpoint.load_weights(self.model, ckpt, path)
         if "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-        elif ddp.main:  # a compact checkpoint (checkpoint.compact): everything but the momentum
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        elif self.ddp.main:  # a compact checkpoint (checkpoint.compact): everything but the momentum
             print("this checkpoint carries no optimizer state: the momentum starts again from zero", flush=True)
-        gen.set_state(ckpt["generator"])
-        epoch, batch_in_epoch, perm, elapsed = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["perm"], ckpt["elapsed_s"]
-        seen, loss_sum = ckpt["epoch_images"], ckpt["epoch_loss_sum"]
-        record = ckpt.get("epoch_record", {})
-        if record and ddp.main and _last_logged_epoch(log_path) < record["epoch"]:
-            _append_record(log_path, record)  # stopped between the checkpoint and its log line
-        if "epoch_time_s" in ckpt:
-            epoch_time_before = ckpt["epoch_time_s"]
-        else:  # older checkpoints did not keep it: time this epoch from the resume on
-            seen_untimed = seen
-        if ddp.main:
-            print(f"resuming {ckpt_path} at epoch {epoch + 1}, batch {batch_in_epoch}/{steps_per_epoch}", flush=True)
-    elif args.resume:
-        raise checkpoint.CheckpointError(f"--resume: there is no {ckpt_path} to resume; drop --resume to start a new run")
-    elif args.init_from:
-        checkpoint.load_weights(model, checkpoint.read(args.init_from), args.init_from)
-    elif ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: continue it with --resume, or choose another --out")
+        self.gen.set_state(ckpt["generator"])
+        self.progress = p = Progress.from_dict(ckpt)
+        if not (self.out / "best.pt").is_file():  # carried without it: the next validated epoch writes one
+            p.best_score = -1.0
+        if p.epoch_record and self.ddp.main and _last_logged_epoch(self.log_path) < p.epoch_record["epoch"]:
+            _append_record(self.log_path, p.epoch_record)  # stopped between the checkpoint and its log line
+        if self.ddp.main:
+            print(f"resuming {path} at epoch {p.epoch + 1}, batch {p.batch_in_epoch}/{self.steps_per_epoch}", flush=True)
+        return ckpt
 
-    # The moving average includes the batch-norm statistics (use_buffers), so it is a model ready to evaluate.
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema else None
-    best_score = -1.0  # mean validation accuracy over the exits of the weights best.pt holds
-    if args.resume and ckpt_path.exists():
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        if (out / "best.pt").is_file():  # else the next validated epoch writes a new one
-            best_score = ckpt.get("best_score", -1.0)
-    net = nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
-    micro = args.batch_size // (ddp.world * args.accumulate)
+    def _about(self) -> dict:
+        """What every saved file says of the run: settings, hardware, data."""
+        return {"run": _run_settings(self.args), "hardware": hardware_name(self.device), "data": self.trained_on,
+                "data_source": data.resolve_source(self.args.source)}  # the source for the record; the fingerprint decides
 
-    def save() -> None:
-        if ddp.main:
-            atomic.save(
-                {
-                    "format": "msdnet-train/1",
-                    "config": model.config.to_dict(),
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "generator": gen.get_state(),
-                    "epoch": epoch,
-                    "batch_in_epoch": batch_in_epoch,
-                    "perm": perm,
-                    "elapsed_s": elapsed,
-                    "epoch_images": seen,
-                    "epoch_loss_sum": loss_sum,
-                    "epoch_time_s": epoch_time_before,
-                    "best_score": best_score,
-                    "epoch_record": record,
-                    "hardware": hardware_name(device),
-                    "run": _run_settings(args),
-                    "data": trained_on,
-                    "data_source": data.resolve_source(args.source),  # for the record; the fingerprint decides
-                    **({"ema": ema.state_dict()} if ema is not None else {}),
-                },
-                ckpt_path,
+    def save(self) -> None:
+        if self.ddp.main:
+            atomic.save({
+                "format": "msdnet-train/1", "config": self.model.config.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "generator": self.gen.get_state(), **self.progress.to_dict(), **self._about(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            }, self.ckpt_path)  # fmt: skip
+
+    def step(self) -> tuple[float, float]:
+        """One optimizer step on the next batch; returns (batch loss, learning rate)."""
+        args, p, dev = self.args, self.progress, self.device
+        lr = learning_rate(p.epoch * self.steps_per_epoch + p.batch_in_epoch, self.steps_per_epoch, args)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        idx = p.perm[p.batch_in_epoch * args.batch_size : (p.batch_in_epoch + 1) * args.batch_size]
+        # Every rank augments the whole global batch with the shared generator, then takes its share:
+        # the data (and the random state) are the same whatever the number of processes.
+        x = data.random_crop_flip(self.train_set.images[idx].to(dev), generator=self.gen)
+        y = self.train_set.labels[idx].to(dev)
+        self.optimizer.zero_grad(set_to_none=True)
+        batch_loss, m = 0.0, self.micro
+        for j, part in enumerate(range(self.ddp.rank * args.accumulate, (self.ddp.rank + 1) * args.accumulate)):
+            xs = x[part * m : (part + 1) * m].float().div_(255)
+            if args.channels_last:
+                xs = xs.contiguous(memory_format=torch.channels_last)
+            sync = nullcontext() if self.ddp.world == 1 or j == args.accumulate - 1 else self.net.no_sync()
+            with sync, torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                loss = multi_exit_loss(self.net(xs), y[part * m : (part + 1) * m], args.label_smoothing,
+                                       args.distill, args.distill_temperature)
+                self.scaler.scale(loss / args.accumulate).backward()
+            batch_loss += loss.item() / args.accumulate
+        if not math.isfinite(batch_loss) and self.amp_dtype != torch.float16:  # fp16's scaler skips such steps
+            raise Diverged(
+                f"the loss became {batch_loss} at epoch {p.epoch + 1}, step {p.batch_in_epoch + 1} (lr {lr:.4g}): "
+                f"the run diverged and was stopped before the bad step; {self.ckpt_path} still holds the last "
+                "good state. Start again with a lower --lr or a longer --warmup-epochs."
             )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        p.batch_in_epoch += 1
+        p.epoch_images += len(idx)
+        p.epoch_loss_sum += batch_loss
+        return batch_loss, lr
 
+    def end_epoch(self, train_seconds: float) -> None:
+        """Close the epoch: validate (the moving average too), keep the best weights, save, then log."""
+        args, p = self.args, self.progress
+        epoch_time = p.epoch_time_s + train_seconds  # the whole epoch, also when a resume split it
+        record = {"epoch": p.epoch + 1, "step": (p.epoch + 1) * self.steps_per_epoch,
+                  "lr": learning_rate((p.epoch + 1) * self.steps_per_epoch - 1, self.steps_per_epoch, args),
+                  "train_loss": p.epoch_loss_sum / self.steps_per_epoch, "eval_split": args.eval_split,
+                  "train_images_per_s": round((p.epoch_images - p.untimed_images) / max(epoch_time, 1e-9), 1),
+                  "epoch_time_s": round(epoch_time, 1)}  # fmt: skip
+        p.epoch, p.batch_in_epoch, p.perm, p.epoch_images, p.epoch_loss_sum = p.epoch + 1, 0, None, 0, 0.0
+        p.epoch_time_s, p.untimed_images = 0.0, 0
+        if self.ddp.main:
+            record.update(self._validate())
+            record["elapsed_s"] = round(p.elapsed_s, 1)
+            p.epoch_record = record
+        self.save()  # the checkpoint first, then the log line that announces it (a resume restores a lost line)
+        if self.ddp.main:
+            _append_record(self.log_path, record)
+        self.ddp.barrier()
+
+    def _validate(self) -> dict:
+        args, p = self.args, self.progress
+        start = time.perf_counter()
+        accs = exit_accuracies(self.model, self.eval_set, device=self.device)
+        accs_ema = exit_accuracies(self.ema.module, self.eval_set, device=self.device) if self.ema is not None else None
+        out = {"eval_images": len(self.eval_set), "acc": [round(a, 5) for a in accs],
+               **({"acc_ema": [round(a, 5) for a in accs_ema]} if accs_ema is not None else {}),
+               "eval_time_s": round(time.perf_counter() - start, 1)}
+        print(f"epoch {p.epoch}: {args.eval_split} accuracy per exit " + " ".join(f"B{k + 1}={a:.3f}" for k, a in enumerate(accs)), flush=True)
+        if accs_ema is not None:
+            print(f"epoch {p.epoch}: moving average, per exit " + " ".join(f"B{k + 1}={a:.3f}" for k, a in enumerate(accs_ema)), flush=True)
+        kept = accs_ema if accs_ema is not None else accs
+        if args.eval_split == "val" and sum(kept) / len(kept) > p.best_score:
+            # Chosen on validation only: the weights the export ships, kept before the next epoch moves on.
+            p.best_score = sum(kept) / len(kept)
+            atomic.save({"format": "msdnet-weights/1", "config": self.model.config.to_dict(),
+                         "model": (self.ema.module if self.ema is not None else self.model).state_dict(),
+                         "weights": "ema" if self.ema is not None else "trained", "epoch": p.epoch,
+                         "elapsed_s": p.elapsed_s, "val_accuracy_per_exit": out["acc_ema" if accs_ema is not None else "acc"],
+                         **self._about()}, self.out / "best.pt")  # fmt: skip
+        return out
+
+
+def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> dict:
     from tqdm.auto import tqdm
 
+    run = _Run(args)
+    p = run.progress
     stop = _StopRequest(args.time_limit)
     consistent, t0 = True, time.perf_counter()  # consistent: no step is half done, so the state may be saved
     try:
-        while epoch < args.epochs:
-            if perm is None:
-                perm = torch.randperm(len(train_set), generator=gen)
-            net.train()
-            bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       disable=not ddp.main, mininterval=2, dynamic_ncols=True)
-            t0, seen_before = time.perf_counter(), seen
-            while batch_in_epoch < steps_per_epoch:
-                step = epoch * steps_per_epoch + batch_in_epoch
+        while p.epoch < args.epochs:
+            if p.perm is None:
+                p.perm = torch.randperm(len(run.train_set), generator=run.gen)
+            run.net.train()
+            bar = tqdm(total=run.steps_per_epoch, initial=p.batch_in_epoch, desc=f"epoch {p.epoch + 1}/{args.epochs}",
+                       disable=not run.ddp.main, mininterval=2, dynamic_ncols=True)
+            t0, seen_before = time.perf_counter(), p.epoch_images
+            while p.batch_in_epoch < run.steps_per_epoch:
                 consistent = False
-                lr = learning_rate(step, steps_per_epoch, args)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                idx = perm[batch_in_epoch * args.batch_size : (batch_in_epoch + 1) * args.batch_size]
-                # Every rank augments the whole global batch with the shared generator, then takes its share:
-                # the data (and the random state) are the same whatever the number of processes.
-                x = data.random_crop_flip(train_set.images[idx].to(device), generator=gen)
-                y = train_set.labels[idx].to(device)
-                mine = range(ddp.rank * args.accumulate, (ddp.rank + 1) * args.accumulate)
-                optimizer.zero_grad(set_to_none=True)
-                batch_loss = 0.0
-                for j, part in enumerate(mine):
-                    xs = x[part * micro : (part + 1) * micro].float().div_(255)
-                    if args.channels_last:
-                        xs = xs.contiguous(memory_format=torch.channels_last)
-                    sync = nullcontext() if ddp.world == 1 or j == args.accumulate - 1 else net.no_sync()
-                    with sync, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        loss = multi_exit_loss(net(xs), y[part * micro : (part + 1) * micro], args.label_smoothing,
-                                               args.distill, args.distill_temperature)
-                        scaler.scale(loss / args.accumulate).backward()
-                    batch_loss += loss.item() / args.accumulate
-                if not math.isfinite(batch_loss) and amp_dtype != torch.float16:  # fp16's scaler skips such steps
-                    raise Diverged(
-                        f"the loss became {batch_loss} at epoch {epoch + 1}, step {batch_in_epoch + 1} (lr {lr:.4g}): "
-                        f"the run diverged and was stopped before the bad step; {ckpt_path} still holds the last "
-                        "good state. Start again with a lower --lr or a longer --warmup-epochs."
-                    )
-                scaler.step(optimizer)
-                scaler.update()
-                if ema is not None:
-                    ema.update_parameters(model)
-                batch_in_epoch += 1
+                loss, lr = run.step()
                 consistent = True
-                seen += len(idx)
-                loss_sum += batch_loss
-                rate = (seen - seen_before) / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{batch_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}", refresh=False)
+                rate = (p.epoch_images - seen_before) / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}", refresh=False)
                 bar.update()
                 if on_step is not None:
-                    on_step(step + 1)
+                    on_step(p.epoch * run.steps_per_epoch + p.batch_in_epoch)
                 stop.check()
             bar.close()
-            part = time.perf_counter() - t0
-            elapsed += part
-            epoch_time = epoch_time_before + part  # the whole epoch, also when a resume split it
-            epoch_loss, epoch_rate = loss_sum / steps_per_epoch, (seen - seen_untimed) / max(epoch_time, 1e-9)
-            epoch, batch_in_epoch, perm, seen, loss_sum = epoch + 1, 0, None, 0, 0.0
-            epoch_time_before, seen_untimed = 0.0, 0
-            last_lr = learning_rate(epoch * steps_per_epoch - 1, steps_per_epoch, args)
-            if ddp.main:
-                t_eval = time.perf_counter()
-                accs = exit_accuracies(model, eval_set, device=device)
-                accs_ema = exit_accuracies(ema.module, eval_set, device=device) if ema is not None else None
-                record = {
-                    "epoch": epoch, "step": epoch * steps_per_epoch, "lr": last_lr,
-                    "train_loss": epoch_loss, "eval_split": args.eval_split,
-                    "eval_images": len(eval_set), "acc": [round(a, 5) for a in accs],
-                    **({"acc_ema": [round(a, 5) for a in accs_ema]} if ema is not None else {}),
-                    "epoch_time_s": round(epoch_time, 1), "eval_time_s": round(time.perf_counter() - t_eval, 1),
-                    "train_images_per_s": round(epoch_rate, 1), "elapsed_s": round(elapsed, 1),
-                }  # fmt: skip
-                print(f"epoch {epoch}: {args.eval_split} accuracy per exit "
-                      + " ".join(f"B{k + 1}={a:.3f}" for k, a in enumerate(accs)), flush=True)
-                if ema is not None:
-                    print(f"epoch {epoch}: moving average, per exit "
-                          + " ".join(f"B{k + 1}={a:.3f}" for k, a in enumerate(accs_ema)), flush=True)
-                kept = accs_ema if ema is not None else accs
-                if args.eval_split == "val" and sum(kept) / len(kept) > best_score:
-                    # Chosen on validation only: the weights the export ships, kept before the next epoch moves on.
-                    best_score = sum(kept) / len(kept)
-                    atomic.save(
-                        {"format": "msdnet-weights/1", "config": model.config.to_dict(),
-                         "model": (ema.module if ema is not None else model).state_dict(),
-                         "weights": "ema" if ema is not None else "trained", "epoch": epoch,
-                         "elapsed_s": elapsed, "hardware": hardware_name(device), "val_accuracy_per_exit": record[
-                             "acc_ema" if ema is not None else "acc"], "run": _run_settings(args),
-                         "data": trained_on, "data_source": data.resolve_source(args.source)},
-                        out / "best.pt",
-                    )  # fmt: skip
-            save()  # the checkpoint first, then the log line that announces it (a resume restores a lost line)
-            if ddp.main:
-                _append_record(log_path, record)
-            ddp.barrier()
+            seconds = time.perf_counter() - t0
+            p.elapsed_s += seconds
+            run.end_epoch(seconds)
             stop.check()
     except KeyboardInterrupt:
         if consistent:
-            if batch_in_epoch:
-                part = time.perf_counter() - t0
-                elapsed += part
-                epoch_time_before += part
-            save()
-            if ddp.main:
-                print(f"\ninterrupted: saved {ckpt_path} at epoch {epoch + 1}, batch {batch_in_epoch}; "
+            if p.batch_in_epoch:
+                seconds = time.perf_counter() - t0
+                p.elapsed_s += seconds
+                p.epoch_time_s += seconds
+            run.save()
+            if run.ddp.main:
+                print(f"\ninterrupted: saved {run.ckpt_path} at epoch {p.epoch + 1}, batch {p.batch_in_epoch}; "
                       "continue with the same command and --resume", file=sys.stderr, flush=True)
         raise
     finally:
         stop.restore()
-    return record
+    return p.epoch_record
 
 
 def _append_record(log_path: Path, record: dict) -> None:
