@@ -125,14 +125,25 @@ class Explorer:
         self.uploaded: torch.Tensor | None = None
         self._maps: dict = {}
         self.last_redraw_s = 0.0
+        self._build_widgets()
+        self._indices = torch.arange(len(split))
+        self._refilter()
+        self._update_scales()
+        self._connect()
+        self.redraw()
+        if self._predictor is not None:
+            self._on_predicted()  # the count so far
+            self._predictor.start()
 
+    def _build_widgets(self) -> None:
+        classes, split_name = self.classes, self.split_name
         exits = [f"B{k}" for k in range(1, self.n_exits + 1)]
         self.class_filter = widgets.Dropdown(options=["all", *classes], value="all", description="Class")
         self.difficulty_filter = widgets.Dropdown(options=["any", *[f"{k}/{self.n_exits}" for k in range(self.n_exits + 1)]],
                                                   value="any", description="Difficulty")
         self.correct_filter = widgets.Dropdown(options=["any", "right", "wrong"], value="any",
                                                description="At this exit")
-        self.image = widgets.IntSlider(min=0, max=max(len(split) - 1, 0), value=0, description="Image",
+        self.image = widgets.IntSlider(min=0, max=max(len(self.split) - 1, 0), value=0, description="Image",
                                        continuous_update=False)
         # continuous_update=False: a drag sends its last value only, so moves never queue up behind redraws
         self.exit = widgets.SelectionSlider(options=exits, value=exits[-1], description="Exit", continuous_update=False)
@@ -153,18 +164,6 @@ class Explorer:
         self.overlay = widgets.Image(format="png")
         self.bars = widgets.Image(format="png")
         self.strip = widgets.Image(format="png")
-
-        self._indices = torch.arange(len(split))
-        self._refilter()
-        self._update_scales()
-        for w in (self.class_filter, self.difficulty_filter, self.correct_filter):
-            w.observe(self._on_filter, "value")
-        self.exit.observe(self._on_exit, "value")
-        for w in (self.image, self.target, self.scale, self.method, self.alpha):
-            w.observe(lambda change: self.redraw(), "value")
-        self.upload.observe(self._on_upload, "value")
-        self.back.on_click(self._on_back)
-
         controls = widgets.VBox([
             widgets.HBox([self.class_filter, self.difficulty_filter, self.correct_filter]),
             widgets.HBox([self.image, self.count]),
@@ -174,10 +173,15 @@ class Explorer:
         ])
         pictures = widgets.HBox([self.picture, self.overlay, self.bars])
         self.widget = widgets.VBox([controls, self.title, self.explains, pictures, self.strip, self.status, self.progress])
-        self.redraw()
-        if self._predictor is not None:
-            self._on_predicted()  # the count so far
-            self._predictor.start()
+
+    def _connect(self) -> None:
+        for w in (self.class_filter, self.difficulty_filter, self.correct_filter):
+            w.observe(self._on_filter, "value")
+        self.exit.observe(self._on_exit, "value")
+        for w in (self.image, self.target, self.scale, self.method, self.alpha):
+            w.observe(lambda change: self.redraw(), "value")
+        self.upload.observe(self._on_upload, "value")
+        self.back.on_click(self._on_back)
 
     # ------------------------------------------------------------------ what is shown
 

@@ -133,6 +133,39 @@ def _chosen_weights(run_dir: Path) -> tuple[dict, dict, Path]:
     return chosen, last, run_dir / "last.pt"
 
 
+def _refuse_if_worse(val_acc: list[float] | None, shipped_card: Path, source_file: Path) -> None:
+    if not val_acc or not shipped_card.is_file():
+        return
+    shipped_val = json.loads(shipped_card.read_text()).get("val_accuracy_per_exit")
+    if shipped_val and _mean(val_acc) < _mean(shipped_val):
+        raise checkpoint.CheckpointError(
+            f"{source_file} scores {_mean(val_acc):.2%} on validation (mean over the exits), the shipped "
+            f"weights {_mean(shipped_val):.2%}: not exported. Train on, or pass --allow-worse to replace them anyway."
+        )
+
+
+def _training_record(chosen: dict, last: dict, command: str, hardware: str | None, note: str | None) -> dict:
+    """The card's account of how the weights were made, chained to the cycles before when the run
+    started from shipped weights (their card is read before it is replaced)."""
+    hardware = hardware or chosen.get("hardware") or last.get("hardware") or "unknown (not recorded by the run)"
+    training = {**last["run"], "epochs_done": chosen["epoch"], "wall_time_s": round(chosen["elapsed_s"]),
+                "weights": chosen["weights"], "command": command, "hardware": hardware, "torch": torch.__version__}
+    if "data" in last:  # what the run trained on: image count and content hash, and where it was read from
+        training["trained_on"] = {**last["data"], "source": last.get("data_source")}
+    if last["epoch"] != chosen["epoch"]:
+        training["note_epochs"] = f"chosen on validation after epoch {chosen['epoch']} of the {last['epoch']} run so far"
+    if note:
+        training["note"] = note
+    parent = _card_path(Path(training["init_from"])) if training.get("init_from") else None
+    if parent is not None and parent.is_file():
+        before = json.loads(parent.read_text())
+        training["init_from_sha256"] = before["sha256"]
+        training["started_from"] = before["training"]
+    training["total_epochs"] = _chain_total(training, "epochs_done")
+    training["total_wall_time_s"] = _chain_total(training, "wall_time_s")
+    return training
+
+
 def export(run_dir: Path, out_dir: Path, command: str, hardware: str | None = None, source: str | None = None,
            note: str | None = None, allow_worse: bool = False) -> dict:
     """Half-precision weights, a JSON card (config, command, epochs, wall time, hardware, accuracy, SHA-256)
@@ -143,32 +176,11 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str | None = No
     the exits is below the card's in `out_dir` are refused unless `allow_worse`."""
     chosen, last, source_file = _chosen_weights(run_dir)
     val_acc = chosen["val_accuracy_per_exit"]
-    shipped_card = out_dir / _card_path(Path(WEIGHTS_NAME))
-    if not allow_worse and val_acc and shipped_card.is_file():
-        shipped_val = json.loads(shipped_card.read_text()).get("val_accuracy_per_exit")
-        if shipped_val and _mean(val_acc) < _mean(shipped_val):
-            raise checkpoint.CheckpointError(
-                f"{source_file} scores {_mean(val_acc):.2%} on validation (mean over the exits), the shipped "
-                f"weights {_mean(shipped_val):.2%}: not exported. Train on, or pass --allow-worse to replace them anyway."
-            )
+    if not allow_worse:
+        _refuse_if_worse(val_acc, out_dir / _card_path(Path(WEIGHTS_NAME)), source_file)
     ckpt = {**chosen, "run": last["run"]}
-    hardware = hardware or chosen.get("hardware") or last.get("hardware") or "unknown (not recorded by the run)"
-    training = {**ckpt["run"], "epochs_done": chosen["epoch"], "wall_time_s": round(chosen["elapsed_s"]),
-                "weights": chosen["weights"], "command": command, "hardware": hardware, "torch": torch.__version__}
-    if "data" in last:  # what the run trained on: image count and content hash, and where it was read from
-        training["trained_on"] = {**last["data"], "source": last.get("data_source")}
-    if last["epoch"] != chosen["epoch"]:
-        training["note_epochs"] = f"chosen on validation after epoch {chosen['epoch']} of the {last['epoch']} run so far"
-    if note:
-        training["note"] = note
-    # A run started with --init-from continues earlier training: keep that record (read before it is replaced).
+    training = _training_record(chosen, last, command, hardware, note)
     parent = _card_path(Path(training["init_from"])) if training.get("init_from") else None
-    if parent is not None and parent.is_file():
-        before = json.loads(parent.read_text())
-        training["init_from_sha256"] = before["sha256"]
-        training["started_from"] = before["training"]
-    training["total_epochs"] = _chain_total(training, "epochs_done")
-    training["total_wall_time_s"] = _chain_total(training, "wall_time_s")
     model = msdnet.build(msdnet.MSDNetConfig.from_dict(ckpt["config"]))
     checkpoint.load_weights(model, ckpt, source_file)
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
