@@ -267,9 +267,9 @@ class EarlyExit(nn.Module):
         alive = torch.arange(len(x), device=x.device)  # original index of each image still computing
         xs = m.normalize(x)
         last = m.n_exits - 1
-        for k, (block, head) in enumerate(zip(m.blocks, m.classifiers)):
-            xs = block(xs)
-            logits = head(xs[-1])
+        for k in range(m.n_exits):
+            xs = m.run_block(k, xs)
+            logits = m.classifiers[k](xs[-1])
             conf, cls = _score(logits, self.score), logits.argmax(-1)
             leave = conf >= self.thresholds[k] if k < last else torch.ones_like(conf, dtype=torch.bool)
             predicted[alive[leave]] = cls[leave]
@@ -361,6 +361,6 @@ class LastExitOnly(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         m = self.model
         xs = m.normalize(x)
-        for block in m.blocks:
-            xs = block(xs)
+        for k in range(m.n_exits):
+            xs = m.run_block(k, xs)
         return m.classifiers[-1](xs[-1])

@@ -90,14 +90,15 @@ def _run(model: msdnet.MSDNet, x: Tensor, n_exits: int, keep: set[Site] = frozen
     """Blocks 1..n_exits module by module; returns the kept maps {Site: tensor} and the logits."""
     xs = model.normalize(x)
     kept, logits = {}, []
-    for b, (block, head) in enumerate(zip(model.blocks[:n_exits], model.classifiers[:n_exits]), start=1):
-        for i, module in enumerate(block):
-            xs = module(xs)
-            for t in xs:
+    for b in range(1, n_exits + 1):
+        def keep_maps(i: int, maps: list[Tensor], b: int = b) -> None:
+            for t in maps:
                 site = Site(b, i, t.shape[-1])
                 if keep_all or site in keep:
                     kept[site] = t
-        logits.append(head(xs[-1]))
+
+        xs = model.run_block(b - 1, xs, keep_maps)
+        logits.append(model.classifiers[b - 1](xs[-1]))
     return kept, logits
 
 

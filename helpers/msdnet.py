@@ -320,11 +320,24 @@ class MSDNet(nn.Module):
             raise ValueError(f"exits must be a whole number between 1 and {self.n_exits}, got {exits!r}")
         xs = self.normalize(x)
         logits, feats = [], []
-        for block, head in zip(self.blocks[:n], self.classifiers[:n]):
-            xs = block(xs)
+        for k in range(n):
+            xs = self.run_block(k, xs)
             feats.append(xs[-1])
-            logits.append(head(xs[-1]))
+            logits.append(self.classifiers[k](xs[-1]))
         return (logits, feats) if return_features else logits
+
+    def run_block(self, k: int, xs, on_module=None) -> list[Tensor]:
+        """Block k (0-based) on the maps xs (the normalized image for k = 0, else the previous block's
+        maps, finest first); returns its maps. on_module(i, maps), if given, sees the output of each of
+        the block's modules in turn (Grad-CAM keeps the maps it explains). Every way through the network
+        (forward, Grad-CAM, real early exit) runs its blocks here."""
+        block = self.blocks[k]
+        if on_module is None:
+            return block(xs)
+        for i, module in enumerate(block):
+            xs = module(xs)
+            on_module(i, xs)
+        return xs
 
 
 def build(preset: str | MSDNetConfig = "cifar10-anytime", **overrides) -> MSDNet:
