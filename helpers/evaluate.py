@@ -121,19 +121,15 @@ def predict(
         split = data.load(split, source)
 
     def run() -> dict:
-        was_training = model.training
-        model.eval()
         device = next(model.parameters()).device
         chunks = []
-        try:
+        with msdnet.eval_mode(model):
             for i in tqdm(range(0, len(split), batch_size), desc="predicting", unit="batch", leave=False):
                 x = split.images[i : i + batch_size].to(device).float().div_(255)
                 logits = torch.stack(model(x), dim=1).float()
                 if flip:
                     logits = (logits + torch.stack(model(x.flip(-1)), dim=1).float()) / 2
                 chunks.append(logits.cpu())
-        finally:
-            model.train(was_training)
         return {"logits": torch.cat(chunks), "labels": split.labels.clone()}
 
     saved = cached("predictions_flip" if flip else "predictions", model, split.images, split.labels, run, cache_dir, enabled=cache)
@@ -256,11 +252,15 @@ class EarlyExit(nn.Module):
             raise ValueError(f"need one threshold per exit ({model.n_exits}), got {len(thresholds)}")
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        self.model, self.score = model.eval(), score
+        self.model, self.score = model, score
         self.register_buffer("thresholds", thresholds.float().clone(), persistent=False)
 
-    @torch.no_grad()
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        with msdnet.eval_mode(self.model):
+            return self._forward(x)
+
+    @torch.no_grad()
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         m = self.model
         predicted = torch.empty(len(x), dtype=torch.long, device=x.device)
         exit_of = torch.empty(len(x), dtype=torch.long, device=x.device)
@@ -355,10 +355,14 @@ class LastExitOnly(nn.Module):
 
     def __init__(self, model: msdnet.MSDNet) -> None:
         super().__init__()
-        self.model = model.eval()
+        self.model = model
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
+        with msdnet.eval_mode(self.model):
+            return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         m = self.model
         xs = m.normalize(x)
         for k in range(m.n_exits):

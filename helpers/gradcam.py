@@ -51,16 +51,11 @@ def sites(model: msdnet.MSDNet, exit: int) -> list[Site]:
     Finer scales reach the classifier only through the strided paths of later MSD layers."""
     _check_exit(model, exit)
     x = torch.zeros(1, 3, model.config.image_size, model.config.image_size, device=_device(model))
-    was_training = model.training
-    model.eval()  # a pass in training mode would move the batch-norm statistics
-    try:
-        with torch.enable_grad():
-            maps, logits = _run(model, x, exit, keep_all=True)
-            candidates = list(maps)
-            # allow_unused: a map the score does not depend on gets None, decided by the graph, not by values
-            grads = torch.autograd.grad(logits[exit - 1].sum(), [maps[s] for s in candidates], allow_unused=True)
-    finally:
-        model.train(was_training)
+    with msdnet.eval_mode(model), torch.enable_grad():  # training mode would move the batch-norm statistics
+        maps, logits = _run(model, x, exit, keep_all=True)
+        candidates = list(maps)
+        # allow_unused: a map the score does not depend on gets None, decided by the graph, not by values
+        grads = torch.autograd.grad(logits[exit - 1].sum(), [maps[s] for s in candidates], allow_unused=True)
     return [site for site, g in zip(candidates, grads) if g is not None]
 
 
@@ -215,27 +210,21 @@ def compute(model: msdnet.MSDNet, x: Tensor, exits: list[int], target=None, site
     if len(site_list) != len(exits):
         raise ValueError("give one site per exit")
     site_list = [_resolve(model, s, k) for s, k in zip(site_list, exits)]
-    was_training = model.training
-    model.eval()  # batch statistics would couple the images' gradients
-    try:
-        with torch.enable_grad():
-            x = x.detach()
-            maps, logits = _run(model, x, max(exits), keep=set(site_list))
-            out_maps, out_logits, out_targets = [], [], []
-            for i, (k, s) in enumerate(zip(exits, site_list)):
-                _check_site_has_map(maps, s)
-                z = logits[k - 1]
-                t = _targets(target, z.detach())
-                score = z.gather(1, t[:, None]).sum()  # images are independent: one backward for the batch
-                try:
-                    cam = class_activation_map(score, maps[s], method, retain_graph=i < len(exits) - 1)
-                except ValueError:
-                    raise ValueError(f"{s} does not influence exit B{k}; choose one of gradcam.sites(model, {k})") from None
-                out_maps.append(cam)
-                out_logits.append(z.detach())
-                out_targets.append(t)
-    finally:
-        model.train(was_training)
+    with msdnet.eval_mode(model), torch.enable_grad():  # batch statistics would couple the images' gradients
+        maps, logits = _run(model, x.detach(), max(exits), keep=set(site_list))
+        out_maps, out_logits, out_targets = [], [], []
+        for i, (k, s) in enumerate(zip(exits, site_list)):
+            _check_site_has_map(maps, s)
+            z = logits[k - 1]
+            t = _targets(target, z.detach())
+            score = z.gather(1, t[:, None]).sum()  # images are independent: one backward for the batch
+            try:
+                cam = class_activation_map(score, maps[s], method, retain_graph=i < len(exits) - 1)
+            except ValueError:
+                raise ValueError(f"{s} does not influence exit B{k}; choose one of gradcam.sites(model, {k})") from None
+            out_maps.append(cam)
+            out_logits.append(z.detach())
+            out_targets.append(t)
     size = max(m.shape[-1] for m in out_maps)
     out_maps = [m if m.shape[-1] == size else F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
                 for m in out_maps]
@@ -334,16 +323,11 @@ def guided_backprop(model: msdnet.MSDNet, x: Tensor, exit: int = 10, target=None
     """Guided backpropagation of exit `exit`'s score for `target` (as in compute) to the pixels:
     [B, 3, H, W], the fine detail that Guided Grad-CAM multiplies by the coarse map."""
     _check_exit(model, exit)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad(), _GuidedReLUs(model):
-            x = x.detach().clone().requires_grad_(True)
-            z = model(x, exits=exit)[exit - 1]
-            t = _targets(target, z.detach())
-            (grad,) = torch.autograd.grad(z.gather(1, t[:, None]).sum(), x)
-    finally:
-        model.train(was_training)
+    with msdnet.eval_mode(model), torch.enable_grad(), _GuidedReLUs(model):
+        x = x.detach().clone().requires_grad_(True)
+        z = model(x, exits=exit)[exit - 1]
+        t = _targets(target, z.detach())
+        (grad,) = torch.autograd.grad(z.gather(1, t[:, None]).sum(), x)
     return grad
 
 

@@ -19,6 +19,7 @@ Public API::
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
 
@@ -35,6 +36,7 @@ __all__ = [
     "ExitCost",
     "build",
     "exit_costs",
+    "eval_mode",
 ]
 
 # The statistics the official code normalizes CIFAR-10 with.
@@ -357,6 +359,20 @@ class ExitCost(NamedTuple):
     macs: int  # multiply-accumulates per image to reach this exit, earlier classifiers included
 
 
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Borrow `model` in eval mode (batch-norm statistics used, not updated) and give it back in the mode
+    it came in, however the block is left. Every function that borrows a caller's model uses it."""
+    if not model.training:  # already: nothing to switch (and no walk over the modules, which costs per call)
+        yield model
+        return
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train()
+
+
 def exit_costs(model: MSDNet) -> list[ExitCost]:
     """Cumulative parameters and multiply-accumulates at each exit, counted by torch.utils.flop_counter
     (convolutions and linear layers; it counts 2 FLOPs per multiply-accumulate)."""
@@ -365,16 +381,12 @@ def exit_costs(model: MSDNet) -> list[ExitCost]:
     size = model.config.image_size
     param = next(model.parameters())
     x = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
-    was_training = model.training
-    model.eval()
     costs, params = [], 0
-    try:
+    with eval_mode(model):
         for k in range(1, model.n_exits + 1):
             counter = FlopCounterMode(display=False)
             with counter, torch.no_grad():
                 model(x, exits=k)
             params += sum(p.numel() for m in (model.blocks[k - 1], model.classifiers[k - 1]) for p in m.parameters())
             costs.append(ExitCost(k, params, counter.get_total_flops() // 2))
-    finally:
-        model.train(was_training)
     return costs

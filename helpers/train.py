@@ -152,17 +152,17 @@ def exit_accuracies(model: nn.Module, split: data.Split, batch_size: int = 500, 
                     flip: bool = False) -> list[float]:
     """Share of `split` each exit classifies correctly; flip=True averages each exit's logits for the
     image and its mirror (test-time augmentation, at twice the cost)."""
-    model.eval()
     device = device or next(model.parameters()).device
     correct = None
-    for i in range(0, len(split), batch_size):
-        x = split.images[i : i + batch_size].to(device).float().div_(255)
-        y = split.labels[i : i + batch_size].to(device)
-        logits = model(x)
-        if flip:
-            logits = [(a + b) / 2 for a, b in zip(logits, model(x.flip(-1)))]
-        hits = torch.stack([(z.argmax(1) == y).sum() for z in logits])
-        correct = hits if correct is None else correct + hits
+    with msdnet.eval_mode(model):
+        for i in range(0, len(split), batch_size):
+            x = split.images[i : i + batch_size].to(device).float().div_(255)
+            y = split.labels[i : i + batch_size].to(device)
+            logits = model(x)
+            if flip:
+                logits = [(a + b) / 2 for a, b in zip(logits, model(x.flip(-1)))]
+            hits = torch.stack([(z.argmax(1) == y).sum() for z in logits])
+            correct = hits if correct is None else correct + hits
     return (correct.double() / len(split)).tolist()
 
 

@@ -233,3 +233,19 @@ def test_real_early_exit_follows_any_score(tiny_folder, score):
     got_class, got_exit = evaluate.EarlyExit(model, thresholds, score=score)(split.images.float() / 255)
     assert got_exit.tolist() == want_exit.tolist()
     assert got_class.tolist() == preds.predicted.gather(1, want_exit[:, None]).squeeze(1).tolist()
+
+
+def test_functions_that_borrow_the_model_give_it_back_in_its_mode(tiny_folder):
+    from helpers import gradcam, train
+
+    model = msdnet.build("tiny").train()
+    split = data.load("test", source=tiny_folder)
+    x = split.images[:4].float() / 255
+    stats = model.blocks[0][0].convs[0][1].running_mean.clone()
+    evaluate.EarlyExit(model, torch.zeros(model.n_exits))(x)
+    evaluate.LastExitOnly(model)(x)
+    evaluate.predict(model, split, cache=False)
+    train.exit_accuracies(model, split)
+    gradcam.gradcam(model, x, exit=2)
+    msdnet.exit_costs(model)
+    assert model.training and torch.equal(stats, model.blocks[0][0].convs[0][1].running_mean)  # eval mode inside
