@@ -4,7 +4,8 @@
 
 Three exit policies, each with thresholds chosen on the validation hold-out only, as the cheapest
 whose validation accuracy reaches the last exit's: the paper's (exit shares proportional to q^k),
-one confidence threshold for all exits, and a threshold per exit (coordinate descent). For each it
+one confidence threshold for all exits, and a threshold per exit (coordinate descent) on the top-1
+confidence, the margin between the top two, or the entropy. For each it
 prints the test accuracy and the simulated multiply-accumulates. Then, with the cheapest policy on
 validation, it times on the test split the shipped MSD-Net used as an ordinary classifier (every
 block, last classifier only) against real early exit, batch against batch interleaved so a busy
@@ -56,10 +57,11 @@ def main() -> None:
     val, test = evaluate.predict(model, "val"), evaluate.predict(model, full_split)
     target = val.correct[:, -1].double().mean().item()  # the full network's validation accuracy
     q, paper = evaluate.cheapest_matching(val, costs, target)
-    policies = {
-        f"paper (q^k shares, q = {q:.2f})": paper,
-        "one confidence threshold": evaluate.one_threshold(val, costs, target),
-        "a threshold per exit": evaluate.per_exit_thresholds(val, costs, target),
+    policies = {  # name: (thresholds, the score they threshold)
+        f"paper (q^k shares, q = {q:.2f})": (paper, "confidence"),
+        "one confidence threshold": (evaluate.one_threshold(val, costs, target), "confidence"),
+        **{f"a threshold per exit ({score})": (evaluate.per_exit_thresholds(val, costs, target, score=score), score)
+           for score in evaluate.SCORES},
     }
     baseline = evaluate.LastExitOnly(model)
     with FlopCounterMode(display=False) as counter:
@@ -70,15 +72,15 @@ def main() -> None:
           f"images (target: the full network's {target:.2%} there), accuracy on the {len(test):,} test images")
     print(f"{'policy':34s} {'val acc':>8s} {'test acc':>8s} {'M MACs':>7s} {'fewer':>6s}  exits used on test")
     chosen, best_val_macs = None, float("inf")
-    for name, thresholds in policies.items():
-        v, t = evaluate.budgeted(val, thresholds, costs), evaluate.budgeted(test, thresholds, costs)
+    for name, (thresholds, score) in policies.items():
+        v, t = evaluate.budgeted(val, thresholds, costs, score), evaluate.budgeted(test, thresholds, costs, score)
         print(f"{name:34s} {v.accuracy:8.2%} {t.accuracy:8.2%} {t.average_macs / 1e6:7.1f} "
               f"{full_macs / t.average_macs:5.2f}x  {t.exit_counts}")
         if v.average_macs < best_val_macs:  # chosen on validation, like the thresholds
             chosen, best_val_macs = name, v.average_macs
-    thresholds = policies[chosen]
-    sim = evaluate.budgeted(test, thresholds, costs)
-    early = evaluate.EarlyExit(model, thresholds)
+    thresholds, score = policies[chosen]
+    sim = evaluate.budgeted(test, thresholds, costs, score)
+    early = evaluate.EarlyExit(model, thresholds, score=score)
 
     split = data.subset(full_split, args.images) if args.images < len(full_split) else full_split
     one = data.subset(full_split, args.latency_images)
