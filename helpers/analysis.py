@@ -28,7 +28,7 @@ from . import evaluate, gradcam, msdnet
 
 __all__ = [
     "valid", "span", "entropy", "map_correlation", "consistency", "overthinking",
-    "bootstrap_ci", "Verdict", "judge", "class_best_exits", "rank_correlation", "cascading_randomization",
+    "bootstrap_ci", "Verdict", "judge", "judge_groups", "class_best_exits", "rank_correlation", "cascading_randomization",
 ]
 
 
@@ -106,6 +106,21 @@ class Verdict(NamedTuple):
         return f"{self.word} ({self.effect:+.3f}, 95% interval [{self.low:+.3f}, {self.high:+.3f}])"
 
 
+def judge_groups(values: Tensor, group: Tensor, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Verdict:
+    """The rule for two groups of images: the effect is mean(values[group]) - mean(values[~group]),
+    its interval a bootstrap that resamples each group on its own (their sizes kept)."""
+    a, b = values[group].double(), values[~group].double()
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"each group needs at least 2 images, got {len(a)} and {len(b)}")
+    g = torch.Generator().manual_seed(seed)
+    boot = torch.stack([a[torch.randint(0, len(a), (len(a),), generator=g)].mean()
+                        - b[torch.randint(0, len(b), (len(b),), generator=g)].mean() for _ in range(n_boot)])
+    tail = (1 - level) / 2
+    low, high = boot.quantile(torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    word = "SUPPORTED" if low > 0 else "CONTRADICTED" if high < 0 else "NOT SUPPORTED"
+    return Verdict(word, (a.mean() - b.mean()).item(), low, high)
+
+
 def judge(values: Tensor, **kw) -> Verdict:
     """The rule: the mean of per-image `values` (the claimed effect, positive if the claim holds) with
     its bootstrap interval; SUPPORTED above zero, CONTRADICTED below, else NOT SUPPORTED."""
@@ -154,12 +169,12 @@ def _average_ranks(x: Tensor) -> Tensor:
     return ranks
 
 
-def cascading_randomization(model: msdnet.MSDNet, x: Tensor, exit: int, seed: int = 0) -> list[tuple[str, float]]:
+def cascading_randomization(model: msdnet.MSDNet, x: Tensor, exit: int, seed: int = 0) -> list[tuple[str, Tensor]]:
     """Adebayo et al., "Sanity Checks for Saliency Maps" (NeurIPS 2018), for exit `exit`: re-initialize
     the weights from the top down (classifier `exit`, then block `exit`, `exit`-1, ... 1), cumulatively,
-    and after each step measure the mean rank correlation of the new maps with the trained model's.
+    and after each step measure, per image, the rank correlation of the new map with the trained model's.
     A map that keeps its shape while the weights it explains are gone explains the image, not the model.
-    Works on a copy: `model` is left as it is. Returns [(what was re-initialized, mean correlation)]."""
+    Works on a copy: `model` is left as it is. Returns [(what was re-initialized, correlations [N])]."""
     gradcam._check_exit(model, exit)
     original = gradcam.gradcam(model, x, exit=exit).flatten(1)
     target = model(x, exits=exit)[exit - 1].argmax(1)  # explain the trained model's answer throughout
@@ -173,5 +188,5 @@ def cascading_randomization(model: msdnet.MSDNet, x: Tensor, exit: int, seed: in
             if hasattr(m, "reset_parameters"):  # convolutions, batch norms (statistics too), the linear layer
                 m.reset_parameters()
         maps = gradcam.gradcam(randomized, x, exit=exit, target=target).flatten(1)
-        out.append((f"up to {name}", rank_correlation(original, maps).mean().item()))
+        out.append((f"up to {name}", rank_correlation(original, maps)))
     return out

@@ -148,7 +148,8 @@ class Explorer:
         # continuous_update=False: a drag sends its last value only, so moves never queue up behind redraws
         self.exit = widgets.SelectionSlider(options=exits, value=exits[-1], description="Exit", continuous_update=False)
         self.target = widgets.Dropdown(options=["predicted", "true", *classes], value="predicted", description="Target")
-        self.scale = widgets.Dropdown(options=[8], value=8, description="Scale")
+        coarse = self.model.config.coarsest_size
+        self.scale = widgets.Dropdown(options=[coarse], value=coarse, description="Scale")
         self.method = widgets.ToggleButtons(options=[(m.title, key) for key, m in gradcam.METHODS.items()],
                                             value="gradcam", description="Method")
         self.alpha = widgets.FloatSlider(min=0, max=1, step=0.05, value=0.5, description="Opacity")
@@ -291,15 +292,15 @@ class Explorer:
         key = (shown, target, method)
         if key not in self._maps:  # all exits at the classifiers' own 8x8 maps: one trunk pass
             cam = gradcam.compute(self.model, image[None], list(range(1, self.n_exits + 1)), target, None, method)
-            self._maps[key] = (gradcam.normalize(cam.maps[0], 32), cam.logits[0])
+            self._maps[key] = (gradcam.normalize(cam.maps[0], self.model.config.image_size), cam.logits[0])
         maps, logits = self._maps[key]
-        if self.scale.value == 8:
+        if self.scale.value == self.model.config.coarsest_size:
             return maps, logits
         k = self.exit_number
         fine_key = (*key, k, self.scale.value)  # a finer map exists for this exit only; the others stay 8x8
         if fine_key not in self._maps:
             fine = gradcam.compute(self.model, image[None], [k], target, self._finest[self.scale.value], method)
-            self._maps[fine_key] = gradcam.normalize(fine.maps[0, 0], 32)
+            self._maps[fine_key] = gradcam.normalize(fine.maps[0, 0], self.model.config.image_size)
         maps = maps.clone()
         maps[k - 1] = self._maps[fine_key]
         return maps, logits

@@ -38,12 +38,12 @@ class Site(NamedTuple):
 
     block: int
     layer: int = -1
-    size: int = 8
+    size: int = 8  # the coarsest map of the CIFAR presets; default_site reads it from the model's config
 
 
-def default_site(exit: int) -> Site:
-    """The map classifier `exit` reads: the coarsest output of block `exit`."""
-    return Site(exit, -1, 8)
+def default_site(exit: int, model: msdnet.MSDNet | None = None) -> Site:
+    """The map classifier `exit` reads: the coarsest output of block `exit` (8x8 on CIFAR)."""
+    return Site(exit, -1, model.config.coarsest_size if model is not None else Site._field_defaults["size"])
 
 
 def sites(model: msdnet.MSDNet, exit: int) -> list[Site]:
@@ -204,7 +204,7 @@ def compute(model: msdnet.MSDNet, x: Tensor, exits: list[int], target=None, site
     if not exits:
         raise ValueError("exits must name at least one exit")
     if site is None:
-        site_list = [default_site(k) for k in exits]
+        site_list = [default_site(k, model) for k in exits]
     else:
         site_list = list(site) if isinstance(site, list) else [site] * len(exits)
     if len(site_list) != len(exits):

@@ -78,6 +78,11 @@ class MSDNetConfig:
         return len(self.gr_factor)
 
     @property
+    def coarsest_size(self) -> int:
+        """Side of the coarsest map, the one every classifier reads (8 for CIFAR's 32x32 and 3 scales)."""
+        return self.image_size // 2 ** (self.n_scales - 1)
+
+    @property
     def layers_per_block(self) -> list[int]:
         later = [self.step if self.step_mode == "even" else self.step * i + 1 for i in range(1, self.n_blocks)]
         return [self.base, *later]

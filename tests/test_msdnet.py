@@ -203,3 +203,16 @@ def test_config_round_trips_through_plain_types():
     d = cfg.to_dict()
     assert all(isinstance(v, (int, float, str, bool, list)) for v in d.values())
     assert MSDNetConfig.from_dict(d) == cfg
+
+
+def test_the_coarsest_size_comes_from_the_config_and_is_what_classifiers_read():
+    from helpers import gradcam
+
+    for name in ("tiny", "cifar10-anytime"):
+        model = msdnet.build(name).eval()
+        with torch.no_grad():
+            _, feats = model(torch.rand(1, 3, 32, 32), return_features=True)
+        assert feats[0].shape[-1] == model.config.coarsest_size == gradcam.default_site(1, model).size == 8
+    # 64x64 images with four scales: the coarsest map is 64 / 2**3 = 8 too, the classifiers' size
+    big = msdnet.MSDNetConfig(image_size=64, gr_factor=(1, 2, 4, 8), bn_factor=(1, 2, 4, 8))
+    assert big.coarsest_size == 8
