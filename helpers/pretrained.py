@@ -88,14 +88,25 @@ def _chain_total(training: dict, key: str) -> int:
     return total
 
 
-def _chained_log(run_dir: Path, parent_card: Path | None, up_to_epoch: int) -> list[dict]:
-    """The earlier cycles' log (beside the card the run started from), then this run's up to the
-    epoch whose weights are shipped, each record tagged with its cycle and its epoch counted from
-    the very start."""
+def _parent(last: dict) -> dict | None:
+    """The card and log of the weights the run started from: as the run recorded them when it started,
+    or (runs from before it did) as they are now beside the --init-from file."""
+    if last.get("init_record"):
+        return last["init_record"]
+    init = last["run"].get("init_from")
+    if not init or not _card_path(Path(init)).is_file():
+        return None
+    log = Path(init).parent / "training-log.jsonl"
+    return {"card": json.loads(_card_path(Path(init)).read_text()),
+            "log": [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []}
+
+
+def _chained_log(run_dir: Path, parent: dict | None, up_to_epoch: int) -> list[dict]:
+    """The earlier cycles' log (the run's parent's), then this run's up to the epoch whose weights are
+    shipped, each record tagged with its cycle and its epoch counted from the very start."""
     earlier: list[dict] = []
-    if parent_card is not None and (parent_card.parent / "training-log.jsonl").is_file():
-        lines = (parent_card.parent / "training-log.jsonl").read_text().splitlines()
-        earlier = [{"cycle": 1, "total_epoch": r["epoch"], **r} for r in map(json.loads, lines)]
+    if parent is not None:
+        earlier = [{"cycle": 1, "total_epoch": r["epoch"], **r} for r in parent["log"]]
     cycle = max((r["cycle"] for r in earlier), default=0) + 1
     done = max((r["total_epoch"] for r in earlier), default=0)
     lines = (run_dir / "log.jsonl").read_text().splitlines()
@@ -156,11 +167,10 @@ def _training_record(chosen: dict, last: dict, command: str, hardware: str | Non
         training["note_epochs"] = f"chosen on validation after epoch {chosen['epoch']} of the {last['epoch']} run so far"
     if note:
         training["note"] = note
-    parent = _card_path(Path(training["init_from"])) if training.get("init_from") else None
-    if parent is not None and parent.is_file():
-        before = json.loads(parent.read_text())
-        training["init_from_sha256"] = before["sha256"]
-        training["started_from"] = before["training"]
+    parent = _parent(last)
+    if parent is not None:
+        training["init_from_sha256"] = parent["card"]["sha256"]
+        training["started_from"] = parent["card"]["training"]
     training["total_epochs"] = _chain_total(training, "epochs_done")
     training["total_wall_time_s"] = _chain_total(training, "wall_time_s")
     return training
@@ -180,7 +190,7 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str | None = No
         _refuse_if_worse(val_acc, out_dir / _card_path(Path(WEIGHTS_NAME)), source_file)
     ckpt = {**chosen, "run": last["run"]}
     training = _training_record(chosen, last, command, hardware, note)
-    parent = _card_path(Path(training["init_from"])) if training.get("init_from") else None
+    parent = _parent(last)
     model = msdnet.build(msdnet.MSDNetConfig.from_dict(ckpt["config"]))
     checkpoint.load_weights(model, ckpt, source_file)
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}

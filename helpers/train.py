@@ -320,6 +320,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.gen = torch.Generator().manual_seed(args.seed)  # data order and augmentation, the same on every rank
         self.progress = Progress()
+        self.init_record = None  # the card and log of the weights --init-from started from, as they were then
         ckpt = self._start()
         # The moving average includes the batch-norm statistics (use_buffers), so it is a model ready to evaluate.
         self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
@@ -355,6 +356,7 @@ class _Run:
                 raise FileExistsError(f"{path} exists: continue it with --resume, or choose another --out")
             if args.init_from:
                 checkpoint.load_weights(self.model, checkpoint.read(args.init_from), args.init_from)
+                self.init_record = _init_record(Path(args.init_from))
             return None
         if not path.exists():
             raise checkpoint.CheckpointError(f"--resume: there is no {path} to resume; drop --resume to start a new run")
@@ -374,6 +376,7 @@ class _Run:
         elif self.ddp.main:  # a compact checkpoint (checkpoint.compact): everything but the momentum
             print("this checkpoint carries no optimizer state: the momentum starts again from zero", flush=True)
         self.gen.set_state(ckpt["generator"])
+        self.init_record = ckpt.get("init_record")
         self.progress = p = Progress.from_dict(ckpt)
         if not (self.out / "best.pt").is_file():  # carried without it: the next validated epoch writes one
             p.best_score = -1.0
@@ -386,7 +389,8 @@ class _Run:
     def _about(self) -> dict:
         """What every saved file says of the run: settings, hardware, data."""
         return {"run": _run_settings(self.args), "hardware": hardware_name(self.device), "data": self.trained_on,
-                "data_source": data.resolve_source(self.args.source)}  # the source for the record; the fingerprint decides
+                "data_source": data.resolve_source(self.args.source),  # the source for the record; the fingerprint decides
+                **({"init_record": self.init_record} if self.init_record else {})}
 
     def save(self) -> None:
         if self.ddp.main:
@@ -522,6 +526,18 @@ def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> d
     finally:
         stop.restore()
     return p.epoch_record
+
+
+def _init_record(weights: Path) -> dict | None:
+    """The card and training log beside the weights a run starts from, kept in the run: an export
+    chains the new card to them even if the shipped files were replaced in between (say, by an export
+    of this same run's best epoch so far)."""
+    card = weights.with_suffix(".json")
+    if not card.is_file():
+        return None
+    log = weights.parent / "training-log.jsonl"
+    return {"card": json.loads(card.read_text()),
+            "log": [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []}
 
 
 def _append_record(log_path: Path, record: dict) -> None:

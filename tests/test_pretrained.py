@@ -215,3 +215,20 @@ def test_evaluate_reports_bad_data_in_one_line(tmp_path, tiny_folder, capsys):
     assert pretrained.main(["evaluate", "--source", str(tiny_folder)]) == 2
     err = capsys.readouterr().err
     assert "\nerror: " in err and "unicorn is not a CIFAR-10 class" in err and "Traceback" not in err
+
+
+def test_exporting_a_run_twice_chains_to_the_weights_it_started_from(tmp_path, tiny_folder):
+    """A long run exported mid-way replaces the shipped card; its final export must still chain to the
+    card of the weights it started from (recorded when it started), not to its own earlier export."""
+    train.train(tiny_args(tmp_path / "c1", tiny_folder, "--epochs", "1"))
+    out = tmp_path / "shipped"
+    first = pretrained.export(tmp_path / "c1", out, command="cycle 1", source=tiny_folder)
+    train.train(tiny_args(tmp_path / "long", tiny_folder, "--epochs", "2", "--init-from", str(out / pretrained.WEIGHTS_NAME)))
+    mid = pretrained.export(tmp_path / "long", out, command="long, mid-way", source=tiny_folder, allow_worse=True)
+    final = pretrained.export(tmp_path / "long", out, command="long, final", source=tiny_folder, allow_worse=True)
+    for card in (mid, final):
+        assert card["training"]["started_from"]["command"] == "cycle 1"
+        assert card["training"]["init_from_sha256"] == first["sha256"]
+        assert card["training"]["total_epochs"] == first["training"]["epochs_done"] + card["training"]["epochs_done"]
+    log = [json.loads(line) for line in (out / "training-log.jsonl").read_text().splitlines()]
+    assert [r["cycle"] for r in log].count(1) == first["training"]["epochs_done"]
