@@ -13,21 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
 
 import torch
 import torch.distributed as dist
@@ -36,6 +28,10 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import atomic, checkpoint, data, msdnet
+from .runs import (  # noqa: F401  (OutFolderBusy, TimeUp, exclusive: part of this module's interface too)
+    Diverged, Dist, OutFolderBusy, StopRequest, TimeUp, append_record, autocast_dtype, device_for, exclusive,
+    hardware_name, last_logged_epoch,
+)
 from .cache import fingerprint
 
 # Settings that define what a run computes; `--resume` refuses to change them.
@@ -169,47 +165,6 @@ def exit_accuracies(model: nn.Module, split: data.Split, batch_size: int = 500, 
 # ----------------------------------------------------------------------------- set-up
 
 
-class _Dist:
-    """torchrun's environment, or a single process."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def _device(args: argparse.Namespace) -> torch.device:
-    if args.device:
-        return torch.device(args.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def _autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
-    if args.amp == "off" or (args.amp == "auto" and device.type != "cuda"):
-        return None
-    if args.amp == "fp16" or (args.amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
-def hardware_name(device: torch.device) -> str:
-    """What the run trained on, for the card: the GPU's name, or the CPU's architecture and cores."""
-    if device.type == "cuda":
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(device)}"
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
-
-
 def _run_settings(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in RUN_DEFINING}
 
@@ -228,39 +183,13 @@ def _check_resume(saved: dict, args: argparse.Namespace, path: Path) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
-class OutFolderBusy(RuntimeError):
-    """Another run holds the output folder."""
-
-
-@contextmanager
-def _exclusive(out: Path):
-    """Hold <out>/.lock while training, so a second run into the same folder is refused instead of
-    interleaving its checkpoints and log with ours. The operating system releases the lock when the
-    process ends, however it ends, so a killed run never leaves the folder locked."""
-    if fcntl is None or int(os.environ.get("RANK", 0)) != 0:  # Windows: no lock; DDP: rank 0 holds it
-        yield
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutFolderBusy(f"another training run is writing to {out}; wait for it to end, or choose another --out") from None
-        try:
-            yield
-        finally:
-            if [p.name for p in out.iterdir()] == [".lock"]:  # a run that wrote nothing leaves nothing
-                (out / ".lock").unlink()
-                out.rmdir()
-
-
 def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None) -> dict:
     """Run (or resume) training; returns the last epoch's log record.
 
     on_step(step) is called after every optimizer step; an exception it raises ends the run
     the way Ctrl-C does (KeyboardInterrupt saves the position first).
     """
-    with _exclusive(Path(args.out)):
+    with exclusive(Path(args.out)):
         return _train(args, on_step)
 
 
@@ -296,10 +225,10 @@ class _Run:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.device = _device(args)
+        self.device = device_for(args)
         if args.threads:
             torch.set_num_threads(args.threads)
-        self.ddp = _Dist(self.device)
+        self.ddp = Dist(self.device)
         self.out = Path(args.out)
         self.ckpt_path, self.log_path = self.out / "last.pt", self.out / "log.jsonl"
         if args.batch_size % (self.ddp.world * args.accumulate):
@@ -316,7 +245,7 @@ class _Run:
             [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=args.lr, momentum=args.momentum, nesterov=True,
         )
-        self.amp_dtype = _autocast_dtype(args, self.device)
+        self.amp_dtype = autocast_dtype(args, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.gen = torch.Generator().manual_seed(args.seed)  # data order and augmentation, the same on every rank
         self.progress = Progress()
@@ -380,8 +309,8 @@ class _Run:
         self.progress = p = Progress.from_dict(ckpt)
         if not (self.out / "best.pt").is_file():  # carried without it: the next validated epoch writes one
             p.best_score = -1.0
-        if p.epoch_record and self.ddp.main and _last_logged_epoch(self.log_path) < p.epoch_record["epoch"]:
-            _append_record(self.log_path, p.epoch_record)  # stopped between the checkpoint and its log line
+        if p.epoch_record and self.ddp.main and last_logged_epoch(self.log_path) < p.epoch_record["epoch"]:
+            append_record(self.log_path, p.epoch_record)  # stopped between the checkpoint and its log line
         if self.ddp.main:
             print(f"resuming {path} at epoch {p.epoch + 1}, batch {p.batch_in_epoch}/{self.steps_per_epoch}", flush=True)
         return ckpt
@@ -456,7 +385,7 @@ class _Run:
             p.epoch_record = record
         self.save()  # the checkpoint first, then the log line that announces it (a resume restores a lost line)
         if self.ddp.main:
-            _append_record(self.log_path, record)
+            append_record(self.log_path, record)
         self.ddp.barrier()
 
     def _validate(self) -> dict:
@@ -487,7 +416,7 @@ def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> d
 
     run = _Run(args)
     p = run.progress
-    stop = _StopRequest(args.time_limit)
+    stop = StopRequest(args.time_limit)
     consistent, t0 = True, time.perf_counter()  # consistent: no step is half done, so the state may be saved
     try:
         while p.epoch < args.epochs:
@@ -538,53 +467,6 @@ def _init_record(weights: Path) -> dict | None:
     log = weights.parent / "training-log.jsonl"
     return {"card": json.loads(card.read_text()),
             "log": [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []}
-
-
-def _append_record(log_path: Path, record: dict) -> None:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _last_logged_epoch(log_path: Path) -> int:
-    lines = log_path.read_text().splitlines() if log_path.is_file() else []
-    return json.loads(lines[-1])["epoch"] if lines else 0
-
-
-class Diverged(RuntimeError):
-    """The loss is no longer finite: the run stops before the step that would spoil the weights."""
-
-
-class TimeUp(KeyboardInterrupt):
-    """--time-limit reached: the run stopped as Ctrl-C stops it (saved, resumable)."""
-
-
-class _StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to stop after the current step (a second Ctrl-C stops at once);
-    so does the end of `time_limit` seconds (0: none) counted from now."""
-
-    def __init__(self, time_limit: float = 0.0) -> None:
-        self.requested = False
-        self.deadline = time.perf_counter() + time_limit if time_limit else math.inf
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def check(self) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        if time.perf_counter() > self.deadline:
-            raise TimeUp
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -375,7 +375,7 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_chec
 
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path, tiny_folder):
     out = tmp_path / "run"
-    with train._exclusive(out):  # as a run in another process holds it
+    with train.exclusive(out):  # as a run in another process holds it
         with pytest.raises(train.OutFolderBusy, match="another training run is writing to"):
             train.train(tiny_args(out, tiny_folder, "--epochs", "1"))
     train.train(tiny_args(out, tiny_folder, "--epochs", "1"))  # free again once it ended
