@@ -21,7 +21,7 @@ import time
 import ipywidgets as widgets
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from . import data, evaluate, gradcam, msdnet, viz
 from .cache import fingerprint
@@ -47,18 +47,6 @@ def load_image(content: bytes, size: int = 32) -> torch.Tensor:
     left, top = (img.width - side) // 2, (img.height - side) // 2
     img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="png", compress_level=1)  # fast over small
-    return buf.getvalue()
-
-
-def _overlay(image: torch.Tensor, cam: torch.Tensor | None, alpha: float, scale: int) -> np.ndarray:
-    img = viz.to_hwc(image) if cam is None else viz.overlay(image, cam, alpha)
-    img = (img * 255).astype(np.uint8)
-    return img.repeat(scale, 0).repeat(scale, 1)  # nearest-neighbour: the pixels as the network sees them
 
 
 class _Predictor:
@@ -384,39 +372,12 @@ class Explorer:
             why = "B{k}'s own prediction: your image has no true class"
         self.explains.value = (f"The heatmap shows where B{k} looked for <b>{self.classes[explained]}</b> "
                                f"({why.format(k=k)}); each map is scaled to its own maximum.")
-        self.picture.value = _png(_overlay(image, None, 0, 6))
-        self.overlay.value = _png(_overlay(image, maps[k - 1], self.alpha.value, 6))
-        self.bars.value = self._draw_bars(conf, predicted, right, k)
-        self.strip.value = self._draw_strip(image, maps, right, k)
+        self.picture.value = viz.png(viz.enlarged(image, None, 0, 6))
+        self.overlay.value = viz.png(viz.enlarged(image, maps[k - 1], self.alpha.value, 6))
+        names = [self.classes[int(p)] for p in predicted]
+        self.bars.value = viz.png(viz.prediction_bars(conf.tolist(), names, right, k))
+        self.strip.value = viz.png(viz.exit_strip(image, maps, right, k, self.alpha.value))
         self.last_redraw_s = time.perf_counter() - start
-
-    def _draw_bars(self, conf, predicted, right, k) -> bytes:
-        """One horizontal bar per exit: its prediction, in full, and its confidence in percent."""
-        row, top, label_w, bar_w = 17, 16, 28, 150
-        w, h = label_w + bar_w + 120, top + row * self.n_exits + 4
-        img = Image.new("RGB", (w, h), "white")
-        d = ImageDraw.Draw(img)
-        d.text((2, 2), "each exit's prediction and confidence", fill="black")
-        for j in range(self.n_exits):
-            y = top + j * row
-            fill = viz.NEUTRAL if right[j] is None else viz.RIGHT if right[j] else viz.WRONG
-            d.text((2, y + 3), f"B{j + 1}", fill="black")
-            d.rectangle([label_w, y + 2, label_w + bar_w * float(conf[j]), y + row - 2], fill=fill,
-                        outline="black" if j == k - 1 else None, width=2 if j == k - 1 else 0)
-            d.text((label_w + bar_w + 4, y + 3), f"{self.classes[int(predicted[j])]} {float(conf[j]):.0%}", fill="black")
-        return _png(np.asarray(img))
-
-    def _draw_strip(self, image, maps, right, k) -> bytes:
-        tile, gap = 64, 6
-        strip = Image.new("RGB", (self.n_exits * (tile + gap), tile + 16), "white")
-        d = ImageDraw.Draw(strip)
-        for j in range(self.n_exits):
-            x0 = j * (tile + gap)
-            strip.paste(Image.fromarray(_overlay(image, maps[j], self.alpha.value, 2)), (x0, 14))
-            colour = viz.NEUTRAL if right[j] is None else viz.RIGHT if right[j] else viz.WRONG
-            d.rectangle([x0, 14, x0 + tile - 1, 14 + tile - 1], outline=colour, width=3 if j == k - 1 else 1)
-            d.text((x0 + 2, 1), f"B{j + 1}", fill=colour)
-        return _png(np.asarray(strip))
 
 
 def explore(model: msdnet.MSDNet, split: str | data.Split = "test", source=None) -> widgets.Widget:

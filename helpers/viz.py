@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import io
+
 import matplotlib.pyplot as plt
 import numpy as np
+from PIL import Image, ImageDraw
 from matplotlib import colormaps
 from torch import Tensor
 
 from . import data
 
-__all__ = ["to_hwc", "overlay", "show_overlay", "exit_grid", "RIGHT", "WRONG", "NEUTRAL"]
+__all__ = ["to_hwc", "overlay", "show_overlay", "exit_grid", "RIGHT", "WRONG", "NEUTRAL", "png", "enlarged",
+           "prediction_bars", "exit_strip"]
 
 # The colours of a right and a wrong answer (and of an answer with no label), for matplotlib, PIL and HTML alike:
 # matplotlib's tab:green and tab:red.
@@ -68,3 +72,54 @@ def exit_grid(images: Tensor, maps: Tensor, labels: Tensor, predicted: Tensor, e
                 spine.set_edgecolor(RIGHT if right else WRONG); spine.set_linewidth(2)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------- the explorer's pictures (PIL: fast)
+
+
+def _colour(right: bool | None) -> str:
+    return NEUTRAL if right is None else RIGHT if right else WRONG
+
+
+def png(array: np.ndarray | Image.Image) -> bytes:
+    """An image as PNG bytes, compressed lightly: small pictures, drawn often."""
+    buf = io.BytesIO()
+    (array if isinstance(array, Image.Image) else Image.fromarray(array)).save(buf, format="png", compress_level=1)
+    return buf.getvalue()
+
+
+def enlarged(image: Tensor, cam: Tensor | None, alpha: float, scale: int) -> np.ndarray:
+    """The image (with the map blended over it, if given) as uint8 [H * scale, W * scale, 3], enlarged by
+    repeating pixels: the pixels as the network sees them, not smoothed."""
+    img = to_hwc(image) if cam is None else overlay(image, cam, alpha)
+    img = (img * 255).astype(np.uint8)
+    return img.repeat(scale, 0).repeat(scale, 1)
+
+
+def prediction_bars(confidence: Sequence[float], names: Sequence[str], right: Sequence[bool | None], chosen: int) -> Image.Image:
+    """One horizontal bar per exit: its confidence, coloured right/wrong, with the predicted class in full
+    and the percentage; exit `chosen` (1-based) outlined."""
+    row, top, label_w, bar_w = 17, 16, 28, 150
+    img = Image.new("RGB", (label_w + bar_w + 120, top + row * len(names) + 4), "white")
+    d = ImageDraw.Draw(img)
+    d.text((2, 2), "each exit's prediction and confidence", fill="black")
+    for j, (conf, name) in enumerate(zip(confidence, names)):
+        y = top + j * row
+        d.text((2, y + 3), f"B{j + 1}", fill="black")
+        d.rectangle([label_w, y + 2, label_w + bar_w * float(conf), y + row - 2], fill=_colour(right[j]),
+                    outline="black" if j == chosen - 1 else None, width=2 if j == chosen - 1 else 0)
+        d.text((label_w + bar_w + 4, y + 3), f"{name} {float(conf):.0%}", fill="black")
+    return img
+
+
+def exit_strip(image: Tensor, maps: Tensor, right: Sequence[bool | None], chosen: int, alpha: float = 0.5) -> Image.Image:
+    """Every exit's map over the image, side by side, framed right/wrong; exit `chosen` framed thicker."""
+    tile, gap = 2 * image.shape[-1], 6
+    strip = Image.new("RGB", (len(maps) * (tile + gap), tile + 16), "white")
+    d = ImageDraw.Draw(strip)
+    for j in range(len(maps)):
+        x0 = j * (tile + gap)
+        strip.paste(Image.fromarray(enlarged(image, maps[j], alpha, 2)), (x0, 14))
+        d.rectangle([x0, 14, x0 + tile - 1, 14 + tile - 1], outline=_colour(right[j]), width=3 if j == chosen - 1 else 1)
+        d.text((x0 + 2, 1), f"B{j + 1}", fill=_colour(right[j]))
+    return strip

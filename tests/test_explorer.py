@@ -199,3 +199,18 @@ def test_an_upload_keeps_its_aspect_ratio_and_back_clears_the_button(app):
     assert "centre square" in app.status.value and len(app.upload.value) == 1
     app.back.click()
     assert app.uploaded is None and len(app.upload.value) == 0 and app.back.description == "Back to the test images"
+
+
+def test_the_explorers_pictures_are_drawn_by_viz_with_known_colours():
+    from helpers import viz
+
+    bars = viz.prediction_bars([1.0, 0.5], ["cat", "dog"], [True, False], chosen=2)
+    px = np.asarray(bars)
+    assert tuple(px[16 + 8, 28 + 140]) == (0x2C, 0xA0, 0x2C)  # row 1, a full bar: right, green
+    assert tuple(px[16 + 17 + 8, 28 + 40]) == (0xD6, 0x27, 0x28)  # row 2, half a bar: wrong, red
+    assert tuple(px[16 + 17 + 8, 28 + 120]) == (255, 255, 255)  # beyond its 50%: white
+    image = torch.zeros(3, 32, 32)
+    strip = viz.exit_strip(image, torch.zeros(3, 32, 32), [True, None, False], chosen=1)
+    assert strip.size == (3 * (64 + 6), 64 + 16)
+    assert viz.png(strip).startswith(b"\x89PNG")
+    assert viz.enlarged(image, None, 0, 6).shape == (192, 192, 3)
