@@ -117,14 +117,16 @@ def judge_groups(values: Tensor, group: Tensor, n_boot: int = 2000, level: float
                         - b[torch.randint(0, len(b), (len(b),), generator=g)].mean() for _ in range(n_boot)])
     tail = (1 - level) / 2
     low, high = boot.quantile(torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    word = "SUPPORTED" if low > 0 else "CONTRADICTED" if high < 0 else "NOT SUPPORTED"
-    return Verdict(word, (a.mean() - b.mean()).item(), low, high)
+    return _verdict((a.mean() - b.mean()).item(), low, high)
 
 
 def judge(values: Tensor, **kw) -> Verdict:
     """The rule: the mean of per-image `values` (the claimed effect, positive if the claim holds) with
     its bootstrap interval; SUPPORTED above zero, CONTRADICTED below, else NOT SUPPORTED."""
-    effect, low, high = bootstrap_ci(values, **kw)
+    return _verdict(*bootstrap_ci(values, **kw))
+
+
+def _verdict(effect: float, low: float, high: float) -> Verdict:
     word = "SUPPORTED" if low > 0 else "CONTRADICTED" if high < 0 else "NOT SUPPORTED"
     return Verdict(word, effect, low, high)
 

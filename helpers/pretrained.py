@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import atomic, checkpoint, data, msdnet
-from .train import exit_accuracies
+from .train import exit_accuracies, init_record_of
 
 __all__ = ["PRETRAINED_DIR", "WEIGHTS_NAME", "load", "sha256", "export"]
 
@@ -94,11 +94,7 @@ def _parent(last: dict) -> dict | None:
     if last.get("init_record"):
         return last["init_record"]
     init = last["run"].get("init_from")
-    if not init or not _card_path(Path(init)).is_file():
-        return None
-    log = Path(init).parent / "training-log.jsonl"
-    return {"card": json.loads(_card_path(Path(init)).read_text()),
-            "log": [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []}
+    return init_record_of(Path(init)) if init else None
 
 
 def _chained_log(run_dir: Path, parent: dict | None, up_to_epoch: int) -> list[dict]:

@@ -285,7 +285,7 @@ class _Run:
                 raise FileExistsError(f"{path} exists: continue it with --resume, or choose another --out")
             if args.init_from:
                 checkpoint.load_weights(self.model, checkpoint.read(args.init_from), args.init_from)
-                self.init_record = _init_record(Path(args.init_from))
+                self.init_record = init_record_of(Path(args.init_from))
             return None
         if not path.exists():
             raise checkpoint.CheckpointError(f"--resume: there is no {path} to resume; drop --resume to start a new run")
@@ -457,7 +457,7 @@ def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> d
     return p.epoch_record
 
 
-def _init_record(weights: Path) -> dict | None:
+def init_record_of(weights: Path) -> dict | None:
     """The card and training log beside the weights a run starts from, kept in the run: an export
     chains the new card to them even if the shipped files were replaced in between (say, by an export
     of this same run's best epoch so far)."""
