@@ -6,6 +6,7 @@
     bootstrap_ci(values)                   # the mean and its 95% interval, resampling images
     judge(values)                          # a Verdict: SUPPORTED / NOT SUPPORTED / CONTRADICTED
     class_best_exits(preds)                # per class: the best exit, and whether it beats the overall best
+    best_exit_null(preds)                  # do classes differ in their best exit more than random groups do?
     cascading_randomization(model, x, k)   # the sanity check of Adebayo et al. for exit k
 
 maps are raw class activation maps [N, exits, h, w] (gradcam.maps_for_split). A map that is all
@@ -28,7 +29,7 @@ from . import evaluate, gradcam, msdnet
 
 __all__ = [
     "valid", "span", "entropy", "map_correlation", "consistency", "overthinking",
-    "bootstrap_ci", "Verdict", "judge", "judge_groups", "class_best_exits", "rank_correlation", "cascading_randomization",
+    "bootstrap_ci", "Verdict", "judge", "judge_groups", "class_best_exits", "BestExitNull", "best_exit_null", "rank_correlation", "cascading_randomization",
 ]
 
 
@@ -150,6 +151,35 @@ def class_best_exits(preds: evaluate.Predictions, **kw) -> ClassBest:
         best.append(b)
         verdicts.append(judge(mine[:, b] - mine[:, overall], **kw) if len(mine) > 1 else None)
     return ClassBest(torch.tensor(best), overall, verdicts)
+
+
+class BestExitNull(NamedTuple):
+    gain: float  # mean over classes of accuracy(class's best exit) - accuracy(overall best exit), on the class
+    null_mean: float  # the same gain, averaged over random groups of the same sizes
+    p_value: float  # share of random groupings whose gain is at least `gain` (with the +1 correction)
+
+
+def best_exit_null(preds: evaluate.Predictions, n_perm: int = 1000, seed: int = 0) -> BestExitNull:
+    """A permutation test of "the best exit differs between classes". Picking each class's best of ten
+    exits gains something over the overall best exit even when classes do not matter at all, from noise
+    alone. The null: shuffle the class labels over the images (groups of the same sizes, no class in
+    them) and measure the same gain. Only a gain well above the null's says the classes differ."""
+    correct = preds.correct.double()                      # [N, exits]
+    n_classes = preds.logits.shape[-1]
+
+    def gain(labels: Tensor) -> float:
+        onehot = torch.nn.functional.one_hot(labels, n_classes).double()  # [N, classes]
+        counts = onehot.sum(0).clamp(min=1)[:, None]
+        table = onehot.T @ correct / counts                 # [classes, exits]: accuracy per class and exit
+        overall = int(correct.mean(0).argmax())
+        present = onehot.sum(0) > 0
+        return (table.amax(1) - table[:, overall])[present].mean().item()
+
+    observed = gain(preds.labels)
+    g = torch.Generator().manual_seed(seed)
+    null = torch.tensor([gain(preds.labels[torch.randperm(len(preds.labels), generator=g)]) for _ in range(n_perm)])
+    p = (1 + (null >= observed - 1e-12).sum().item()) / (1 + n_perm)
+    return BestExitNull(observed, null.mean().item(), p)
 
 
 # ----------------------------------------------------------------------------- the sanity check

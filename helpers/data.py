@@ -52,6 +52,27 @@ class DataNotFoundError(RuntimeError):
     pass
 
 
+def _short_error_in_notebooks() -> None:
+    """In Jupyter, a missing dataset shows its message alone, not behind a long traceback through
+    torchvision and this module: the message already says what to do."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+
+    def show(shell, etype, value, tb, tb_offset=None):
+        # _showtraceback is the hook the kernel overrides to send an error output: one entry, the message
+        shell._showtraceback(etype, value, [f"{etype.__name__}: {value}"])
+
+    shell.set_custom_exc((DataNotFoundError,), show)
+
+
+_short_error_in_notebooks()
+
+
 class Split(NamedTuple):
     images: Tensor  # uint8 [N, 3, 32, 32]
     labels: Tensor  # int64 [N]

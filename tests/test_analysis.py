@@ -86,6 +86,30 @@ def test_a_class_whose_best_exit_really_differs_is_told_from_noise():
     assert result.verdicts[2].effect == 0.0
 
 
+def test_the_best_exit_null_tells_real_class_differences_from_selection_noise():
+    """Two exits, two classes of 500. Real: exit 1 is right on all of class 0 and half of class 1, exit 2
+    the other way round: each class's best exit gains 0.5 over the overall best, far above any random
+    grouping (p at its floor 1/(n+1)). Noise: both exits right at random with the same rate, the
+    classes play no part: the gain is what random groups give (p not small)."""
+    def preds_from(right: torch.Tensor, labels: torch.Tensor) -> evaluate.Predictions:
+        # right [N, exits] bool -> logits whose argmax is the label where right, another class where wrong
+        wrong_class = 1 - labels
+        cls = torch.where(right, labels[:, None], wrong_class[:, None])
+        return evaluate.Predictions(torch.nn.functional.one_hot(cls, 2).float() * 5, labels)
+
+    labels = torch.cat([torch.zeros(500), torch.ones(500)]).long()
+    half = torch.arange(1000) % 2 == 0
+    right = torch.stack([(labels == 0) | half, (labels == 1) | half], 1)
+    real = analysis.best_exit_null(preds_from(right, labels), n_perm=200)
+    assert real.gain == pytest.approx(0.25)  # class 0: exit 1 = 1.0 vs overall best exit 1 -> 0; class 1: 1.0 - 0.5
+    assert real.p_value == pytest.approx(1 / 201) and real.null_mean < 0.05
+
+    g = torch.Generator().manual_seed(1)
+    noise = analysis.best_exit_null(preds_from(torch.rand(1000, 2, generator=g) < 0.8, labels), n_perm=200)
+    assert noise.p_value > 0.05
+    assert noise.gain == pytest.approx(noise.null_mean, abs=0.03)
+
+
 def test_rank_correlation_handles_monotone_maps_and_ties():
     a = torch.tensor([[0.0, 0.0, 1.0, 2.0, 5.0]])
     assert analysis.rank_correlation(a, a.exp()).item() == pytest.approx(1.0)

@@ -266,3 +266,20 @@ def test_crop_flip_is_reproducible_and_works_on_uint8():
     assert a.dtype == torch.uint8 and torch.equal(a, b)
     assert torch.equal(data.random_crop_flip(x, padding=0, generator=torch.Generator().manual_seed(5)).sort(3).values,
                        x.sort(3).values)  # no padding: only flips, which keep every row's pixels
+
+
+def test_a_notebook_shows_a_missing_dataset_as_its_message_alone(tmp_path):
+    """In Jupyter the reader sees the message (what to do), not a long traceback before it."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell(
+        f"import sys; sys.path.insert(0, {str(Path(data.__file__).parent.parent)!r})\n"
+        f"from helpers import data\ndata.load('test', source={str(tmp_path / 'missing.tar.gz')!r})"))
+    NotebookClient(nb, timeout=120, allow_errors=True, kernel_name="python3").execute()
+    error = [o for o in nb.cells[0].outputs if o.output_type == "error"]
+    assert len(error) == 1, nb.cells[0].outputs
+    shown = "\n".join(error[0].traceback)
+    assert shown.startswith("DataNotFoundError: CIFAR-10 could not be loaded: ") and "missing.tar.gz does not exist" in shown
+    assert f"{data.ENV_SOURCE}=PATH" in shown and "Traceback" not in shown and len(shown) < 1500
