@@ -122,7 +122,8 @@ def _chosen_weights(run_dir: Path) -> tuple[dict, dict, Path]:
         best = checkpoint.read(run_dir / "best.pt")
         # A run brought back from a GPU machine may carry best.pt alone (last.pt, with the optimizer, is large).
         last = checkpoint.read(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else best
-        return best, last, run_dir / "best.pt"
+        trained = _trained_if_better(run_dir, last, best)
+        return (trained, last, run_dir / "last.pt") if trained else (best, last, run_dir / "best.pt")
     last = checkpoint.read(run_dir / "last.pt")
     if last.get("batch_in_epoch"):
         raise checkpoint.CheckpointError(
@@ -138,6 +139,20 @@ def _chosen_weights(run_dir: Path) -> tuple[dict, dict, Path]:
     if records and records[-1]["eval_split"] == "val" and records[-1]["epoch"] == last["epoch"]:
         chosen["val_accuracy_per_exit"] = records[-1]["acc_ema" if chosen["weights"] == "ema" else "acc"]
     return chosen, last, run_dir / "last.pt"
+
+
+def _trained_if_better(run_dir: Path, last: dict, best: dict) -> dict | None:
+    """At the end of a cosine schedule the trained weights can overtake their moving average, which lags
+    them by about 1 / (1 - decay) steps. When the last epoch's trained weights (validated at an epoch
+    boundary, like the average) score higher on validation than best.pt, they are the ones to ship."""
+    if last is best or last.get("batch_in_epoch") or best.get("weights") != "ema" or not best.get("val_accuracy_per_exit"):
+        return None
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    mine = [r for r in records if r["epoch"] == last["epoch"] and r.get("eval_split") == "val"]
+    if not mine or _mean(mine[-1]["acc"]) <= _mean(best["val_accuracy_per_exit"]):
+        return None
+    return {"config": last["config"], "model": last["model"], "weights": "trained", "epoch": last["epoch"],
+            "elapsed_s": last["elapsed_s"], "hardware": last.get("hardware"), "val_accuracy_per_exit": mine[-1]["acc"]}
 
 
 def _refuse_if_worse(val_acc: list[float] | None, shipped_card: Path, source_file: Path) -> None:

@@ -139,8 +139,7 @@ def test_a_second_cycle_keeps_the_first_cycles_record(tmp_path, tiny_folder):
 def test_weights_worse_on_validation_than_the_shipped_ones_are_not_exported(tmp_path, tiny_folder):
     train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "1", "--ema", "0.5"))
     out = tmp_path / "shipped"
-    first = pretrained.export(tmp_path / "run", out, command="first", hardware="test", source=tiny_folder)
-    assert first["training"]["weights"] == "ema"
+    pretrained.export(tmp_path / "run", out, command="first", hardware="test", source=tiny_folder)
     card_path = out / "msdnet-cifar10-anytime.json"
     card = json.loads(card_path.read_text())
     card["val_accuracy_per_exit"] = [1.0] * 4  # as if the shipped weights were perfect
@@ -152,6 +151,25 @@ def test_weights_worse_on_validation_than_the_shipped_ones_are_not_exported(tmp_
     again = pretrained.export(tmp_path / "run", out, command="second", hardware="test", source=tiny_folder,
                               allow_worse=True)
     assert again["training"]["command"] == "second"
+
+
+def test_the_last_trained_weights_ship_when_they_beat_the_moving_average_on_validation(tmp_path, tiny_folder):
+    train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "1", "--ema", "0.5"))
+    log_path = tmp_path / "run" / "log.jsonl"
+    record = json.loads(log_path.read_text().splitlines()[-1])
+    best = checkpoint.read(tmp_path / "run" / "best.pt")
+    assert best["weights"] == "ema" and best["val_accuracy_per_exit"] == record["acc_ema"]
+    for trained_acc, shipped in ((0.0, "ema"), (1.0, "trained")):  # the trained weights worse, then better
+        log_path.write_text(json.dumps({**record, "acc": [trained_acc] * len(record["acc"])}) + "\n")
+        card = pretrained.export(tmp_path / "run", tmp_path / f"out-{shipped}", command="c", hardware="test",
+                                 source=tiny_folder)
+        assert card["training"]["weights"] == shipped
+        assert card["val_accuracy_per_exit"] == (record["acc_ema"] if shipped == "ema" else [1.0] * len(record["acc"]))
+    last = checkpoint.read(tmp_path / "run" / "last.pt")
+    shipped_model = pretrained.load(tmp_path / "out-trained" / pretrained.WEIGHTS_NAME)
+    for k, v in shipped_model.state_dict().items():  # the trained weights, not the average (to half precision)
+        if v.is_floating_point():
+            torch.testing.assert_close(v, last["model"][k].half().float())
 
 
 @pytest.mark.slow

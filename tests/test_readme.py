@@ -34,6 +34,7 @@ def table_row(label: str) -> list[float]:
 def test_results_table_shows_the_cards_accuracy_and_costs():
     assert table_row("**shipped checkpoint**") == [round(a * 100, 1) for a in CARD["test_accuracy_per_exit"]]
     assert table_row("multiply-accumulates") == [round(m / 1e6, 1) for m in CARD["macs_per_exit"]]
+    assert table_row("shipped checkpoint, flip") == [round(a * 100, 1) for a in CARD["test_accuracy_per_exit_flip_tta"]]
     epochs = re.search(r"\*\*shipped checkpoint\*\* \((\d+) CPU epochs\)", README).group(1)
     assert int(epochs) == CARD["training"]["total_epochs"]
 
