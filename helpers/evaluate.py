@@ -29,6 +29,8 @@ from . import data, msdnet
 from .cache import cached, lookup, store
 
 __all__ = [
+    "exit_logits",
+    "exit_accuracies",
     "Predictions",
     "predict",
     "cached_predictions",
@@ -100,6 +102,31 @@ def _score(logits: Tensor, kind: str) -> Tensor:
 SCORES = ("confidence", "margin", "entropy")
 
 
+def exit_logits(model: nn.Module, x: Tensor, flip: bool = False) -> list[Tensor]:
+    """Every exit's logits for a batch; flip=True is test-time augmentation: the logits for the images and
+    for their horizontal mirrors, averaged (twice the multiply-accumulates). The one place it is written."""
+    logits = model(x)
+    if flip:
+        logits = [(a + b) / 2 for a, b in zip(logits, model(x.flip(-1)))]
+    return logits
+
+
+@torch.no_grad()
+def exit_accuracies(model: nn.Module, split: data.Split, batch_size: int = 500, device=None,
+                    flip: bool = False) -> list[float]:
+    """Share of `split` each exit classifies correctly, counted batch by batch (nothing cached, nothing
+    kept: what training's validation and the export need)."""
+    device = device or next(model.parameters()).device
+    correct = None
+    with msdnet.eval_mode(model):
+        for i in range(0, len(split), batch_size):
+            x = split.images[i : i + batch_size].to(device).float().div_(255)
+            y = split.labels[i : i + batch_size].to(device)
+            hits = torch.stack([(z.argmax(1) == y).sum() for z in exit_logits(model, x, flip)])
+            correct = hits if correct is None else correct + hits
+    return (correct.double() / len(split)).tolist()
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -126,10 +153,7 @@ def predict(
         with msdnet.eval_mode(model):
             for i in tqdm(range(0, len(split), batch_size), desc="predicting", unit="batch", leave=False):
                 x = split.images[i : i + batch_size].to(device).float().div_(255)
-                logits = torch.stack(model(x), dim=1).float()
-                if flip:
-                    logits = (logits + torch.stack(model(x.flip(-1)), dim=1).float()) / 2
-                chunks.append(logits.cpu())
+                chunks.append(torch.stack(exit_logits(model, x, flip), dim=1).float().cpu())
         return {"logits": torch.cat(chunks), "labels": split.labels.clone()}
 
     saved = cached("predictions_flip" if flip else "predictions", model, split.images, split.labels, run, cache_dir, enabled=cache)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from . import atomic, checkpoint, data, msdnet
-from .train import exit_accuracies, init_record_of
+from .evaluate import exit_accuracies
+from .train import init_record_of
 
 __all__ = ["PRETRAINED_DIR", "WEIGHTS_NAME", "load", "sha256", "export"]
 

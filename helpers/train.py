@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import atomic, checkpoint, data, msdnet
+from .evaluate import exit_accuracies  # validation after every epoch; also train.exit_accuracies for older code
 from .runs import (  # noqa: F401  (OutFolderBusy, TimeUp, exclusive: part of this module's interface too)
     Diverged, Dist, OutFolderBusy, StopRequest, TimeUp, append_record, autocast_dtype, device_for, exclusive,
     hardware_name, last_logged_epoch,
@@ -144,22 +145,6 @@ def multi_exit_loss(logits: list[Tensor], labels: Tensor, label_smoothing: float
 
 
 @torch.no_grad()
-def exit_accuracies(model: nn.Module, split: data.Split, batch_size: int = 500, device=None,
-                    flip: bool = False) -> list[float]:
-    """Share of `split` each exit classifies correctly; flip=True averages each exit's logits for the
-    image and its mirror (test-time augmentation, at twice the cost)."""
-    device = device or next(model.parameters()).device
-    correct = None
-    with msdnet.eval_mode(model):
-        for i in range(0, len(split), batch_size):
-            x = split.images[i : i + batch_size].to(device).float().div_(255)
-            y = split.labels[i : i + batch_size].to(device)
-            logits = model(x)
-            if flip:
-                logits = [(a + b) / 2 for a, b in zip(logits, model(x.flip(-1)))]
-            hits = torch.stack([(z.argmax(1) == y).sum() for z in logits])
-            correct = hits if correct is None else correct + hits
-    return (correct.double() / len(split)).tolist()
 
 
 # ----------------------------------------------------------------------------- set-up
