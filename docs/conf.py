@@ -13,7 +13,9 @@ from pathlib import Path
 _here = Path(__file__).resolve().parent
 (_here / "notebooks").mkdir(exist_ok=True)
 for _nb in sorted((_here.parent / "notebooks").glob("*.ipynb")):
-    shutil.copy2(_nb, _here / "notebooks" / _nb.name)
+    # On the site the README is the front page (index.md includes it), so a notebook's link to a README
+    # section points there; on GitHub the same link opens README.md.
+    (_here / "notebooks" / _nb.name).write_text(_nb.read_text().replace("../README.md#", "../index.md#"))
 shutil.copy2(_here.parent / "README.md", _here / "README.md")
 
 project = "Visualizing MSD-Net with Grad-CAM"
