@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import REAL_SOURCE
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+sys.path.insert(0, str(ROOT / "tools"))
+from drop_progress_bars import drop, is_progress_bar  # noqa: E402  (tools/ is not a package)
 
 
 def test_the_series_is_there_and_the_readme_lists_every_notebook():
@@ -23,7 +26,30 @@ def test_committed_executed_top_to_bottom_without_errors(path):
     cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
     assert [c["execution_count"] for c in cells] == list(range(1, len(cells) + 1))
     assert not [o for c in cells for o in c["outputs"] if o["output_type"] == "error"]
-    assert any("# NBVAL_CHECK_OUTPUT" in "".join(c["source"]) for c in cells) or path.name >= "03"
+    assert any("".join(c["source"]).startswith("# NBVAL_CHECK_OUTPUT") for c in cells), "no output nbval checks"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_a_static_page_shows_no_half_drawn_progress_bar(path):
+    """A finished bar vanishes from a live notebook; the stored first frame ("0/20") must not stay."""
+    outputs = [o for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+    assert not [o for o in outputs if is_progress_bar(o)]
+
+
+def test_progress_bars_are_told_from_other_outputs(tmp_path):
+    bar = {"output_type": "display_data", "metadata": {}, "data": {
+        "application/vnd.jupyter.widget-view+json": {"model_id": "x", "version_major": 2, "version_minor": 0},
+        "text/plain": "predicting:   0%|          | 0/20 [00:00<?, ?batch/s]"}}
+    app = {"output_type": "display_data", "metadata": {}, "data": {
+        "application/vnd.jupyter.widget-view+json": {"model_id": "y", "version_major": 2, "version_minor": 0},
+        "text/plain": "VBox(children=(Dropdown(description='Class'),))"}}
+    printed = {"output_type": "stream", "name": "stdout", "text": "epoch 1:  50%|#####     | 1/2 [00:01<00:01]\n"}
+    nb = {"cells": [{"cell_type": "code", "outputs": [bar, app, printed], "source": "", "metadata": {}}],
+          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    path = tmp_path / "n.ipynb"
+    path.write_text(json.dumps(nb))
+    assert drop(path) == 1
+    assert json.loads(path.read_text())["cells"][0]["outputs"] == [app, printed]
 
 
 @pytest.mark.slow
