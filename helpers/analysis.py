@@ -166,14 +166,13 @@ def best_exit_null(preds: evaluate.Predictions, n_perm: int = 1000, seed: int = 
     them) and measure the same gain. Only a gain well above the null's says the classes differ."""
     correct = preds.correct.double()                      # [N, exits]
     n_classes = preds.logits.shape[-1]
+    overall = int(correct.mean(0).argmax())               # the same for every grouping of the images
 
     def gain(labels: Tensor) -> float:
         onehot = torch.nn.functional.one_hot(labels, n_classes).double()  # [N, classes]
-        counts = onehot.sum(0).clamp(min=1)[:, None]
-        table = onehot.T @ correct / counts                 # [classes, exits]: accuracy per class and exit
-        overall = int(correct.mean(0).argmax())
-        present = onehot.sum(0) > 0
-        return (table.amax(1) - table[:, overall])[present].mean().item()
+        counts = onehot.sum(0)
+        table = onehot.T @ correct / counts.clamp(min=1)[:, None]  # [classes, exits]: accuracy per class and exit
+        return (table.amax(1) - table[:, overall])[counts > 0].mean().item()
 
     observed = gain(preds.labels)
     g = torch.Generator().manual_seed(seed)

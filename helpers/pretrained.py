@@ -131,15 +131,28 @@ def _chosen_weights(run_dir: Path) -> tuple[dict, dict, Path]:
             f"{run_dir / 'last.pt'} was saved in the middle of epoch {last['epoch'] + 1} (batch {last['batch_in_epoch']}), "
             "so its weights were never validated: finish the epoch with --resume, then export"
         )
-    chosen = {"config": last["config"], "model": last["model"], "weights": "trained", "epoch": last["epoch"],
-              "elapsed_s": last["elapsed_s"], "hardware": last.get("hardware"), "val_accuracy_per_exit": None}
-    if "ema" in last:  # AveragedModel's state: the averaged model's under "module.", and a step count
-        chosen["model"] = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
-        chosen["weights"] = "ema"
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    if records and records[-1]["eval_split"] == "val" and records[-1]["epoch"] == last["epoch"]:
-        chosen["val_accuracy_per_exit"] = records[-1]["acc_ema" if chosen["weights"] == "ema" else "acc"]
+    chosen = _last_weights(last, "ema" if "ema" in last else "trained")
+    record = _val_record(run_dir, last["epoch"])
+    if record:
+        chosen["val_accuracy_per_exit"] = record["acc_ema" if chosen["weights"] == "ema" else "acc"]
     return chosen, last, run_dir / "last.pt"
+
+
+def _last_weights(last: dict, kind: str) -> dict:
+    """last.pt's trained weights, or ("ema") its moving average, as a checkpoint export can ship."""
+    model = last["model"]
+    if kind == "ema":  # AveragedModel's state: the averaged model's under "module.", and a step count
+        model = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    return {"config": last["config"], "model": model, "weights": kind, "epoch": last["epoch"],
+            "elapsed_s": last["elapsed_s"], "hardware": last.get("hardware"), "val_accuracy_per_exit": None}
+
+
+def _val_record(run_dir: Path, epoch: int) -> dict | None:
+    """The run log's validation record of `epoch` when it is the last record, else None."""
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    if records and records[-1]["eval_split"] == "val" and records[-1]["epoch"] == epoch:
+        return records[-1]
+    return None
 
 
 def _trained_if_better(run_dir: Path, last: dict, best: dict) -> dict | None:
@@ -148,12 +161,10 @@ def _trained_if_better(run_dir: Path, last: dict, best: dict) -> dict | None:
     boundary, like the average) score higher on validation than best.pt, they are the ones to ship."""
     if last is best or last.get("batch_in_epoch") or best.get("weights") != "ema" or not best.get("val_accuracy_per_exit"):
         return None
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    mine = [r for r in records if r["epoch"] == last["epoch"] and r.get("eval_split") == "val"]
-    if not mine or _mean(mine[-1]["acc"]) <= _mean(best["val_accuracy_per_exit"]):
+    record = _val_record(run_dir, last["epoch"])
+    if not record or _mean(record["acc"]) <= _mean(best["val_accuracy_per_exit"]):
         return None
-    return {"config": last["config"], "model": last["model"], "weights": "trained", "epoch": last["epoch"],
-            "elapsed_s": last["elapsed_s"], "hardware": last.get("hardware"), "val_accuracy_per_exit": mine[-1]["acc"]}
+    return {**_last_weights(last, "trained"), "val_accuracy_per_exit": record["acc"]}
 
 
 def _refuse_if_worse(val_acc: list[float] | None, shipped_card: Path, source_file: Path) -> None:

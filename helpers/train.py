@@ -144,9 +144,6 @@ def multi_exit_loss(logits: list[Tensor], labels: Tensor, label_smoothing: float
     return sum((1 - distill) * c + distill * k for c, k in zip(ce, kd)) + ce[-1]
 
 
-@torch.no_grad()
-
-
 # ----------------------------------------------------------------------------- set-up
 
 
