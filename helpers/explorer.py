@@ -250,28 +250,25 @@ class Explorer:
         self.count.value = f"{where}{n:,} {self.split_name} images that pass the filters (of {total:,})"
 
     def _update_scales(self) -> None:
-        options = gradcam.sites(self.model, self.exit_number)
-        sizes = sorted({s.size for s in options})
-        # per size, the latest map of that size that feeds this exit
-        self._finest = {size: max((s for s in options if s.size == size), key=lambda s: (s.block, s.layer))
-                        for size in sizes}
+        sizes = sorted({s.size for s in gradcam.sites(self.model, self.exit_number)})
+        self._finest = {size: gradcam.latest_site(self.model, self.exit_number, size) for size in sizes}
         with self.scale.hold_trait_notifications():
             keep = self.scale.value if self.scale.value in sizes else min(sizes)
             self.scale.options = sizes
             self.scale.value = keep
 
-    def _target(self, index: int | None):
-        if self.target.value == "predicted":
-            return None
+    def _target(self, index: int | None) -> tuple[str, torch.Tensor | None]:
+        """(target, labels) for gradcam.compute: the dropdown's value is one of gradcam.TARGETS already;
+        an upload has no true class, so "true" falls back to the prediction there."""
         if self.target.value == "true":
-            return None if index is None else int(self.preds.labels[index])
-        return self.classes.index(self.target.value)
+            return ("true", self.preds.labels[index : index + 1]) if index is not None else ("predicted", None)
+        return self.target.value, None
 
     def maps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(maps [exits, 32, 32] in [0, 1] for the shown image at the chosen scale, logits [exits, classes]).
         The default scale gives every exit's map from one pass and is kept per image, target and method."""
         index, image = self.current_index(), self.current_image()
-        target = self._target(index)
+        target, labels = self._target(index)
         method = self.method.value
         # An upload is known by its pixels: ids of freed tensors are reused, and would show an old answer.
         shown = index if index is not None else ("upload", fingerprint([self.uploaded]))
@@ -279,7 +276,7 @@ class Explorer:
             self._maps.clear()
         key = (shown, target, method)
         if key not in self._maps:  # all exits at the classifiers' own 8x8 maps: one trunk pass
-            cam = gradcam.compute(self.model, image[None], list(range(1, self.n_exits + 1)), target, None, method)
+            cam = gradcam.compute(self.model, image[None], list(range(1, self.n_exits + 1)), target, None, method, labels)
             self._maps[key] = (gradcam.normalize(cam.maps[0], self.model.config.image_size), cam.logits[0])
         maps, logits = self._maps[key]
         if self.scale.value == self.model.config.coarsest_size:
@@ -287,7 +284,7 @@ class Explorer:
         k = self.exit_number
         fine_key = (*key, k, self.scale.value)  # a finer map exists for this exit only; the others stay 8x8
         if fine_key not in self._maps:
-            fine = gradcam.compute(self.model, image[None], [k], target, self._finest[self.scale.value], method)
+            fine = gradcam.compute(self.model, image[None], [k], target, self._finest[self.scale.value], method, labels)
             self._maps[fine_key] = gradcam.normalize(fine.maps[0, 0], self.model.config.image_size)
         maps = maps.clone()
         maps[k - 1] = self._maps[fine_key]
@@ -365,8 +362,8 @@ class Explorer:
         colour = viz.RIGHT if right[k - 1] else viz.WRONG if right[k - 1] is False else viz.NEUTRAL
         self.title.value = (f"<b>{name}</b> — B{k} says <span style='color:{colour}'>"
                             f"{self.classes[int(predicted[k - 1])]} ({conf[k - 1]:.0%}){verdict}</span>")
-        target = self._target(index)
-        explained = int(predicted[k - 1]) if target is None else target
+        target, labels = self._target(index)
+        explained = int(gradcam.targets_for(target, logits[k - 1 : k], labels)[0])
         why = {"predicted": "B{k}'s own prediction", "true": "the true class"}.get(self.target.value, "the class chosen")
         if self.target.value == "true" and label is None:
             why = "B{k}'s own prediction: your image has no true class"

@@ -26,18 +26,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import data, msdnet
-from .cache import cached
+from .cache import cached, fingerprint
 
-__all__ = ["Site", "CAM", "Method", "METHODS", "class_activation_map", "default_site", "sites", "compute", "gradcam",
+__all__ = ["Site", "CAM", "Method", "METHODS", "TARGETS", "targets_for", "class_activation_map", "default_site", "sites",
+           "latest_site", "compute", "gradcam",
            "gradcam_all_exits", "normalize", "maps_for_split", "guided_backprop", "guided_gradcam"]
 
 
 class Site(NamedTuple):
-    """Where to take the feature map: block (1-based, like the exits), the index of a module inside
-    that block's nn.Sequential (-1: the block's output), and the scale by its size in pixels."""
+    """Where to take the feature map: block (1-based, like the exits), module (the position of a module
+    in that block's nn.Sequential, from 0: an MSD layer or a transition; -1: the block's output), and
+    the scale by its size in pixels. model.blocks[block - 1][module] is the module itself."""
 
     block: int
-    layer: int = -1
+    module: int = -1
     size: int = 8  # the coarsest map of the CIFAR presets; default_site reads it from the model's config
 
 
@@ -59,6 +61,17 @@ def sites(model: msdnet.MSDNet, exit: int) -> list[Site]:
     return [site for site, g in zip(candidates, grads) if g is not None]
 
 
+def latest_site(model: msdnet.MSDNet, exit: int, size: int | None = None) -> Site:
+    """The last map of `size` pixels (default: the finest there is) that exit `exit` depends on: the
+    one closest to the classifier, so the most processed map at that resolution."""
+    options = sites(model, exit)
+    sizes = sorted({s.size for s in options})
+    size = sizes[-1] if size is None else size
+    if size not in sizes:
+        raise ValueError(f"exit B{exit} depends on maps of {sizes} pixels, not {size}")
+    return max((s for s in options if s.size == size), key=lambda s: (s.block, s.module))
+
+
 def _device(model: msdnet.MSDNet) -> torch.device:
     return next(model.parameters()).device
 
@@ -76,9 +89,9 @@ def _resolve(model: msdnet.MSDNet, site: Site, exit: int) -> Site:
         raise ValueError(f"{site} does not influence exit B{exit}: block {site.block} runs after it; "
                          f"choose a block between 1 and {exit}")
     n_modules = len(model.blocks[site.block - 1])
-    if not -n_modules <= site.layer < n_modules:
-        raise ValueError(f"{site}: block {site.block} has {n_modules} modules (layer 0..{n_modules - 1}, or -1)")
-    return Site(site.block, site.layer % n_modules, site.size)
+    if not -n_modules <= site.module < n_modules:
+        raise ValueError(f"{site}: block {site.block} has {n_modules} modules (module 0..{n_modules - 1}, or -1)")
+    return Site(site.block, site.module % n_modules, site.size)
 
 
 def _run(model: msdnet.MSDNet, x: Tensor, n_exits: int, keep: set[Site] = frozenset(), keep_all: bool = False):
@@ -99,7 +112,7 @@ def _run(model: msdnet.MSDNet, x: Tensor, n_exits: int, keep: set[Site] = frozen
 
 def _check_site_has_map(maps: dict, site: Site) -> None:
     if site not in maps:
-        sizes = sorted({s.size for s in maps if s.block == site.block and s.layer == site.layer}, reverse=True)
+        sizes = sorted({s.size for s in maps if s.block == site.block and s.module == site.module}, reverse=True)
         raise ValueError(f"{site}: that module has no {site.size}x{site.size} map (its scales: {sizes})")
 
 
@@ -159,14 +172,25 @@ class CAM(NamedTuple):
     targets: Tensor  # [B, exits]: the class each map explains
 
 
-def _targets(target, logits: Tensor) -> Tensor:
+TARGETS = ("None or 'predicted' (each exit's own prediction), 'true' (the true labels), a class index, "
+           "a class name, or one class index per image")
+
+
+def targets_for(target, logits: Tensor, labels: Tensor | None = None) -> Tensor:
+    """The class each image's map explains, [B], for one exit's logits [B, classes].
+
+    target is one of TARGETS, the same set everywhere a target is taken (compute, maps_for_split, the
+    explorer); 'true' needs the labels."""
     b, n = logits.shape
     names = data.CLASSES if n == len(data.CLASSES) else ()
-    usage = (f"target must be None or 'predicted' (each exit's prediction), a class index, a class name "
-             f"({', '.join(names) or 'none for this model'}), or one class index per image ({b})")
+    usage = (f"target must be {TARGETS} ({b}); class names: {', '.join(names) or 'none for this model'}")
     if target is None or (isinstance(target, str) and target == "predicted"):
         return logits.argmax(1)
-    if isinstance(target, str):
+    if isinstance(target, str) and target == "true":
+        if labels is None:
+            raise ValueError("target='true' needs the true labels: pass labels= (one class index per image)")
+        target = labels
+    elif isinstance(target, str):
         if target not in names:
             raise ValueError(f"{usage}; got {target!r}")
         target = names.index(target)
@@ -186,18 +210,17 @@ def _targets(target, logits: Tensor) -> Tensor:
             t = t.expand(b)
     if t.shape != (b,):
         raise ValueError(f"{usage}; got {tuple(t.shape)}")
-    n = logits.shape[1]
     if ((t < 0) | (t >= n)).any():
         raise ValueError(f"target classes must be between 0 and {n - 1}")
     return t
 
 
 def compute(model: msdnet.MSDNet, x: Tensor, exits: list[int], target=None, site: Site | list[Site] | None = None,
-            method: str = "gradcam") -> CAM:
+            method: str = "gradcam", labels: Tensor | None = None) -> CAM:
     """Raw class activation maps for several exits of the same images, from one forward pass.
 
-    target: None or "predicted" (each exit's own prediction), a class index, or a tensor of one
-    class per image (e.g. the true labels). site: one per exit (default: the map each classifier reads).
+    target: one of TARGETS (see targets_for); "true" explains the classes in `labels`.
+    site: one per exit (default: the map each classifier reads).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -216,7 +239,7 @@ def compute(model: msdnet.MSDNet, x: Tensor, exits: list[int], target=None, site
         for i, (k, s) in enumerate(zip(exits, site_list)):
             _check_site_has_map(maps, s)
             z = logits[k - 1]
-            t = _targets(target, z.detach())
+            t = targets_for(target, z.detach(), labels)
             score = z.gather(1, t[:, None]).sum()  # images are independent: one backward for the batch
             try:
                 cam = class_activation_map(score, maps[s], method, retain_graph=i < len(exits) - 1)
@@ -244,42 +267,51 @@ def normalize(maps: Tensor, size: int | None = None) -> Tensor:
 
 
 def gradcam(model: msdnet.MSDNet, x: Tensor, exit: int = 10, target=None, site: Site | None = None,
-            method: str = "gradcam", raw: bool = False) -> Tensor:
+            method: str = "gradcam", raw: bool = False, labels: Tensor | None = None) -> Tensor:
     """The map of exit `exit` (1-based) for each image: [B, 32, 32] in [0, 1], or with raw=True the
     unnormalized map at the feature map's own resolution."""
-    cam = compute(model, x, [exit], target, site, method)
+    cam = compute(model, x, [exit], target, site, method, labels)
     maps = cam.maps[:, 0]
     return maps if raw else normalize(maps, model.config.image_size)
 
 
 def gradcam_all_exits(model: msdnet.MSDNet, x: Tensor, target=None, method: str = "gradcam",
-                      raw: bool = False) -> Tensor:
+                      raw: bool = False, labels: Tensor | None = None) -> Tensor:
     """The maps of all exits, [B, exits, 32, 32] in [0, 1] (raw=True: [B, exits, 8, 8] unnormalized),
     from one forward pass through the trunk."""
-    cam = compute(model, x, list(range(1, model.n_exits + 1)), target, None, method)
+    cam = compute(model, x, list(range(1, model.n_exits + 1)), target, None, method, labels)
     return cam.maps if raw else normalize(cam.maps, model.config.image_size)
 
 
 def maps_for_split(model: msdnet.MSDNet, split, method: str = "gradcam", target=None, batch_size: int = 200,
                    cache: bool = True, cache_dir=None) -> Tensor:
-    """The raw maps of every exit for every image of a split (a data.Split): [N, exits, 8, 8], float32,
-    each exit explaining its own prediction (target=None) or the true labels (target="true").
+    """The raw maps of every exit for every image of a split (a data.Split): [N, exits, 8, 8], float32.
+    target is one of TARGETS, as in compute: None (each exit explains its own prediction), "true" (the
+    split's labels), one class for every image, or one class per image of the split.
 
     Streams the split in batches with a progress bar, keeps only the low-resolution maps (upsample what
     you show with normalize), and is cached on disk like the predictions.
     """
-    if target not in (None, "true"):
-        raise ValueError("target must be None (each exit's prediction) or 'true' (the labels) for a whole split")
+    # Resolve once for the whole split, so that a bad target fails before any work and per-image
+    # targets can be sliced per batch; the logits are not needed for that, only their shape.
+    fixed = None if target is None or (isinstance(target, str) and target == "predicted") else targets_for(
+        target, torch.zeros(len(split), model.config.num_classes), split.labels)
 
     def run() -> dict:
         out = []
         for i in tqdm(range(0, len(split), batch_size), desc=f"{method} maps", unit="batch", leave=False):
             x = split.images[i : i + batch_size].float() / 255
-            t = split.labels[i : i + batch_size] if target == "true" else None
+            t = None if fixed is None else fixed[i : i + batch_size]
             out.append(compute(model, x.to(_device(model)), list(range(1, model.n_exits + 1)), t, None, method).maps.cpu())
         return {"maps": torch.cat(out)}
 
-    kind = f"{method.replace('+', 'p')}-{'true' if target == 'true' else 'pred'}"
+    if fixed is None:
+        which = "pred"
+    elif isinstance(target, str) and target == "true":
+        which = "true"
+    else:  # any other choice of classes: named by its contents, so two choices never share a cache file
+        which = "t" + fingerprint([fixed])
+    kind = f"{method.replace('+', 'p')}-{which}"
     return cached(kind, model, split.images, split.labels, run, cache_dir, enabled=cache)["maps"]
 
 
@@ -319,21 +351,23 @@ class _GuidedReLUs:
             del m.forward
 
 
-def guided_backprop(model: msdnet.MSDNet, x: Tensor, exit: int = 10, target=None) -> Tensor:
+def guided_backprop(model: msdnet.MSDNet, x: Tensor, exit: int = 10, target=None,
+                    labels: Tensor | None = None) -> Tensor:
     """Guided backpropagation of exit `exit`'s score for `target` (as in compute) to the pixels:
     [B, 3, H, W], the fine detail that Guided Grad-CAM multiplies by the coarse map."""
     _check_exit(model, exit)
     with msdnet.eval_mode(model), torch.enable_grad(), _GuidedReLUs(model):
         x = x.detach().clone().requires_grad_(True)
         z = model(x, exits=exit)[exit - 1]
-        t = _targets(target, z.detach())
+        t = targets_for(target, z.detach(), labels)
         (grad,) = torch.autograd.grad(z.gather(1, t[:, None]).sum(), x)
     return grad
 
 
-def guided_gradcam(model: msdnet.MSDNet, x: Tensor, exit: int = 10, target=None, method: str = "gradcam") -> Tensor:
+def guided_gradcam(model: msdnet.MSDNet, x: Tensor, exit: int = 10, target=None, method: str = "gradcam",
+                   labels: Tensor | None = None) -> Tensor:
     """Guided Grad-CAM (Selvaraju et al.): guided backpropagation times the Grad-CAM map upsampled
     bilinearly to the image, [B, 3, H, W]: where the map points, the pixels that matter there.
     The map is scaled to [0, 1] per image, so the result keeps guided backpropagation's units."""
-    cam = gradcam(model, x, exit, target, method=method)  # [B, H, W] in [0, 1]
-    return guided_backprop(model, x, exit, target) * cam[:, None]
+    cam = gradcam(model, x, exit, target, method=method, labels=labels)  # [B, H, W] in [0, 1]
+    return guided_backprop(model, x, exit, target, labels) * cam[:, None]

@@ -102,6 +102,23 @@ def test_target_can_be_the_prediction_a_label_or_any_class(model, images):
     for bad in ("unicorn", 2.5, torch.tensor([0.5, 1.0, 2.0]), True, [None]):
         with pytest.raises(ValueError, match="target must be None or 'predicted'"):
             gradcam.compute(model, images, [2], target=bad)
+    # "true" is the same set everywhere: here it names the labels given beside the images.
+    assert torch.equal(gradcam.compute(model, images, [2], target="true", labels=labels).targets[:, 0], labels)
+    with pytest.raises(ValueError, match="target='true' needs the true labels"):
+        gradcam.compute(model, images, [2], target="true")
+
+
+def test_latest_site_is_the_last_map_of_that_size_the_exit_depends_on(model):
+    # tiny preset: block 1 holds modules 0..2, all three with 32, 16 and 8 pixel maps. Its last module's
+    # 32x32 map reaches B3 (two strided layers follow it) but not B2 (one follows), so the latest
+    # 32x32 map behind B2 is module 1's; the coarsest map behind B4 is the one its classifier reads.
+    assert gradcam.latest_site(model, 3, 32) == Site(1, 2, 32)
+    assert gradcam.latest_site(model, 3) == Site(1, 2, 32)  # the finest is the default
+    assert gradcam.latest_site(model, 2) == Site(1, 1, 32)
+    assert Site(1, 2, 32) in gradcam.sites(model, 3) and Site(1, 2, 32) not in gradcam.sites(model, 2)
+    assert gradcam.latest_site(model, 4, 8) == Site(4, len(model.blocks[3]) - 1, 8)  # default_site(4) writes it -1
+    with pytest.raises(ValueError, match="exit B1 depends on maps of \\[8, 16, 32\\] pixels, not 4"):
+        gradcam.latest_site(model, 1, 4)
 
 
 def test_finer_maps_of_earlier_layers_explain_an_exit_and_the_rest_are_refused(model, images):
@@ -188,6 +205,13 @@ def test_maps_for_a_split_equal_the_batched_maps_and_are_cached(model, tiny_fold
     assert len(list(tmp_path.glob("*.pt"))) == 2
     again = gradcam.maps_for_split(model, split, cache_dir=tmp_path)
     assert torch.equal(again, maps)
+    # Any other target compute takes is taken here too, and cached apart from the others.
+    cats = gradcam.maps_for_split(model, split, target="cat", batch_size=7, cache_dir=tmp_path)
+    assert torch.allclose(cats, gradcam.gradcam_all_exits(model, split.images.float() / 255, target=3, raw=True), atol=1e-6)
+    assert not torch.allclose(cats, maps)
+    assert len(list(tmp_path.glob("*.pt"))) == 3
+    with pytest.raises(ValueError, match="one class index per image"):
+        gradcam.maps_for_split(model, split, target=torch.tensor([1, 2]), cache_dir=tmp_path)
 
 
 @pytest.mark.parametrize("exit", [1, 3, 4])
