@@ -1,6 +1,7 @@
-"""End to end in a real browser: notebook 06 served by Voila on localhost, Debian's chromium driven by
-Playwright; moving the Exit slider must change the heatmap. In CI a missing chromium, playwright or
-voila is a failure, never a skip."""
+"""End to end in a real browser: the explorer page (app/explorer.ipynb) served by `python -m helpers.app`
+(Voila) on localhost, Debian's chromium driven by Playwright. The page must appear, ask nothing of any
+other machine, and change the heatmap when the Exit slider moves. In CI a missing chromium, playwright
+or voila is a failure, never a skip."""
 import os
 import shutil
 import signal
@@ -13,8 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import REAL_SOURCE
 
+from helpers import app
+
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK = ROOT / "notebooks" / "06_explorer.ipynb"
 
 
 def need(what: str, ok: bool, how: str) -> None:
@@ -35,13 +37,13 @@ def free_port() -> int:
 def voila_url(tmp_path_factory):
     need("voila", shutil.which("voila") is not None or _importable("voila"), 'pip install -e ".[test]"')
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "MSDNET_DATA_DIR"}  # reuse data/cache like the notebooks
-    env.update(MSDNET_QUICK="1", **({"CIFAR10_SOURCE": REAL_SOURCE} if REAL_SOURCE else {}))
     log = tmp_path_factory.mktemp("voila") / "voila.log"
     with open(log, "w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "voila", str(NOTEBOOK), f"--port={port}", "--no-browser", "--Voila.ip=127.0.0.1"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        args, env = app.command([f"--port={port}", "--no-browser"])  # exactly what `python -m helpers.app` runs
+        env.pop("MSDNET_DATA_DIR", None)  # reuse data/cache like the notebooks
+        if REAL_SOURCE:
+            env["CIFAR10_SOURCE"] = REAL_SOURCE
+        server = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -79,12 +81,19 @@ def test_moving_the_exit_slider_in_chromium_changes_the_heatmap(voila_url):
                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         try:
             page = browser.new_page()
+            asked = []  # every request the page makes: all must stay on this machine
+            page.on("request", lambda request: asked.append(request.url))
+            start = time.perf_counter()
             page.goto(url, timeout=240_000)
             exit_slider = page.locator(".widget-slider", has=page.locator("label", has_text="Exit")).first
-            try:
-                exit_slider.wait_for(timeout=240_000)  # voila runs the notebook before it shows the app
-            except Exception:
-                pytest.fail(f"the explorer did not appear:\n{log.read_text()[-3000:]}")
+            deadline = time.time() + 240  # voila runs the page's one cell before it shows the app
+            while not exit_slider.is_visible():
+                if time.time() > deadline or "CellExecutionError" in log.read_text():
+                    pytest.fail(f"the explorer did not appear:\n{log.read_text()[-3000:]}")
+                page.wait_for_timeout(500)
+            print(f"the explorer appeared {time.perf_counter() - start:.1f} s after the page was asked for")
+            assert page.locator("h2", has_text="Guide").count() == 1  # the guide under the app
+            assert "from helpers import" not in page.content()  # no code shown
             readout = exit_slider.locator(".widget-readout")
             assert readout.inner_text().strip() == "B10"
             images = page.locator(".widget-image")
@@ -103,5 +112,7 @@ def test_moving_the_exit_slider_in_chromium_changes_the_heatmap(voila_url):
             assert after != before, "the heatmap did not change after the exit slider moved"
             title = page.locator(".widget-html", has_text="says").first.inner_text()
             assert "B9 says" in title
+            outside = [u for u in asked if not u.startswith(url) and not u.startswith(("data:", "blob:"))]
+            assert not outside, f"the page fetched from outside this machine: {outside}"
         finally:
             browser.close()
