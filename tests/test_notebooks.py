@@ -1,6 +1,7 @@
 """The notebooks are committed executed, top to bottom, and nbval really checks their marked outputs."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,31 @@ def test_committed_executed_top_to_bottom_without_errors(path):
     assert [c["execution_count"] for c in cells] == list(range(1, len(cells) + 1))
     assert not [o for c in cells for o in c["outputs"] if o["output_type"] == "error"]
     assert any("".join(c["source"]).startswith("# NBVAL_CHECK_OUTPUT") for c in cells), "no output nbval checks"
+
+
+def exercises(markdown: str) -> tuple[int, int, int]:
+    """(questions, hints, solutions) in a notebook's exercises section ("## Exercises" or "## Try this"),
+    which ends at the next heading or the closing "**Summary.**" / "**Next:**" line."""
+    start = max(markdown.find("## Exercises"), markdown.find("## Try this"))
+    if start < 0:
+        return 0, 0, 0
+    section = re.split(r"\n(?:## |\*\*Summary\.\*\*|\*\*Next:\*\*|\*\*Back to:\*\*)", markdown[start + 3:])[0]
+    return (len(re.findall(r"^\d+\. ", section, flags=re.M)), section.count("<summary>Hint</summary>"),
+            section.count("<summary>Solution</summary>"))
+
+
+def test_exercises_are_counted_with_their_hints_and_solutions():
+    text = "## Exercises\n\n1. Q?\n\n<details><summary>Hint</summary>\n\nh\n\n</details>\n2. R?\n\n## Sources\n\n1. not one"
+    assert exercises(text) == (2, 1, 0)
+    assert exercises("## Summary\n\n1. a finding") == (0, 0, 0)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_exercise_has_a_hint_and_a_solution_to_unfold(path):
+    markdown = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown")
+    questions, hints, solutions = exercises(markdown)
+    assert questions >= 2, "the notebook ends without exercises"
+    assert hints == solutions == questions, f"{questions} exercises, {hints} hints, {solutions} solutions"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
