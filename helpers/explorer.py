@@ -116,6 +116,7 @@ class Explorer:
         self._build_widgets()
         self._indices = torch.arange(len(split))
         self._refilter()
+        self._finest_of_exit: dict[int, dict[int, gradcam.Site]] = {}
         self._update_scales()
         self._connect()
         self.redraw()
@@ -250,8 +251,12 @@ class Explorer:
         self.count.value = f"{where}{n:,} {self.split_name} images that pass the filters (of {total:,})"
 
     def _update_scales(self) -> None:
-        sizes = sorted({s.size for s in gradcam.sites(self.model, self.exit_number)})
-        self._finest = {size: gradcam.latest_site(self.model, self.exit_number, size) for size in sizes}
+        k = self.exit_number
+        if k not in self._finest_of_exit:  # each sites() call is a pass through the model: once per exit
+            sizes = sorted({s.size for s in gradcam.sites(self.model, k)})
+            self._finest_of_exit[k] = {size: gradcam.latest_site(self.model, k, size) for size in sizes}
+        self._finest = self._finest_of_exit[k]
+        sizes = sorted(self._finest)
         with self.scale.hold_trait_notifications():
             keep = self.scale.value if self.scale.value in sizes else min(sizes)
             self.scale.options = sizes
