@@ -252,11 +252,9 @@ class Explorer:
 
     def _update_scales(self) -> None:
         k = self.exit_number
-        if k not in self._finest_of_exit:  # each sites() call is a pass through the model: once per exit
-            sizes = sorted({s.size for s in gradcam.sites(self.model, k)})
-            self._finest_of_exit[k] = {size: gradcam.latest_site(self.model, k, size) for size in sizes}
-        self._finest = self._finest_of_exit[k]
-        sizes = sorted(self._finest)
+        if k not in self._finest_of_exit:  # a pass through the model: once per exit
+            self._finest_of_exit[k] = gradcam.latest_sites(self.model, k)
+        sizes = list(self._finest_of_exit[k])
         with self.scale.hold_trait_notifications():
             keep = self.scale.value if self.scale.value in sizes else min(sizes)
             self.scale.options = sizes
@@ -289,7 +287,8 @@ class Explorer:
         k = self.exit_number
         fine_key = (*key, k, self.scale.value)  # a finer map exists for this exit only; the others stay 8x8
         if fine_key not in self._maps:
-            fine = gradcam.compute(self.model, image[None], [k], target, self._finest[self.scale.value], method, labels)
+            site = self._finest_of_exit[k][self.scale.value]
+            fine = gradcam.compute(self.model, image[None], [k], target, site, method, labels)
             self._maps[fine_key] = gradcam.normalize(fine.maps[0, 0], self.model.config.image_size)
         maps = maps.clone()
         maps[k - 1] = self._maps[fine_key]

@@ -29,7 +29,7 @@ from . import data, msdnet
 from .cache import cached, fingerprint
 
 __all__ = ["Site", "CAM", "Method", "METHODS", "TARGETS", "targets_for", "class_activation_map", "default_site", "sites",
-           "latest_site", "compute", "gradcam",
+           "latest_sites", "latest_site", "compute", "gradcam",
            "gradcam_all_exits", "normalize", "maps_for_split", "guided_backprop", "guided_gradcam"]
 
 
@@ -61,15 +61,23 @@ def sites(model: msdnet.MSDNet, exit: int) -> list[Site]:
     return [site for site, g in zip(candidates, grads) if g is not None]
 
 
+def latest_sites(model: msdnet.MSDNet, exit: int) -> dict[int, Site]:
+    """Per size in pixels, the last map of that size exit `exit` depends on: the one closest to the
+    classifier, so the most processed map at that resolution. One pass through the model for all sizes."""
+    latest: dict[int, Site] = {}
+    for s in sites(model, exit):
+        if s.size not in latest or (s.block, s.module) > (latest[s.size].block, latest[s.size].module):
+            latest[s.size] = s
+    return dict(sorted(latest.items()))
+
+
 def latest_site(model: msdnet.MSDNet, exit: int, size: int | None = None) -> Site:
-    """The last map of `size` pixels (default: the finest there is) that exit `exit` depends on: the
-    one closest to the classifier, so the most processed map at that resolution."""
-    options = sites(model, exit)
-    sizes = sorted({s.size for s in options})
-    size = sizes[-1] if size is None else size
-    if size not in sizes:
-        raise ValueError(f"exit B{exit} depends on maps of {sizes} pixels, not {size}")
-    return max((s for s in options if s.size == size), key=lambda s: (s.block, s.module))
+    """The last map of `size` pixels (default: the finest there is) that exit `exit` depends on."""
+    latest = latest_sites(model, exit)
+    size = max(latest) if size is None else size
+    if size not in latest:
+        raise ValueError(f"exit B{exit} depends on maps of {sorted(latest)} pixels, not {size}")
+    return latest[size]
 
 
 def _device(model: msdnet.MSDNet) -> torch.device:

@@ -114,6 +114,8 @@ def test_latest_site_is_the_last_map_of_that_size_the_exit_depends_on(model):
     # 32x32 map behind B2 is module 1's; the coarsest map behind B4 is the one its classifier reads.
     assert gradcam.latest_site(model, 3, 32) == Site(1, 2, 32)
     assert gradcam.latest_site(model, 3) == Site(1, 2, 32)  # the finest is the default
+    assert list(gradcam.latest_sites(model, 3)) == [8, 16, 32]  # every size, from one pass, coarsest first
+    assert gradcam.latest_sites(model, 3)[32] == Site(1, 2, 32)
     assert gradcam.latest_site(model, 2) == Site(1, 1, 32)
     assert Site(1, 2, 32) in gradcam.sites(model, 3) and Site(1, 2, 32) not in gradcam.sites(model, 2)
     assert gradcam.latest_site(model, 4, 8) == Site(4, len(model.blocks[3]) - 1, 8)  # default_site(4) writes it -1
