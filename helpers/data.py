@@ -275,3 +275,25 @@ def random_crop_flip(images: Tensor, padding: int = 4, generator: torch.Generato
     batch = torch.arange(b, device=images.device)[:, None, None]
     # Advanced indexing on (batch, row, col) moves channels last: [B, H, W, C].
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def cutout(images: Tensor, size: int, fill: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Cutout (DeVries and Taylor, 2017) on a whole batch: one `size` x `size` square per image, centred
+    on a uniformly random pixel (so near the border only part of it falls inside), painted `fill`.
+
+    images: [B, C, H, W]; fill: one value per channel, in the images' units. Painting the dataset's mean
+    colour makes the square zero after normalization, as in the paper, which cuts after normalizing.
+    Random numbers come from `generator` (on the CPU), as in random_crop_flip.
+    """
+    b, c, h, w = images.shape
+    if size <= 0:
+        return images
+    fill = torch.as_tensor(fill, dtype=images.dtype, device=images.device).reshape(-1)
+    if fill.numel() != c:
+        raise ValueError(f"cutout: fill has {fill.numel()} values, the images have {c} channels")
+    top = torch.randint(0, h, (b,), generator=generator) - size // 2
+    left = torch.randint(0, w, (b,), generator=generator) - size // 2
+    rows = (torch.arange(h) - top[:, None]).to(images.device)  # [B, H]: row offset inside each square
+    cols = (torch.arange(w) - left[:, None]).to(images.device)
+    inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
+    return torch.where(inside[:, None], fill.view(1, c, 1, 1), images)

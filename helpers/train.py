@@ -39,7 +39,7 @@ from .cache import fingerprint
 RUN_DEFINING = (
     "preset", "epochs", "batch_size", "accumulate", "lr", "momentum", "weight_decay", "schedule",
     "warmup_epochs", "label_smoothing", "distill", "distill_temperature", "ema", "seed", "val_size", "train_subset", "init_from", "channels_last",
-    "amp",
+    "amp", "cutout",
 )  # fmt: skip
 # Where the data came from may be written many ways (a path with or without a trailing slash, or
 # $CIFAR10_SOURCE): a run records what it trained on instead (count and content hash), and a resume
@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="also keep an exponential moving average of the weights (e.g. 0.999; 0: off); "
                         "it is evaluated beside the trained weights and is what best.pt and the export keep")
+    p.add_argument("--cutout", type=int, default=0, metavar="PIXELS",
+                   help="after crop and flip, paint a PIXELSxPIXELS square of the mean colour at a random place (0: off; the paper's CIFAR-10 value is 16)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and the augmentation")
     p.add_argument("--val-size", type=int, default=5000,
                    help="training images held out for validation, the same ones whatever --seed (the hold-out's seed is fixed at 0); 0 trains on all 50,000")
@@ -102,6 +104,7 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         (0 <= args.ema < 1, "--ema (the decay) must be in [0, 1): 0 turns it off, 0.999 is typical"),
         (args.val_size >= 0 and args.train_subset >= 0 and args.eval_subset >= 0, "sizes must be >= 0"),
         (args.time_limit >= 0, "--time-limit must be >= 0"),
+        (args.cutout >= 0, "--cutout must be >= 0 (0 turns it off)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -322,6 +325,8 @@ class _Run:
         # Every rank augments the whole global batch with the shared generator, then takes its share:
         # the data (and the random state) are the same whatever the number of processes.
         x = data.random_crop_flip(self.train_set.images[idx].to(dev), generator=self.gen)
+        if args.cutout:  # the mean colour in 0..255, so the square is zero once the model normalizes
+            x = data.cutout(x, args.cutout, (self.model.mean.view(-1) * 255).round(), generator=self.gen)
         y = self.train_set.labels[idx].to(dev)
         self.optimizer.zero_grad(set_to_none=True)
         batch_loss, m = 0.0, self.micro

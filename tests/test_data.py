@@ -268,6 +268,41 @@ def test_crop_flip_is_reproducible_and_works_on_uint8():
                        x.sort(3).values)  # no padding: only flips, which keep every row's pixels
 
 
+def test_cutout_paints_one_clipped_square_per_image_and_nothing_else():
+    x = torch.randint(1, 256, (500, 3, 32, 32), dtype=torch.uint8)  # no pixel equals the fill 0
+    y = data.cutout(x, 16, torch.zeros(3), generator=torch.Generator().manual_seed(3))
+    assert y.dtype == torch.uint8 and y.shape == x.shape
+    painted = (y == 0).all(1)  # [B, H, W]: every channel painted together
+    assert torch.equal(y[~painted[:, None].expand_as(y)], x[~painted[:, None].expand_as(x)])  # the rest untouched
+    rows, cols = painted.any(2), painted.any(1)
+    # The painted pixels are exactly a rectangle (rows x cols), at most 16 on a side, at least 8
+    # (its centre is inside the image), and exactly 16 x 16 when it lies wholly inside.
+    assert torch.equal(painted, rows[:, :, None] & cols[:, None, :])
+    h, w = rows.sum(1), cols.sum(1)
+    assert ((h >= 8) & (h <= 16) & (w >= 8) & (w <= 16)).all()
+    interior = (rows[:, 0] == 0) & (rows[:, -1] == 0) & (cols[:, 0] == 0) & (cols[:, -1] == 0)
+    assert interior.any() and ((h[interior] == 16) & (w[interior] == 16)).all()
+    # Centred on a uniform pixel: the square's first row is that pixel's row minus 8, clipped at 0.
+    first = rows.float().argmax(1)
+    assert (first == 0).float().mean().item() == pytest.approx(9 / 32, abs=0.07)
+
+
+def test_cutout_with_the_mean_colour_is_zero_after_normalization_and_reproducible():
+    from helpers import msdnet
+
+    model = msdnet.build("tiny")
+    fill = (model.mean.view(-1) * 255).round()
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    a = data.cutout(x, 16, fill, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, data.cutout(x, 16, fill, generator=torch.Generator().manual_seed(4)))
+    painted = (a != x).any(1)
+    z = model.normalize(a.float() / 255)
+    assert z.permute(0, 2, 3, 1)[painted].abs().max() < 0.01  # within rounding to whole 0..255 levels
+    assert torch.equal(data.cutout(x, 0, fill), x)
+    with pytest.raises(ValueError, match="fill has 1 values, the images have 3 channels"):
+        data.cutout(x, 16, torch.zeros(1))
+
+
 def test_a_notebook_shows_a_missing_dataset_as_its_message_alone(tmp_path):
     """In Jupyter the reader sees the message (what to do), not a long traceback before it."""
     import nbformat

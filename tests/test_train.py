@@ -130,8 +130,8 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize(
     "stop_at, extra",
-    [(2, ()), (3, ()), (6, ()), (4, ("--ema", "0.9", "--distill", "0.5"))],
-)  # mid-epoch, the last step of epoch 1, mid-epoch 2; and with a moving average and distillation
+    [(2, ()), (3, ()), (6, ()), (4, ("--ema", "0.9", "--distill", "0.5")), (5, ("--cutout", "16"))],
+)  # mid-epoch, the last step of epoch 1, mid-epoch 2; with a moving average and distillation; with cutout
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_folder, stop_at, extra):
     train.train(tiny_args(tmp_path / "straight", tiny_folder, *extra))
 
@@ -148,6 +148,16 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_f
     if extra:
         assert torch.equal(state(tmp_path / "straight" / "best.pt")["model"]["classifiers.0.linear.weight"],
                            state(tmp_path / "stopped" / "best.pt")["model"]["classifiers.0.linear.weight"])
+
+
+def test_cutout_changes_what_the_network_sees_and_is_recorded(tmp_path, tiny_folder):
+    train.train(tiny_args(tmp_path / "plain", tiny_folder))
+    train.train(tiny_args(tmp_path / "cut", tiny_folder, "--cutout", "16"))
+    plain, cut = log_records(tmp_path / "plain"), log_records(tmp_path / "cut")
+    assert [r["train_loss"] for r in plain] != [r["train_loss"] for r in cut]
+    assert state(tmp_path / "cut" / "last.pt")["run"]["cutout"] == 16
+    with pytest.raises(SystemExit):
+        train.parse_args(["--cutout", "-1"])
 
 
 def test_the_moving_average_is_evaluated_and_the_best_validation_epoch_kept(tmp_path, tiny_folder):
