@@ -3,7 +3,7 @@
     CIFAR10_SOURCE=../shared/data/cifar10-jpeg.tar.gz python benchmarks/early_exit.py
 
 Three exit policies, each with thresholds chosen on the validation hold-out only, as the cheapest
-whose validation accuracy reaches the last exit's: the paper's (exit shares proportional to q^k),
+whose validation accuracy reaches the last exit's (with --safety Z, even Z standard errors below it): the paper's (exit shares proportional to q^k),
 one confidence threshold for all exits, and a threshold per exit (coordinate descent) on the top-1
 confidence, the margin between the top two, or the entropy. For each it
 prints the test accuracy and the simulated multiply-accumulates. Then, with the cheapest policy on
@@ -46,6 +46,9 @@ def main() -> None:
     p.add_argument("--latency-images", type=int, default=500, help="test images timed one at a time")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 250, 500])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--safety", type=float, default=0.0, metavar="Z",
+                   help="the threshold searches keep the target even Z standard errors below their validation "
+                        "accuracy (see evaluate.one_threshold); 0: the validation accuracy itself")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,8 +62,8 @@ def main() -> None:
     q, paper = evaluate.cheapest_matching(val, costs, target)
     policies = {  # name: (thresholds, the score they threshold)
         f"paper (q^k shares, q = {q:.2f})": (paper, "confidence"),
-        "one confidence threshold": (evaluate.one_threshold(val, costs, target), "confidence"),
-        **{f"a threshold per exit ({score})": (evaluate.per_exit_thresholds(val, costs, target, score=score), score)
+        "one confidence threshold": (evaluate.one_threshold(val, costs, target, safety=args.safety), "confidence"),
+        **{f"a threshold per exit ({score})": (evaluate.per_exit_thresholds(val, costs, target, score=score, safety=args.safety), score)
            for score in evaluate.SCORES},
     }
     baseline = evaluate.LastExitOnly(model)
@@ -69,7 +72,7 @@ def main() -> None:
     full_macs = counter.get_total_flops() // 2  # every block, the last classifier only
 
     print(f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}; thresholds from the 5,000 validation "
-          f"images (target: the full network's {target:.2%} there), accuracy on the {len(test):,} test images")
+          f"images (target: the full network's {target:.2%} there, safety {args.safety:g} standard errors), accuracy on the {len(test):,} test images")
     print(f"{'policy':34s} {'val acc':>8s} {'test acc':>8s} {'M MACs':>7s} {'fewer':>6s}  exits used on test")
     chosen, best_val_macs = None, float("inf")
     for name, (thresholds, score) in policies.items():

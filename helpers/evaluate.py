@@ -252,11 +252,35 @@ def budgeted(preds: Predictions, thresholds: Tensor, costs: list[msdnet.ExitCost
              score: str = "confidence") -> Budgeted:
     """Accuracy and average cost when every image leaves at its exit point. An image leaving at
     exit k has paid for blocks 1..k and classifiers 1..k: the cumulative cost of exit k."""
-    where = exit_points(preds.score(score), thresholds)
-    right = preds.correct.gather(1, where[:, None]).squeeze(1)
-    macs = torch.tensor([c.macs for c in costs], dtype=torch.float64)
-    counts = torch.bincount(where, minlength=preds.n_exits)
-    return Budgeted(right.double().mean().item(), macs[where].mean().item(), counts.tolist())
+    return _Table(preds, costs, score).budgeted(thresholds)
+
+
+class _Table:
+    """What the threshold searches need of some predictions, computed once: the score of every exit
+    for every image, which exits are right, and each exit's cumulative cost. The searches try
+    thousands of thresholds, and recomputing a softmax for each was most of their time."""
+
+    def __init__(self, preds: Predictions, costs: list[msdnet.ExitCost], score: str) -> None:
+        self.scores, self.correct = preds.score(score), preds.correct
+        self.macs = torch.tensor([c.macs for c in costs], dtype=torch.float64)
+        self.n_exits = preds.n_exits
+
+    def budgeted(self, thresholds: Tensor) -> Budgeted:
+        where = exit_points(self.scores, thresholds)
+        right = self.correct.gather(1, where[:, None]).squeeze(1)
+        counts = torch.bincount(where, minlength=self.n_exits)
+        return Budgeted(right.double().mean().item(), self.macs[where].mean().item(), counts.tolist())
+
+    def lower_bound(self, thresholds: Tensor, safety: float) -> tuple[float, Budgeted]:
+        """The accuracy minus `safety` standard errors of its paired difference from the last exit's,
+        and the Budgeted result. Only images on which the two disagree add to that error."""
+        r = self.budgeted(thresholds)
+        if not safety:
+            return r.accuracy, r
+        where = exit_points(self.scores, thresholds)
+        diff = self.correct.gather(1, where[:, None]).squeeze(1).double() - self.correct[:, -1].double()
+        se = ((diff.square().mean() - diff.mean().square()).clamp(min=0) / len(diff)).sqrt().item()
+        return r.accuracy - safety * se, r
 
 
 # ----------------------------------------------------------------------------- real early exit
@@ -335,14 +359,18 @@ def _candidates(scores: Tensor, n: int = 200) -> Tensor:
 
 
 def one_threshold(val: Predictions, costs: list[msdnet.ExitCost], target: float,
-                  score: str = "confidence") -> Tensor:
+                  score: str = "confidence", safety: float = 0.0) -> Tensor:
     """One threshold for every exit but the last, chosen on validation: the lowest (so the cheapest)
-    whose validation accuracy reaches `target`, e.g. the last exit's. Returns thresholds [exits]."""
-    s = val.score(score)
-    for t in _candidates(s[:, :-1]).tolist():  # ascending: the first that keeps the accuracy is the cheapest
+    whose validation accuracy reaches `target`, e.g. the last exit's. Returns thresholds [exits].
+
+    safety > 0 asks more of the validation accuracy: it must reach `target` even after subtracting
+    `safety` standard errors of its paired difference from the last exit. Thresholds tuned to 5,000
+    images also fit their noise; this margin keeps the test accuracy nearer the target."""
+    table = _Table(val, costs, score)
+    for t in _candidates(table.scores[:, :-1]).tolist():  # ascending: the first that keeps the accuracy is the cheapest
         thresholds = torch.full((val.n_exits,), t, dtype=torch.float64)
         thresholds[-1] = -math.inf
-        if budgeted(val, thresholds, costs, score).accuracy >= target:
+        if table.lower_bound(thresholds, safety)[0] >= target:
             return thresholds
     thresholds = torch.full((val.n_exits,), math.inf, dtype=torch.float64)
     thresholds[-1] = -math.inf
@@ -350,23 +378,25 @@ def one_threshold(val: Predictions, costs: list[msdnet.ExitCost], target: float,
 
 
 def per_exit_thresholds(val: Predictions, costs: list[msdnet.ExitCost], target: float,
-                        score: str = "confidence", rounds: int = 3) -> Tensor:
+                        score: str = "confidence", rounds: int = 3, safety: float = 0.0) -> Tensor:
     """A threshold for each exit, chosen on validation by coordinate descent: starting from
     one_threshold, each exit's threshold in turn is moved to the value that makes the average cost
     lowest while validation accuracy stays at `target` or above; a few rounds over the exits.
+    `safety` is one_threshold's margin against the noise of the validation images.
     Returns thresholds [exits] (the last is -inf: every image that gets there leaves)."""
-    s = val.score(score)
-    thresholds = one_threshold(val, costs, target, score)
-    best = budgeted(val, thresholds, costs, score)
-    grids = [torch.cat([_candidates(s[:, k], 100), torch.tensor([math.inf], dtype=torch.float64)]) for k in range(val.n_exits - 1)]
+    table = _Table(val, costs, score)
+    thresholds = one_threshold(val, costs, target, score, safety)
+    best = table.budgeted(thresholds)
+    grids = [torch.cat([_candidates(table.scores[:, k], 100), torch.tensor([math.inf], dtype=torch.float64)])
+             for k in range(val.n_exits - 1)]
     for _ in range(rounds):
         moved = False
         for k in range(val.n_exits - 1):
             for t in grids[k].tolist():
                 trial = thresholds.clone()
                 trial[k] = t
-                r = budgeted(val, trial, costs, score)
-                if r.accuracy >= target and r.average_macs < best.average_macs - 1e-9:
+                bound, r = table.lower_bound(trial, safety)
+                if bound >= target and r.average_macs < best.average_macs - 1e-9:
                     thresholds, best, moved = trial, r, True
         if not moved:
             break

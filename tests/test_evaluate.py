@@ -213,6 +213,25 @@ def test_one_threshold_is_the_lowest_that_keeps_the_accuracy():
     assert evaluate.budgeted(val, evaluate.one_threshold(val, costs, target=0.75), costs).average_macs == 1.0
 
 
+def test_a_safety_margin_refuses_thresholds_that_pass_by_a_hair():
+    val, costs = policy_case()
+    # Without a margin, 3 of 4 right meets a target of 0.75: everyone leaves at exit 1.
+    assert evaluate.budgeted(val, evaluate.one_threshold(val, costs, 0.75), costs).average_macs == 1.0
+    # With one standard error of the paired difference from the last exit: one image of 4 that the
+    # last exit gets right is lost, so the difference is -1/4 with standard error
+    # sqrt((1/4 - 1/16) / 4) = 0.217, and 0.75 - 0.217 < 0.75. Only thresholds that lose nobody
+    # (error 0) pass: 0.9, the lowest that keeps image 1 from leaving wrong.
+    for search in (evaluate.one_threshold, evaluate.per_exit_thresholds):
+        t = search(val, costs, 0.75, safety=1.0)
+        assert t[0].item() == pytest.approx(0.9)
+        r = evaluate.budgeted(val, t, costs)
+        assert r.accuracy == 1.0 and r.exit_counts[0] == 1
+    # Half a standard error: 0.75 - 0.108 = 0.642 clears a target of 0.64 (everyone leaves at exit 1)
+    # but not one of 0.65.
+    assert evaluate.budgeted(val, evaluate.one_threshold(val, costs, 0.64, safety=0.5), costs).average_macs == 1.0
+    assert evaluate.one_threshold(val, costs, 0.65, safety=0.5)[0].item() == pytest.approx(0.9)
+
+
 def test_per_exit_thresholds_find_the_cheaper_split():
     val, costs = policy_case()
     t = evaluate.per_exit_thresholds(val, costs, target=1.0)
