@@ -10,6 +10,7 @@
     one_threshold(val_preds, costs, target)        # one confidence threshold for every exit, chosen on validation
     per_exit_thresholds(val_preds, costs, target)  # a threshold per exit: the cheapest that keep `target`
     EarlyExit(model, thresholds)(images)   # real early exit: an image leaves at its exit and stops computing
+    EarlyExitStream(EarlyExit(...))(images)  # the same over many images, every block run on a full batch
     LastExitOnly(model)(images)            # the baseline: all blocks, only the last classifier
 
 Predictions are cached under data/cache/, keyed by a hash of the weights and of the images, so the
@@ -45,6 +46,7 @@ __all__ = [
     "Budgeted",
     "budgeted",
     "EarlyExit",
+    "EarlyExitStream",
     "budget_curve",
     "cheapest_matching",
     "SCORES",
@@ -329,6 +331,66 @@ class EarlyExit(nn.Module):
                 alive = alive[stay]
                 xs = [t[stay] for t in xs]
         return predicted, exit_of
+
+
+def _select(maps, rows: Tensor):
+    """Rows of a block's input: one tensor (the image, for block 1) or a list of maps, one per scale."""
+    return maps[rows] if isinstance(maps, Tensor) else [t[rows] for t in maps]
+
+
+def _concat(states: list):
+    return torch.cat(states) if isinstance(states[0], Tensor) else [torch.cat(s) for s in zip(*states)]
+
+
+class EarlyExitStream:
+    """Real early exit over many images, with every block run on a full batch.
+
+    EarlyExit gives each block what is left of the batch it was called with, so the later blocks run
+    on a few images at a time, where a CPU computes far below its best rate. Here the images that
+    stay after block k wait in a queue until `batch_size` of them have gathered, and then go through
+    block k+1 together: each block, early or late, runs near the batch size it is fastest at. The
+    answers are EarlyExit's (the same blocks, classifiers and thresholds); only the grouping differs.
+
+        predicted, exit_of = EarlyExitStream(early_exit, batch_size=100)(images)   # images in [0, 1]
+    """
+
+    def __init__(self, early: EarlyExit, batch_size: int = 100) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.early, self.batch_size = early, batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        m, n = self.early.model, len(images)
+        self.predicted = torch.empty(n, dtype=torch.long, device=images.device)
+        self.exit_of = torch.empty(n, dtype=torch.long, device=images.device)
+        self.queues = [[] for _ in range(m.n_exits)]  # per block: (image indices, their input) waiting
+        with msdnet.eval_mode(m):
+            for start in range(0, n, self.batch_size):
+                x = images[start : start + self.batch_size]
+                idx = torch.arange(start, start + len(x), device=images.device)
+                self.queues[0].append((idx, m.normalize(x)))
+                self._drain(full_batches_only=True)
+            self._drain(full_batches_only=False)  # the stragglers, block by block
+        return self.predicted, self.exit_of
+
+    def _drain(self, full_batches_only: bool) -> None:
+        m, last = self.early.model, self.early.model.n_exits - 1
+        for k in range(m.n_exits):
+            waiting = sum(len(idx) for idx, _ in self.queues[k])
+            if waiting == 0 or (full_batches_only and waiting < self.batch_size):
+                continue
+            idx = torch.cat([i for i, _ in self.queues[k]])
+            xs = m.run_block(k, _concat([s for _, s in self.queues[k]]))
+            self.queues[k] = []
+            logits = m.classifiers[k](xs[-1])
+            leave = (_score(logits, self.early.score) >= self.early.thresholds[k] if k < last
+                     else torch.ones(len(idx), dtype=torch.bool, device=idx.device))
+            self.predicted[idx[leave]] = logits.argmax(-1)[leave]
+            self.exit_of[idx[leave]] = k
+            if not leave.all():
+                stay = ~leave
+                self.queues[k + 1].append((idx[stay], _select(xs, stay)))
 
 
 def budget_curve(val: Predictions, test: Predictions, costs: list[msdnet.ExitCost],

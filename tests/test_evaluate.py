@@ -93,6 +93,31 @@ def test_real_early_exit_gives_the_simulated_answers(tiny_folder):
     assert got_class.tolist() == preds.predicted.gather(1, want_exit[:, None]).squeeze(1).tolist()
 
 
+@pytest.mark.parametrize("batch_size", [1, 7, 16, 1000])
+def test_streamed_early_exit_gives_the_same_answers_with_full_batches(tiny_folder, batch_size):
+    model = msdnet.build("tiny").eval()
+    split = data.load("test", source=tiny_folder)
+    preds = evaluate.predict(model, split, cache=False)
+    # About as many images leave at every exit. Those thresholds are some image's own score: moved a
+    # hair down, so that rounding (which depends on the batch an image runs in) cannot tip it.
+    thresholds = evaluate.budget_thresholds(preds, q=1.0) - 1e-5
+    want_exit = evaluate.exit_points(preds.confidence, thresholds)
+    early = evaluate.EarlyExit(model, thresholds)
+    sizes = {k: [] for k in range(model.n_exits)}  # the batch each block ran on
+    for k, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda m, i, o, k=k: sizes[k].append(len(o[-1] if isinstance(o, list) else o)))
+    got_class, got_exit = evaluate.EarlyExitStream(early, batch_size)(split.images.float() / 255)
+    assert set(want_exit.tolist()) == set(range(model.n_exits))
+    assert got_exit.tolist() == want_exit.tolist()
+    assert got_class.tolist() == preds.predicted.gather(1, want_exit[:, None]).squeeze(1).tolist()
+    for k in range(model.n_exits):  # every image reaching block k went through it once
+        assert sum(sizes[k]) == int((want_exit >= k).sum())
+        # Each block's batches are full (at least batch_size images) but for the last, the stragglers.
+        assert all(b >= min(batch_size, len(split)) for b in sizes[k][:-1])
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        evaluate.EarlyExitStream(early, 0)
+
+
 def test_real_early_exit_skips_the_later_blocks():
     model = msdnet.build("tiny").eval()
     ran = []
