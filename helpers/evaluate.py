@@ -268,21 +268,23 @@ class _Table:
         self.n_exits = preds.n_exits
 
     def budgeted(self, thresholds: Tensor) -> Budgeted:
-        where = exit_points(self.scores, thresholds)
-        right = self.correct.gather(1, where[:, None]).squeeze(1)
-        counts = torch.bincount(where, minlength=self.n_exits)
-        return Budgeted(right.double().mean().item(), self.macs[where].mean().item(), counts.tolist())
+        return self._outcome(thresholds)[0]
 
     def lower_bound(self, thresholds: Tensor, safety: float) -> tuple[float, Budgeted]:
         """The accuracy minus `safety` standard errors of its paired difference from the last exit's,
         and the Budgeted result. Only images on which the two disagree add to that error."""
-        r = self.budgeted(thresholds)
+        r, right = self._outcome(thresholds)
         if not safety:
             return r.accuracy, r
-        where = exit_points(self.scores, thresholds)
-        diff = self.correct.gather(1, where[:, None]).squeeze(1).double() - self.correct[:, -1].double()
+        diff = right.double() - self.correct[:, -1].double()  # -1, 0 or 1 per image
         se = ((diff.square().mean() - diff.mean().square()).clamp(min=0) / len(diff)).sqrt().item()
         return r.accuracy - safety * se, r
+
+    def _outcome(self, thresholds: Tensor) -> tuple[Budgeted, Tensor]:
+        where = exit_points(self.scores, thresholds)
+        right = self.correct.gather(1, where[:, None]).squeeze(1)
+        counts = torch.bincount(where, minlength=self.n_exits)
+        return Budgeted(right.double().mean().item(), self.macs[where].mean().item(), counts.tolist()), right
 
 
 # ----------------------------------------------------------------------------- real early exit
@@ -362,35 +364,37 @@ class EarlyExitStream:
     @torch.no_grad()
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
         m, n = self.early.model, len(images)
-        self.predicted = torch.empty(n, dtype=torch.long, device=images.device)
-        self.exit_of = torch.empty(n, dtype=torch.long, device=images.device)
-        self.queues = [[] for _ in range(m.n_exits)]  # per block: (image indices, their input) waiting
+        predicted = torch.empty(n, dtype=torch.long, device=images.device)
+        exit_of = torch.empty(n, dtype=torch.long, device=images.device)
+        queues = [[] for _ in range(m.n_exits)]  # per block: (image indices, their input) waiting for it
         with msdnet.eval_mode(m):
             for start in range(0, n, self.batch_size):
                 x = images[start : start + self.batch_size]
                 idx = torch.arange(start, start + len(x), device=images.device)
-                self.queues[0].append((idx, m.normalize(x)))
-                self._drain(full_batches_only=True)
-            self._drain(full_batches_only=False)  # the stragglers, block by block
-        return self.predicted, self.exit_of
+                queues[0].append((idx, m.normalize(x)))
+                self._drain(queues, predicted, exit_of, full_batches_only=True)
+            self._drain(queues, predicted, exit_of, full_batches_only=False)  # the stragglers, block by block
+        return predicted, exit_of
 
-    def _drain(self, full_batches_only: bool) -> None:
+    def _drain(self, queues: list, predicted: Tensor, exit_of: Tensor, full_batches_only: bool) -> None:
+        """Run every block whose queue holds a full batch (or, at the end, anything), in order, so the
+        images that stay after block k join block k+1's queue before it is looked at."""
         m, last = self.early.model, self.early.model.n_exits - 1
         for k in range(m.n_exits):
-            waiting = sum(len(idx) for idx, _ in self.queues[k])
+            waiting = sum(len(idx) for idx, _ in queues[k])
             if waiting == 0 or (full_batches_only and waiting < self.batch_size):
                 continue
-            idx = torch.cat([i for i, _ in self.queues[k]])
-            xs = m.run_block(k, _concat([s for _, s in self.queues[k]]))
-            self.queues[k] = []
+            idx = torch.cat([i for i, _ in queues[k]])
+            xs = m.run_block(k, _concat([state for _, state in queues[k]]))
+            queues[k] = []
             logits = m.classifiers[k](xs[-1])
             leave = (_score(logits, self.early.score) >= self.early.thresholds[k] if k < last
                      else torch.ones(len(idx), dtype=torch.bool, device=idx.device))
-            self.predicted[idx[leave]] = logits.argmax(-1)[leave]
-            self.exit_of[idx[leave]] = k
+            predicted[idx[leave]] = logits.argmax(-1)[leave]
+            exit_of[idx[leave]] = k
             if not leave.all():
                 stay = ~leave
-                self.queues[k + 1].append((idx[stay], _select(xs, stay)))
+                queues[k + 1].append((idx[stay], _select(xs, stay)))
 
 
 def budget_curve(val: Predictions, test: Predictions, costs: list[msdnet.ExitCost],
