@@ -311,6 +311,13 @@ class EarlyExit(nn.Module):
         with msdnet.eval_mode(self.model):
             return self._forward(x)
 
+    def decide(self, k: int, maps: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """After block k (0-based), from its maps: which images leave here, and every image's class."""
+        logits = self.model.classifiers[k](maps[-1])
+        if k == self.model.n_exits - 1:
+            return torch.ones(len(logits), dtype=torch.bool, device=logits.device), logits.argmax(-1)
+        return _score(logits, self.score) >= self.thresholds[k], logits.argmax(-1)
+
     @torch.no_grad()
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         m = self.model
@@ -318,12 +325,9 @@ class EarlyExit(nn.Module):
         exit_of = torch.empty(len(x), dtype=torch.long, device=x.device)
         alive = torch.arange(len(x), device=x.device)  # original index of each image still computing
         xs = m.normalize(x)
-        last = m.n_exits - 1
         for k in range(m.n_exits):
             xs = m.run_block(k, xs)
-            logits = m.classifiers[k](xs[-1])
-            conf, cls = _score(logits, self.score), logits.argmax(-1)
-            leave = conf >= self.thresholds[k] if k < last else torch.ones_like(conf, dtype=torch.bool)
+            leave, cls = self.decide(k, xs)
             predicted[alive[leave]] = cls[leave]
             exit_of[alive[leave]] = k
             if leave.all():
@@ -379,7 +383,7 @@ class EarlyExitStream:
     def _drain(self, queues: list, predicted: Tensor, exit_of: Tensor, full_batches_only: bool) -> None:
         """Run every block whose queue holds a full batch (or, at the end, anything), in order, so the
         images that stay after block k join block k+1's queue before it is looked at."""
-        m, last = self.early.model, self.early.model.n_exits - 1
+        m = self.early.model
         for k in range(m.n_exits):
             waiting = sum(len(idx) for idx, _ in queues[k])
             if waiting == 0 or (full_batches_only and waiting < self.batch_size):
@@ -387,10 +391,8 @@ class EarlyExitStream:
             idx = torch.cat([i for i, _ in queues[k]])
             xs = m.run_block(k, _concat([state for _, state in queues[k]]))
             queues[k] = []
-            logits = m.classifiers[k](xs[-1])
-            leave = (_score(logits, self.early.score) >= self.early.thresholds[k] if k < last
-                     else torch.ones(len(idx), dtype=torch.bool, device=idx.device))
-            predicted[idx[leave]] = logits.argmax(-1)[leave]
+            leave, cls = self.early.decide(k, xs)
+            predicted[idx[leave]] = cls[leave]
             exit_of[idx[leave]] = k
             if not leave.all():
                 stay = ~leave
