@@ -434,13 +434,16 @@ def one_threshold(val: Predictions, costs: list[msdnet.ExitCost], target: float,
     safety > 0 asks more of the validation accuracy: it must reach `target` even after subtracting
     `safety` standard errors of its paired difference from the last exit. Thresholds tuned to 5,000
     images also fit their noise; this margin keeps the test accuracy nearer the target."""
-    table = _Table(val, costs, score)
+    return _one_threshold(_Table(val, costs, score), target, safety)
+
+
+def _one_threshold(table: _Table, target: float, safety: float) -> Tensor:
     for t in _candidates(table.scores[:, :-1]).tolist():  # ascending: the first that keeps the accuracy is the cheapest
-        thresholds = torch.full((val.n_exits,), t, dtype=torch.float64)
+        thresholds = torch.full((table.n_exits,), t, dtype=torch.float64)
         thresholds[-1] = -math.inf
         if table.lower_bound(thresholds, safety)[0] >= target:
             return thresholds
-    thresholds = torch.full((val.n_exits,), math.inf, dtype=torch.float64)
+    thresholds = torch.full((table.n_exits,), math.inf, dtype=torch.float64)
     thresholds[-1] = -math.inf
     return thresholds  # nobody leaves early: the last exit's accuracy
 
@@ -453,7 +456,7 @@ def per_exit_thresholds(val: Predictions, costs: list[msdnet.ExitCost], target: 
     `safety` is one_threshold's margin against the noise of the validation images.
     Returns thresholds [exits] (the last is -inf: every image that gets there leaves)."""
     table = _Table(val, costs, score)
-    thresholds = one_threshold(val, costs, target, score, safety)
+    thresholds = _one_threshold(table, target, safety)  # the same scores table, not a second softmax
     best = table.budgeted(thresholds)
     grids = [torch.cat([_candidates(table.scores[:, k], 100), torch.tensor([math.inf], dtype=torch.float64)])
              for k in range(val.n_exits - 1)]
