@@ -253,7 +253,8 @@ class Budgeted(NamedTuple):
 def budgeted(preds: Predictions, thresholds: Tensor, costs: list[msdnet.ExitCost],
              score: str = "confidence") -> Budgeted:
     """Accuracy and average cost when every image leaves at its exit point. An image leaving at
-    exit k has paid for blocks 1..k and classifiers 1..k: the cumulative cost of exit k."""
+    exit k has paid for blocks 1..k and for the classifiers of the exits up to k that anyone may leave
+    at: an exit whose threshold is +inf is skipped, its classifier never run (as EarlyExit does)."""
     return _Table(preds, costs, score).budgeted(thresholds)
 
 
@@ -264,7 +265,9 @@ class _Table:
 
     def __init__(self, preds: Predictions, costs: list[msdnet.ExitCost], score: str) -> None:
         self.scores, self.correct = preds.score(score), preds.correct
-        self.macs = torch.tensor([c.macs for c in costs], dtype=torch.float64)
+        macs = torch.tensor([c.macs for c in costs], dtype=torch.float64)
+        self.classifier_macs = torch.tensor([c.classifier_macs for c in costs], dtype=torch.float64)
+        self.block_macs = macs - self.classifier_macs.cumsum(0)  # reaching block k, no classifier run
         self.n_exits = preds.n_exits
 
     def budgeted(self, thresholds: Tensor) -> Budgeted:
@@ -284,7 +287,10 @@ class _Table:
         where = exit_points(self.scores, thresholds)
         right = self.correct.gather(1, where[:, None]).squeeze(1)
         counts = torch.bincount(where, minlength=self.n_exits)
-        return Budgeted(right.double().mean().item(), self.macs[where].mean().item(), counts.tolist()), right
+        consulted = (thresholds < math.inf).double()  # a skipped exit's classifier costs nothing
+        consulted[-1] = 1.0
+        macs = self.block_macs + (self.classifier_macs * consulted).cumsum(0)
+        return Budgeted(right.double().mean().item(), macs[where].mean().item(), counts.tolist()), right
 
 
 # ----------------------------------------------------------------------------- real early exit
@@ -312,9 +318,14 @@ class EarlyExit(nn.Module):
             return self._forward(x)
 
     def decide(self, k: int, maps: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """After block k (0-based), from its maps: which images leave here, and every image's class."""
+        """After block k (0-based), from its maps: which images leave here, and every image's class.
+        An exit whose threshold is +inf lets nobody leave, so its classifier is not even run."""
+        last = k == self.model.n_exits - 1
+        if not last and self.thresholds[k] == math.inf:
+            n, device = len(maps[-1]), maps[-1].device
+            return torch.zeros(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.long, device=device)
         logits = self.model.classifiers[k](maps[-1])
-        if k == self.model.n_exits - 1:
+        if last:
             return torch.ones(len(logits), dtype=torch.bool, device=logits.device), logits.argmax(-1)
         return _score(logits, self.score) >= self.thresholds[k], logits.argmax(-1)
 

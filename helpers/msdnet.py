@@ -362,6 +362,7 @@ class ExitCost(NamedTuple):
     exit: int  # 1-based, B1..B10
     params: int  # parameters needed to compute this exit (blocks and classifiers up to it)
     macs: int  # multiply-accumulates per image to reach this exit, earlier classifiers included
+    classifier_macs: int = 0  # this exit's classifier alone (part of macs): what skipping the exit saves
 
 
 @contextmanager
@@ -387,11 +388,14 @@ def exit_costs(model: MSDNet) -> list[ExitCost]:
     param = next(model.parameters())
     x = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
     costs, params = [], 0
-    with eval_mode(model):
+    with eval_mode(model), torch.no_grad():
+        feats = model(x, return_features=True)[1]  # the map each classifier reads
         for k in range(1, model.n_exits + 1):
-            counter = FlopCounterMode(display=False)
-            with counter, torch.no_grad():
+            counter, alone = FlopCounterMode(display=False), FlopCounterMode(display=False)
+            with counter:
                 model(x, exits=k)
+            with alone:
+                model.classifiers[k - 1](feats[k - 1])
             params += sum(p.numel() for m in (model.blocks[k - 1], model.classifiers[k - 1]) for p in m.parameters())
-            costs.append(ExitCost(k, params, counter.get_total_flops() // 2))
+            costs.append(ExitCost(k, params, counter.get_total_flops() // 2, alone.get_total_flops() // 2))
     return costs

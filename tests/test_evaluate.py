@@ -81,6 +81,34 @@ def test_budgeted_accuracy_and_cost():
     assert (last.accuracy, last.average_macs, last.exit_counts) == (0.75, 30.0, [0, 0, 4])
 
 
+def test_a_skipped_exit_costs_no_classifier():
+    p = hand_made()
+    # blocks cost 8 each, classifiers 2 each: exits cost 10, 20, 30 when every classifier runs
+    costs = [msdnet.ExitCost(k + 1, 0, macs, 2) for k, macs in enumerate([10, 20, 30])]
+    everyone_at_b3 = evaluate.budgeted(p, torch.tensor([0.999, 0.999, -math.inf]), costs)
+    assert (everyone_at_b3.average_macs, everyone_at_b3.exit_counts) == (30.0, [0, 0, 4])  # B1's and B2's classifiers ran
+    skip_b2 = evaluate.budgeted(p, torch.tensor([0.999, math.inf, -math.inf]), costs)
+    assert (skip_b2.average_macs, skip_b2.exit_counts) == (28.0, [0, 0, 4])  # B2's classifier never ran
+    skip_both = evaluate.budgeted(p, torch.tensor([math.inf, math.inf, -math.inf]), costs)
+    assert skip_both.average_macs == 26.0  # every block, the last classifier only: the full network
+
+
+def test_real_early_exit_runs_no_classifier_at_a_skipped_exit():
+    model = msdnet.build("tiny").eval()
+    ran = []
+    for k, clf in enumerate(model.classifiers):
+        clf.register_forward_hook(lambda m, i, o, k=k: ran.append(k))
+    x = torch.rand(6, 3, 32, 32)
+    skip_b2 = torch.tensor([0.99, math.inf, 0.0, -math.inf])  # B1 strict, B2 skipped, B3 takes everyone left
+    got_class, got_exit = evaluate.EarlyExit(model, skip_b2)(x)
+    assert 1 not in ran and 0 in ran and 2 in ran
+    with torch.no_grad():
+        logits = torch.stack(model(x), 1)
+    want_exit = evaluate.exit_points(logits.softmax(-1).amax(-1), skip_b2)
+    assert got_exit.tolist() == want_exit.tolist() and 1 not in got_exit.tolist()
+    assert got_class.tolist() == logits.argmax(-1).gather(1, want_exit[:, None]).squeeze(1).tolist()
+
+
 def test_real_early_exit_gives_the_simulated_answers(tiny_folder):
     model = msdnet.build("tiny").eval()
     split = data.load("test", source=tiny_folder)

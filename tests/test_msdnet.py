@@ -161,6 +161,27 @@ def test_exit_costs_equal_a_count_by_hand():
     assert [c.macs for c in msdnet.exit_costs(model)] == by_hand
 
 
+def test_classifier_costs_equal_a_count_by_hand():
+    # The classifier alone: its convs and its linear layer, counted by hand on the map it reads.
+    model = msdnet.build("tiny").eval()
+    feats = model(torch.zeros(1, 3, 32, 32), return_features=True)[1]
+    by_hand = []
+    for clf, f in zip(model.classifiers, feats):
+        macs = []
+        hooks = [m.register_forward_hook(lambda mod, i, out: macs.append(
+            mod.in_channels * mod.out_channels * mod.kernel_size[0] * mod.kernel_size[1] * out.shape[2] * out.shape[3]
+            if isinstance(mod, nn.Conv2d) else mod.in_features * mod.out_features))
+            for m in clf.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        with torch.no_grad():
+            clf(f)
+        by_hand.append(sum(macs))
+        for h in hooks:
+            h.remove()
+    costs = msdnet.exit_costs(model)
+    assert [c.classifier_macs for c in costs] == by_hand
+    assert all(0 < c.classifier_macs < c.macs for c in costs)
+
+
 @pytest.mark.parametrize(
     "x, error, words",
     [
