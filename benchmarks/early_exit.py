@@ -42,6 +42,12 @@ def interleaved(full, early, images: torch.Tensor, batch_size: int) -> tuple[flo
     return t_full, t_early, out_full, out_early
 
 
+def switched_off(thresholds) -> str:
+    """The exits nobody may leave at (threshold +inf): early exit skips their classifiers."""
+    off = [f"B{k + 1}" for k in range(len(thresholds) - 1) if thresholds[k].item() == float("inf")]
+    return f" (switched off: {', '.join(off)})" if off else ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=10_000, help="test images for the batch timing (spread over the classes)")
@@ -80,7 +86,7 @@ def main() -> None:
     for name, (thresholds, score) in policies.items():
         v, t = evaluate.budgeted(val, thresholds, costs, score), evaluate.budgeted(test, thresholds, costs, score)
         print(f"{name:34s} {v.accuracy:8.2%} {t.accuracy:8.2%} {t.average_macs / 1e6:7.1f} "
-              f"{full_macs / t.average_macs:5.2f}x  {t.exit_counts}")
+              f"{full_macs / t.average_macs:5.2f}x  {t.exit_counts}{switched_off(thresholds)}")
         if v.average_macs < best_val_macs:  # chosen on validation, like the thresholds
             chosen, best_val_macs = name, v.average_macs
     thresholds, score = policies[chosen]

@@ -461,19 +461,28 @@ def _one_threshold(table: _Table, target: float, safety: float) -> Tensor:
 
 def per_exit_thresholds(val: Predictions, costs: list[msdnet.ExitCost], target: float,
                         score: str = "confidence", rounds: int = 3, safety: float = 0.0) -> Tensor:
-    """A threshold for each exit, chosen on validation by coordinate descent: starting from
-    one_threshold, each exit's threshold in turn is moved to the value that makes the average cost
-    lowest while validation accuracy stays at `target` or above; a few rounds over the exits.
+    """A threshold for each exit, chosen on validation by coordinate descent: each exit's threshold in
+    turn is moved to the value that makes the average cost lowest while validation accuracy stays at
+    `target` or above; a few rounds over the exits. A threshold of +inf switches its exit off (its
+    classifier is never run). The descent starts twice, from one_threshold and from every exit
+    switched off, and keeps the cheaper result: one move at a time cannot always reach the other.
     `safety` is one_threshold's margin against the noise of the validation images.
     Returns thresholds [exits] (the last is -inf: every image that gets there leaves)."""
     table = _Table(val, costs, score)
-    thresholds = _one_threshold(table, target, safety)  # the same scores table, not a second softmax
+    all_off = torch.full((val.n_exits,), math.inf, dtype=torch.float64)
+    all_off[-1] = -math.inf
+    found = [_descend(table, start, target, rounds, safety) for start in (_one_threshold(table, target, safety), all_off)]
+    feasible = [f for f in found if table.lower_bound(f[0], safety)[0] >= target] or found[:1]
+    return min(feasible, key=lambda f: f[1].average_macs)[0]
+
+
+def _descend(table: _Table, thresholds: Tensor, target: float, rounds: int, safety: float) -> tuple[Tensor, Budgeted]:
     best = table.budgeted(thresholds)
     grids = [torch.cat([_candidates(table.scores[:, k], 100), torch.tensor([math.inf], dtype=torch.float64)])
-             for k in range(val.n_exits - 1)]
+             for k in range(table.n_exits - 1)]
     for _ in range(rounds):
         moved = False
-        for k in range(val.n_exits - 1):
+        for k in range(table.n_exits - 1):
             for t in grids[k].tolist():
                 trial = thresholds.clone()
                 trial[k] = t
@@ -482,7 +491,7 @@ def per_exit_thresholds(val: Predictions, costs: list[msdnet.ExitCost], target: 
                     thresholds, best, moved = trial, r, True
         if not moved:
             break
-    return thresholds
+    return thresholds, best
 
 
 class LastExitOnly(nn.Module):

@@ -294,6 +294,26 @@ def test_per_exit_thresholds_find_the_cheaper_split():
     assert r.average_macs < evaluate.budgeted(val, evaluate.one_threshold(val, costs, 1.0), costs).average_macs
 
 
+def test_per_exit_thresholds_also_start_from_every_exit_switched_off():
+    # 4 images, 3 exits, 2 classes; blocks cost 6 and classifiers 4 (exits 10, 20, 30 with every classifier).
+    # Confidence at (exit 1, exit 2), R right / W wrong; the last exit is right on all four.
+    #   image 0: 0.88 R, 0.73 R    image 1: 0.73 W, 0.62 W    image 2: 0.73 W, 0.95 R    image 3: 0.73 R, 0.88 R
+    logits = torch.tensor([[[2.0, 0.0], [1.0, 0.0], [3.0, 0.0]], [[2.0, 1.0], [1.0, 0.5], [0.0, 3.0]],
+                           [[1.0, 0.0], [0.0, 3.0], [0.0, 3.0]], [[2.0, 3.0], [0.0, 2.0], [0.0, 3.0]]])
+    val = evaluate.Predictions(logits, torch.tensor([0, 1, 1, 1]))
+    costs = [msdnet.ExitCost(k + 1, 0, macs, 4) for k, macs in enumerate([10, 20, 30])]
+    # One threshold, 0.88 at both exits: image 0 leaves at exit 1, images 2 and 3 at exit 2, image 1 at
+    # the last: (10 + 20 + 20 + 30) / 4 = 20. No single move from there is cheaper while all stay right.
+    one = evaluate.one_threshold(val, costs, 1.0)
+    assert evaluate.budgeted(val, one, costs).average_macs == 20.0
+    # Exit 1 switched off and exit 2 at 0.73: images 0, 2 and 3 leave at exit 2 (6 + 6 + 4, no exit-1
+    # classifier), image 1 at the last (6 * 3 + 4 + 4): (16 * 3 + 26) / 4 = 18.5, all right.
+    t = evaluate.per_exit_thresholds(val, costs, 1.0)
+    r = evaluate.budgeted(val, t, costs)
+    assert t[0].item() == math.inf and t[1].item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
+    assert (r.accuracy, r.average_macs, r.exit_counts) == (1.0, 18.5, [0, 3, 1])
+
+
 @pytest.mark.parametrize("score", ["margin", "entropy"])
 def test_real_early_exit_follows_any_score(tiny_folder, score):
     model = msdnet.build("tiny").eval()
