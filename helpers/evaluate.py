@@ -454,9 +454,14 @@ def _one_threshold(table: _Table, target: float, safety: float) -> Tensor:
         thresholds[-1] = -math.inf
         if table.lower_bound(thresholds, safety)[0] >= target:
             return thresholds
-    thresholds = torch.full((table.n_exits,), math.inf, dtype=torch.float64)
+    return _all_off(table.n_exits)  # nobody leaves early: the last exit's accuracy
+
+
+def _all_off(n_exits: int) -> Tensor:
+    """Thresholds that switch every exit but the last off: the full network."""
+    thresholds = torch.full((n_exits,), math.inf, dtype=torch.float64)
     thresholds[-1] = -math.inf
-    return thresholds  # nobody leaves early: the last exit's accuracy
+    return thresholds
 
 
 def per_exit_thresholds(val: Predictions, costs: list[msdnet.ExitCost], target: float,
@@ -469,9 +474,8 @@ def per_exit_thresholds(val: Predictions, costs: list[msdnet.ExitCost], target: 
     `safety` is one_threshold's margin against the noise of the validation images.
     Returns thresholds [exits] (the last is -inf: every image that gets there leaves)."""
     table = _Table(val, costs, score)
-    all_off = torch.full((val.n_exits,), math.inf, dtype=torch.float64)
-    all_off[-1] = -math.inf
-    found = [_descend(table, start, target, rounds, safety) for start in (_one_threshold(table, target, safety), all_off)]
+    starts = (_one_threshold(table, target, safety), _all_off(val.n_exits))
+    found = [_descend(table, start, target, rounds, safety) for start in starts]
     feasible = [f for f in found if table.lower_bound(f[0], safety)[0] >= target] or found[:1]
     return min(feasible, key=lambda f: f[1].average_macs)[0]
 
