@@ -39,7 +39,7 @@ from .cache import fingerprint
 RUN_DEFINING = (
     "preset", "epochs", "batch_size", "accumulate", "lr", "momentum", "weight_decay", "schedule",
     "warmup_epochs", "label_smoothing", "distill", "distill_temperature", "ema", "seed", "val_size", "train_subset", "init_from", "channels_last",
-    "amp", "cutout",
+    "amp", "cutout", "fit_to",
 )  # fmt: skip
 # Where the data came from may be written many ways (a path with or without a trailing slash, or
 # $CIFAR10_SOURCE): a run records what it trained on instead (count and content hash), and a resume
@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
                    help="stop cleanly (as Ctrl-C does: saved, resumable) after this much training in this process")
+    p.add_argument("--fit-to", type=float, default=0.0, metavar="SECONDS",
+                   help="time the first epoch, then give the cosine schedule as many epochs (at most --epochs) as "
+                        "fit in SECONDS of training and validation; needs --schedule cosine and --warmup-epochs >= 1")
     args = p.parse_args(argv)
     _validate(args, p)
     return args
@@ -105,6 +108,9 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         (args.val_size >= 0 and args.train_subset >= 0 and args.eval_subset >= 0, "sizes must be >= 0"),
         (args.time_limit >= 0, "--time-limit must be >= 0"),
         (args.cutout >= 0, "--cutout must be >= 0 (0 turns it off)"),
+        (args.fit_to >= 0, "--fit-to must be >= 0 (0 turns it off)"),
+        (not args.fit_to or (args.schedule == "cosine" and args.warmup_epochs >= 1),
+         "--fit-to needs --schedule cosine and --warmup-epochs >= 1 (the warm-up covers the epoch that is timed)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -191,6 +197,7 @@ class Progress:
     epoch_loss_sum: float = 0.0  # the current epoch's batch losses, summed
     epoch_time_s: float = 0.0  # the current epoch's training seconds before an interruption
     best_score: float = -1.0  # mean validation accuracy over the exits of the weights in best.pt
+    fitted_epochs: int = 0  # the schedule's length chosen by --fit-to after the first epoch (0: not yet, or off)
     epoch_record: dict = field(default_factory=dict)  # the last finished epoch's log record
     untimed_images: int = 0  # not saved: images of an epoch whose time an old checkpoint did not keep
 
@@ -243,6 +250,7 @@ class _Run:
             self.ema.load_state_dict(ckpt["ema"])
         self.net = nn.parallel.DistributedDataParallel(self.model) if self.ddp.world > 1 else self.model
         self.micro = args.batch_size // (self.ddp.world * args.accumulate)
+        self.timed_from: tuple[float, int] | None = None  # --fit-to: (time, steps done) where the first epoch's timing starts
 
     def _load_data(self) -> None:
         args = self.args
@@ -254,6 +262,8 @@ class _Run:
             eval_set = data.subset(eval_set, args.eval_subset)
         self.trained_on = {"train_images": len(train_set),
                            "train_fingerprint": fingerprint((train_set.images, train_set.labels))}
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # training's shapes never change: let cuDNN pick its fastest kernels
         if self.device.type == "cuda":  # CIFAR-10 is 150 MB of uint8: keep it on the GPU, batches never cross the bus
             train_set = data.Split(train_set.images.to(self.device), train_set.labels.to(self.device))
             eval_set = data.Split(eval_set.images.to(self.device), eval_set.labels.to(self.device))
@@ -275,6 +285,8 @@ class _Run:
         if not path.exists():
             raise checkpoint.CheckpointError(f"--resume: there is no {path} to resume; drop --resume to start a new run")
         ckpt = checkpoint.read(path)
+        if args.fit_to and ckpt.get("fitted_epochs"):
+            args.epochs = ckpt["fitted_epochs"]  # the length --fit-to chose when the run began
         _check_resume(ckpt["run"], args, path)
         if ckpt.get("data", self.trained_on) != self.trained_on:
             saved, now = ckpt["data"], self.trained_on
@@ -358,6 +370,7 @@ class _Run:
     def end_epoch(self, train_seconds: float) -> None:
         """Close the epoch: validate (the moving average too), keep the best weights, save, then log."""
         args, p = self.args, self.progress
+        train_end = time.perf_counter()
         epoch_time = p.epoch_time_s + train_seconds  # the whole epoch, also when a resume split it
         record = {"epoch": p.epoch + 1, "step": (p.epoch + 1) * self.steps_per_epoch,
                   "lr": learning_rate((p.epoch + 1) * self.steps_per_epoch - 1, self.steps_per_epoch, args),
@@ -370,10 +383,31 @@ class _Run:
             record.update(self._validate())
             record["elapsed_s"] = round(p.elapsed_s, 1)
             p.epoch_record = record
+        if args.fit_to and not p.fitted_epochs and self.timed_from is not None:
+            self._fit_schedule(train_end)  # before the save, so the checkpoint holds the schedule's length
         self.save()  # the checkpoint first, then the log line that announces it (a resume restores a lost line)
         if self.ddp.main:
             append_record(self.log_path, record)
         self.ddp.barrier()
+
+    def _fit_schedule(self, train_end: float) -> None:
+        """--fit-to, at the end of the first epoch: the epochs that fit in the budget, from this epoch's
+        steps after its first quarter (cuDNN's tuning and the caches' warm-up come before) and its validation."""
+        args, p = self.args, self.progress
+        start, steps_before = self.timed_from
+        eval_s = time.perf_counter() - train_end  # validation and best.pt
+        step_s = (train_end - start) / max(1, self.steps_per_epoch - steps_before)
+        epoch_s = step_s * self.steps_per_epoch + eval_s
+        left = args.fit_to - (p.elapsed_s + eval_s)
+        fitted = max(p.epoch, min(args.epochs, p.epoch + math.floor(max(0.0, left) / max(epoch_s, 1e-9))))
+        if self.ddp.world > 1:  # every rank must run the same schedule: rank 0's timing decides
+            box = torch.tensor([fitted], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.broadcast(box, 0)
+            fitted = int(box.item())
+        p.fitted_epochs = args.epochs = fitted
+        if self.ddp.main:
+            print(f"--fit-to {args.fit_to:g} s: an epoch takes about {epoch_s:.1f} s with validation; "
+                  f"the cosine schedule gets {fitted} epochs", flush=True)
 
     def _validate(self) -> dict:
         args, p = self.args, self.progress
@@ -414,6 +448,8 @@ def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> d
                        disable=not run.ddp.main, mininterval=2, dynamic_ncols=True)
             t0, seen_before = time.perf_counter(), p.epoch_images
             while p.batch_in_epoch < run.steps_per_epoch:
+                if args.fit_to and p.epoch == 0 and run.timed_from is None and p.batch_in_epoch >= run.steps_per_epoch // 4:
+                    run.timed_from = (time.perf_counter(), p.batch_in_epoch)
                 consistent = False
                 loss, lr = run.step()
                 consistent = True

@@ -246,6 +246,39 @@ def test_a_checkpoint_from_before_epoch_timing_resumes_timing_only_the_rest(tmp_
     assert [r["elapsed_s"] for r in records] == [3.0, 6.0, 9.0]
 
 
+@pytest.mark.parametrize("budget, cap, want", [(10, 20, 3), (11.9, 20, 3), (12, 20, 4), (100, 5, 5), (2, 20, 1)])
+def test_fit_to_gives_the_schedule_the_epochs_that_fit_the_budget(tmp_path, tiny_folder, monkeypatch, budget, cap, want):
+    # 3 steps an epoch at one second each, validation free: the first epoch spends 3 of the budget and
+    # each further epoch 3 more, so 10 s fit 1 + 2 epochs, 12 s fit 1 + 3; --epochs caps it; 2 s keep one.
+    clock = StepClock()
+    monkeypatch.setattr(train, "time", clock)
+    out = tmp_path / "run"
+    train.train(tiny_args(out, tiny_folder, "--epochs", str(cap), "--warmup-epochs", "1", "--fit-to", str(budget)),
+                on_step=clock.step())
+    records = log_records(out)
+    assert [r["epoch"] for r in records] == list(range(1, want + 1))
+    assert state(out / "last.pt")["fitted_epochs"] == want and state(out / "last.pt")["run"]["epochs"] == want
+    if want > 1:  # the cosine decays over the fitted epochs, to nearly zero at the last step
+        assert records[-1]["lr"] == pytest.approx(train.learning_rate(3 * want - 1, 3, train.parse_args(
+            ["--epochs", str(want), "--lr", "0.05", "--schedule", "cosine", "--warmup-epochs", "1"])))
+        assert records[-1]["lr"] < 0.05 * 0.1
+
+
+def test_a_fitted_run_resumes_with_its_fitted_length_and_the_same_weights(tmp_path, tiny_folder, monkeypatch):
+    flags = ("--epochs", "20", "--warmup-epochs", "1", "--fit-to", "10")
+    clock = StepClock()
+    monkeypatch.setattr(train, "time", clock)
+    train.train(tiny_args(tmp_path / "straight", tiny_folder, *flags), on_step=clock.step())
+    clock = StepClock()
+    monkeypatch.setattr(train, "time", clock)
+    with pytest.raises(KeyboardInterrupt):  # stopped in epoch 2, after the length was fixed
+        train.train(tiny_args(tmp_path / "split", tiny_folder, *flags), on_step=clock.step(4))
+    train.train(tiny_args(tmp_path / "split", tiny_folder, *flags, "--resume"), on_step=clock.step())
+    assert [r["epoch"] for r in log_records(tmp_path / "split")] == [1, 2, 3]
+    a, b = state(tmp_path / "straight" / "last.pt"), state(tmp_path / "split" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, tiny_folder):
     train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "1"))
     with pytest.raises(checkpoint.CheckpointError, match="--lr: checkpoint 0.05, now 0.1"):
@@ -445,6 +478,8 @@ def test_resume_refuses_other_images_but_not_the_same_folder_written_otherwise(t
     (["--distill-temperature", "0"], "--distill-temperature must be > 0"),
     (["--ema", "1"], "--ema (the decay) must be in [0, 1)"),
     (["--label-smoothing", "-0.1"], "--label-smoothing must be in [0, 1)"),
+    (["--fit-to", "60", "--schedule", "paper"], "--fit-to needs --schedule cosine and --warmup-epochs >= 1"),
+    (["--fit-to", "60", "--schedule", "cosine", "--warmup-epochs", "0.5"], "--fit-to needs --schedule cosine"),
 ])
 def test_bad_training_settings_are_refused_in_one_line(flags, words, capsys):
     with pytest.raises(SystemExit) as e:
