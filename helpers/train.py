@@ -370,7 +370,7 @@ class _Run:
     def end_epoch(self, train_seconds: float) -> None:
         """Close the epoch: validate (the moving average too), keep the best weights, save, then log."""
         args, p = self.args, self.progress
-        train_end = time.perf_counter()
+        self.train_end = time.perf_counter()
         epoch_time = p.epoch_time_s + train_seconds  # the whole epoch, also when a resume split it
         record = {"epoch": p.epoch + 1, "step": (p.epoch + 1) * self.steps_per_epoch,
                   "lr": learning_rate((p.epoch + 1) * self.steps_per_epoch - 1, self.steps_per_epoch, args),
@@ -384,21 +384,24 @@ class _Run:
             record["elapsed_s"] = round(p.elapsed_s, 1)
             p.epoch_record = record
         if args.fit_to and not p.fitted_epochs and self.timed_from is not None:
-            self._fit_schedule(train_end)  # before the save, so the checkpoint holds the schedule's length
+            self._fit_schedule()  # before the save, so the checkpoint holds the schedule's length
         self.save()  # the checkpoint first, then the log line that announces it (a resume restores a lost line)
         if self.ddp.main:
             append_record(self.log_path, record)
         self.ddp.barrier()
 
-    def _fit_schedule(self, train_end: float) -> None:
+    def _fit_schedule(self) -> None:
         """--fit-to, at the end of the first epoch: the epochs that fit in the budget, from this epoch's
-        steps after its first quarter (cuDNN's tuning and the caches' warm-up come before) and its validation."""
+        steps after its first quarter (cuDNN's tuning and the caches' warm-up come before) and a second,
+        timed validation pass (on a GPU the first one paid for tuning its own shapes: 14 s instead of 0.6)."""
         args, p = self.args, self.progress
         start, steps_before = self.timed_from
-        eval_s = time.perf_counter() - train_end  # validation and best.pt
-        step_s = (train_end - start) / max(1, self.steps_per_epoch - steps_before)
+        again = time.perf_counter()
+        exit_accuracies(self.model, self.eval_set, device=self.device)
+        eval_s = (time.perf_counter() - again) * (2 if self.ema is not None else 1)  # the average is validated too
+        step_s = (self.train_end - start) / max(1, self.steps_per_epoch - steps_before)
         epoch_s = step_s * self.steps_per_epoch + eval_s
-        left = args.fit_to - (p.elapsed_s + eval_s)
+        left = args.fit_to - (p.elapsed_s + time.perf_counter() - self.train_end)  # what the first epoch really spent
         fitted = max(p.epoch, min(args.epochs, p.epoch + math.floor(max(0.0, left) / max(epoch_s, 1e-9))))
         if self.ddp.world > 1:  # every rank must run the same schedule: rank 0's timing decides
             box = torch.tensor([fitted], device=self.device if self.device.type == "cuda" else "cpu")
