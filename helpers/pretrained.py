@@ -183,7 +183,9 @@ def _training_record(chosen: dict, last: dict, command: str, hardware: str | Non
     started from shipped weights (their card is read before it is replaced)."""
     hardware = hardware or chosen.get("hardware") or last.get("hardware") or "unknown (not recorded by the run)"
     training = {**last["run"], "epochs_done": chosen["epoch"], "wall_time_s": round(chosen["elapsed_s"]),
-                "weights": chosen["weights"], "command": command, "hardware": hardware, "torch": torch.__version__}
+                "weights": chosen["weights"], "command": command, "hardware": hardware,
+                # the torch that trained (a GPU machine's may differ from the exporting one's); older runs did not record it
+                "torch": chosen.get("torch") or last.get("torch") or str(torch.__version__)}
     if "data" in last:  # what the run trained on: image count and content hash, and where it was read from
         training["trained_on"] = {**last["data"], "source": last.get("data_source")}
     if last["epoch"] != chosen["epoch"]:

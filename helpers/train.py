@@ -314,7 +314,8 @@ class _Run:
 
     def _about(self) -> dict:
         """What every saved file says of the run: settings, hardware, data."""
-        return {"run": _run_settings(self.args), "hardware": hardware_name(self.device), "data": self.trained_on,
+        return {"run": _run_settings(self.args), "hardware": hardware_name(self.device), "torch": str(torch.__version__),
+                "data": self.trained_on,
                 "data_source": data.resolve_source(self.args.source),  # the source for the record; the fingerprint decides
                 **({"init_record": self.init_record} if self.init_record else {})}
 

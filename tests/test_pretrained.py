@@ -116,6 +116,16 @@ def test_export_writes_half_weights_a_card_and_a_log_that_load_back(tmp_path, ti
     assert not list(out.glob(".*"))  # no staged or temporary file left behind
 
 
+def test_the_card_names_the_torch_that_trained_not_the_one_that_exported(tmp_path, tiny_folder):
+    train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "1"))
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["torch"] == torch.__version__
+    best["torch"] = "2.11.0+cu130"  # as a GPU machine's run records it
+    torch.save(best, tmp_path / "run" / "best.pt")
+    card = pretrained.export(tmp_path / "run", tmp_path / "shipped", command="...", source=tiny_folder)
+    assert card["training"]["torch"] == "2.11.0+cu130"
+
+
 def test_a_second_cycle_keeps_the_first_cycles_record(tmp_path, tiny_folder):
     train.train(tiny_args(tmp_path / "c1", tiny_folder, "--epochs", "2"))
     out = tmp_path / "shipped"
@@ -198,6 +208,7 @@ def test_the_gpu_script_runs_on_a_cpu_and_its_weights_export(tmp_path, tiny_fold
     assert card["training"]["weights"] == ("trained" if mean(record["acc"]) > mean(record["acc_ema"]) else "ema")
     assert card["training"]["amp"] == "bf16" and card["training"]["channels_last"]
     assert card["training"]["hardware"] == train.hardware_name(torch.device("cpu"))  # on CUDA: the GPU's name
+    assert card["training"]["torch"] == torch.__version__  # recorded by the run: on a GPU machine, its own torch
     assert card["training"]["epochs_done"] == 1 and card["training"]["distill"] == 0.5
     assert card["training"]["trained_on"]["train_images"] == 48 and card["training"]["trained_on"]["source"] == str(tiny_folder)
     pretrained.load(tmp_path / "shipped" / pretrained.WEIGHTS_NAME)
