@@ -35,8 +35,14 @@ def test_results_table_shows_the_cards_accuracy_and_costs():
     assert table_row("**shipped checkpoint**") == [round(a * 100, 1) for a in CARD["test_accuracy_per_exit"]]
     assert table_row("multiply-accumulates") == [round(m / 1e6, 1) for m in CARD["macs_per_exit"]]
     assert table_row("shipped checkpoint, flip") == [round(a * 100, 1) for a in CARD["test_accuracy_per_exit_flip_tta"]]
-    epochs = re.search(r"\*\*shipped checkpoint\*\* \((\d+) CPU epochs\)", README).group(1)
-    assert int(epochs) == CARD["training"]["total_epochs"]
+    total, gpu = re.search(r"\*\*shipped checkpoint\*\* \((\d+) epochs: \d+ on a CPU, (\d+) on a GPU\)", README).groups()
+    assert int(total) == CARD["training"]["total_epochs"]
+    assert int(gpu) == sum(cycle["epochs_done"] for cycle in cycles(CARD["training"]) if "no GPU" not in cycle["hardware"])
+
+
+def cycles(training: dict) -> list[dict]:
+    """The card's training record and the records of the cycles it started from, newest first."""
+    return [training] + (cycles(training["started_from"]) if "started_from" in training else [])
 
 
 def test_the_readmes_reference_rows_are_the_reference_module():
