@@ -251,6 +251,7 @@ class _Run:
         self.net = nn.parallel.DistributedDataParallel(self.model) if self.ddp.world > 1 else self.model
         self.micro = args.batch_size // (self.ddp.world * args.accumulate)
         self.timed_from: tuple[float, int] | None = None  # --fit-to: (time, steps done) where the first epoch's timing starts
+        self.train_end = 0.0  # when the last epoch's training ended (its validation follows)
 
     def _load_data(self) -> None:
         args = self.args
