@@ -251,6 +251,7 @@ class _Run:
         self.net = nn.parallel.DistributedDataParallel(self.model) if self.ddp.world > 1 else self.model
         self.micro = args.batch_size // (self.ddp.world * args.accumulate)
         self.timed_from: tuple[float, int] | None = None  # --fit-to: (time, steps done) where the first epoch's timing starts
+        self.whole_first_epoch = self.progress.epoch == 0 and self.progress.batch_in_epoch == 0  # this process runs all of it
         self.train_end = 0.0  # when the last epoch's training ended (its validation follows)
 
     def _load_data(self) -> None:
@@ -385,26 +386,33 @@ class _Run:
             record.update(self._validate())
             record["elapsed_s"] = round(p.elapsed_s, 1)
             p.epoch_record = record
-        if args.fit_to and not p.fitted_epochs and self.timed_from is not None:
-            self._fit_schedule()  # before the save, so the checkpoint holds the schedule's length
+        if args.fit_to and not p.fitted_epochs:
+            self.fit_schedule(epoch_time)  # before the save, so the checkpoint holds the schedule's length
         self.save()  # the checkpoint first, then the log line that announces it (a resume restores a lost line)
         if self.ddp.main:
             append_record(self.log_path, record)
         self.ddp.barrier()
 
-    def _fit_schedule(self) -> None:
+    def fit_schedule(self, epoch_time: float) -> None:
         """--fit-to, at the end of the first epoch: the epochs that fit in the budget, from this epoch's
         steps after its first quarter (cuDNN's tuning and the caches' warm-up come before) and a second,
-        timed validation pass (on a GPU the first one paid for tuning its own shapes: 14 s instead of 0.6)."""
+        timed validation pass (on a GPU the first one paid for tuning its own shapes: 14 s instead of 0.6).
+        An epoch that a resume split is not timed in part: its whole `epoch_time` counts, warm-up included."""
         args, p = self.args, self.progress
-        start, steps_before = self.timed_from
         again = time.perf_counter()
         exit_accuracies(self.model, self.eval_set, device=self.device)
         eval_s = (time.perf_counter() - again) * (2 if self.ema is not None else 1)  # the average is validated too
-        step_s = (self.train_end - start) / max(1, self.steps_per_epoch - steps_before)
+        if self.timed_from is not None:
+            start, steps_before = self.timed_from
+            step_s = (self.train_end - start) / max(1, self.steps_per_epoch - steps_before)
+        else:
+            step_s = epoch_time / self.steps_per_epoch
         epoch_s = step_s * self.steps_per_epoch + eval_s
         left = args.fit_to - (p.elapsed_s + time.perf_counter() - self.train_end)  # what the first epoch really spent
-        fitted = max(p.epoch, min(args.epochs, p.epoch + math.floor(max(0.0, left) / max(epoch_s, 1e-9))))
+        fits = p.epoch + math.floor(max(0.0, left) / max(epoch_s, 1e-9))
+        # At least one epoch after the warm-up, so that the rate decays, even if it overruns the budget
+        # (--time-limit is the hard stop); never more than --epochs.
+        fitted = min(args.epochs, max(p.epoch, fits, math.ceil(args.warmup_epochs) + 1))
         if self.ddp.world > 1:  # every rank must run the same schedule: rank 0's timing decides
             box = torch.tensor([fitted], device=self.device if self.device.type == "cuda" else "cpu")
             dist.broadcast(box, 0)
@@ -412,7 +420,8 @@ class _Run:
         p.fitted_epochs = args.epochs = fitted
         if self.ddp.main:
             print(f"--fit-to {args.fit_to:g} s: an epoch takes about {epoch_s:.1f} s with validation; "
-                  f"the cosine schedule gets {fitted} epochs", flush=True)
+                  f"the cosine schedule gets {fitted} epochs"
+                  + (f" (the budget fits {fits}: too few to decay after the warm-up)" if fitted > fits else ""), flush=True)
 
     def _validate(self) -> dict:
         args, p = self.args, self.progress
@@ -445,6 +454,9 @@ def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> d
     stop = StopRequest(args.time_limit)
     consistent, t0 = True, time.perf_counter()  # consistent: no step is half done, so the state may be saved
     try:
+        if args.fit_to and not p.fitted_epochs and p.epoch >= 1:  # stopped after epoch 1's steps but before its fit
+            run.train_end = time.perf_counter()
+            run.fit_schedule(p.epoch_record.get("epoch_time_s", 0.0) if p.epoch_record else 0.0)
         while p.epoch < args.epochs:
             if p.perm is None:
                 p.perm = torch.randperm(len(run.train_set), generator=run.gen)
@@ -453,7 +465,8 @@ def _train(args: argparse.Namespace, on_step: Callable[[int], None] | None) -> d
                        disable=not run.ddp.main, mininterval=2, dynamic_ncols=True)
             t0, seen_before = time.perf_counter(), p.epoch_images
             while p.batch_in_epoch < run.steps_per_epoch:
-                if args.fit_to and p.epoch == 0 and run.timed_from is None and p.batch_in_epoch >= run.steps_per_epoch // 4:
+                if (args.fit_to and p.epoch == 0 and run.whole_first_epoch and run.timed_from is None
+                        and p.batch_in_epoch >= run.steps_per_epoch // 4):
                     run.timed_from = (time.perf_counter(), p.batch_in_epoch)
                 consistent = False
                 loss, lr = run.step()

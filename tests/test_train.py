@@ -246,10 +246,11 @@ def test_a_checkpoint_from_before_epoch_timing_resumes_timing_only_the_rest(tmp_
     assert [r["elapsed_s"] for r in records] == [3.0, 6.0, 9.0]
 
 
-@pytest.mark.parametrize("budget, cap, want", [(10, 20, 3), (11.9, 20, 3), (12, 20, 4), (100, 5, 5), (2, 20, 1)])
+@pytest.mark.parametrize("budget, cap, want", [(10, 20, 3), (11.9, 20, 3), (12, 20, 4), (100, 5, 5), (2, 20, 2)])
 def test_fit_to_gives_the_schedule_the_epochs_that_fit_the_budget(tmp_path, tiny_folder, monkeypatch, budget, cap, want):
     # 3 steps an epoch at one second each, validation free: the first epoch spends 3 of the budget and
-    # each further epoch 3 more, so 10 s fit 1 + 2 epochs, 12 s fit 1 + 3; --epochs caps it; 2 s keep one.
+    # each further epoch 3 more, so 10 s fit 1 + 2 epochs, 12 s fit 1 + 3; --epochs caps it; 2 s fit only
+    # the warm-up epoch, and the schedule still gets one more, so that the rate decays.
     clock = StepClock()
     monkeypatch.setattr(train, "time", clock)
     out = tmp_path / "run"
@@ -261,22 +262,48 @@ def test_fit_to_gives_the_schedule_the_epochs_that_fit_the_budget(tmp_path, tiny
     if want > 1:  # the cosine decays over the fitted epochs, to nearly zero at the last step
         assert records[-1]["lr"] == pytest.approx(train.learning_rate(3 * want - 1, 3, train.parse_args(
             ["--epochs", str(want), "--lr", "0.05", "--schedule", "cosine", "--warmup-epochs", "1"])))
-        assert records[-1]["lr"] < 0.05 * 0.1
+        assert records[-1]["lr"] < 0.05 / 3  # well below the peak: it decayed
 
 
-def test_a_fitted_run_resumes_with_its_fitted_length_and_the_same_weights(tmp_path, tiny_folder, monkeypatch):
+@pytest.mark.parametrize("stop_at", [4, 3, 1])  # in epoch 2, after the fit; after epoch 1's steps, before it; in epoch 1
+def test_a_fitted_run_resumes_with_its_fitted_length_and_the_same_weights(tmp_path, tiny_folder, monkeypatch, stop_at):
     flags = ("--epochs", "20", "--warmup-epochs", "1", "--fit-to", "10")
     clock = StepClock()
     monkeypatch.setattr(train, "time", clock)
     train.train(tiny_args(tmp_path / "straight", tiny_folder, *flags), on_step=clock.step())
     clock = StepClock()
     monkeypatch.setattr(train, "time", clock)
-    with pytest.raises(KeyboardInterrupt):  # stopped in epoch 2, after the length was fixed
-        train.train(tiny_args(tmp_path / "split", tiny_folder, *flags), on_step=clock.step(4))
+    with pytest.raises(KeyboardInterrupt):  # a resumed first epoch is timed whole: 3 steps of 1 s, as straight
+        train.train(tiny_args(tmp_path / "split", tiny_folder, *flags), on_step=clock.step(stop_at))
     train.train(tiny_args(tmp_path / "split", tiny_folder, *flags, "--resume"), on_step=clock.step())
     assert [r["epoch"] for r in log_records(tmp_path / "split")] == [1, 2, 3]
     a, b = state(tmp_path / "straight" / "last.pt"), state(tmp_path / "split" / "last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_fit_to_times_the_steps_after_the_first_quarter_and_both_validations(tmp_path, tiny_folder, monkeypatch):
+    # 6 steps an epoch: the first takes 10 s (warm-up), the others 1 s; every validation pass 1 s, and with
+    # the moving average an epoch has two. The first epoch spends 15 s of training, 2 s of validation and
+    # a 1 s timing pass; a later epoch costs 6 + 2 = 8 s, so a 48 s budget fits 1 + floor(30 / 8) = 4 epochs
+    # (5 if the average's pass were left out, 6 without validation, 2 with the warm-up step counted).
+    clock = StepClock()
+    monkeypatch.setattr(train, "time", clock)
+    validate = train.exit_accuracies
+
+    def slow_validation(*args, **kwargs):
+        clock.now += 1.0
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "exit_accuracies", slow_validation)
+
+    def on_step(step):
+        clock.now += 10.0 if step == 1 else 1.0
+
+    out = tmp_path / "run"
+    train.train(tiny_args(out, tiny_folder, "--batch-size", "8", "--epochs", "20", "--warmup-epochs", "1",
+                          "--ema", "0.9", "--fit-to", "48"), on_step=on_step)
+    assert state(out / "last.pt")["fitted_epochs"] == 4
+    assert [r["epoch"] for r in log_records(out)] == [1, 2, 3, 4]
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, tiny_folder):

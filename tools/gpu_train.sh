@@ -11,7 +11,8 @@
 # --time-limit stops it cleanly (resumable) should the later epochs run slower than the first.
 # Writes to $OUT (default runs/gpu): train.log, and in $OUT/export the run's log.jsonl, the weights
 # chosen on validation (best.pt) and the last epoch's trained weights (last.pt, without the optimizer
-# and the average), both in half precision: about 10 MB each, small enough to bring back.
+# and the average), both in half precision: about 10 MB each, small enough to bring back. That last.pt
+# is for the export to compare, not to resume (it lacks the optimizer and the average).
 # `python -m helpers.pretrained export --run <that folder> --command "..."` turns them into a card
 # naming the GPU. The run itself (full precision, resumable) stays in $RUN (default $OUT/run).
 set -euo pipefail
