@@ -264,9 +264,8 @@ class _Run:
             eval_set = data.subset(eval_set, args.eval_subset)
         self.trained_on = {"train_images": len(train_set),
                            "train_fingerprint": fingerprint((train_set.images, train_set.labels))}
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # training's shapes never change: let cuDNN pick its fastest kernels
         if self.device.type == "cuda":  # CIFAR-10 is 150 MB of uint8: keep it on the GPU, batches never cross the bus
+            torch.backends.cudnn.benchmark = True  # training's shapes never change: let cuDNN pick its fastest kernels
             train_set = data.Split(train_set.images.to(self.device), train_set.labels.to(self.device))
             eval_set = data.Split(eval_set.images.to(self.device), eval_set.labels.to(self.device))
         self.train_set, self.eval_set = train_set, eval_set
