@@ -9,7 +9,7 @@ import torch
 from . import atomic
 from .msdnet import MSDNet, MSDNetConfig
 
-__all__ = ["CheckpointError", "read", "check_config", "load_weights", "compact"]
+__all__ = ["CheckpointError", "read", "check_config", "load_weights", "half", "compact"]
 
 
 class CheckpointError(RuntimeError):
@@ -57,16 +57,17 @@ def load_weights(model: MSDNet, ckpt: dict, path: str | os.PathLike = "checkpoin
         raise CheckpointError(f"{path}: the weights do not fit the model ({e})") from e
 
 
+def half(state: dict) -> dict:
+    """A state dict with its floating-point tensors in half precision (what ships and travels)."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
 def compact(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """A training checkpoint made small enough to carry between machines (git, a GPU's output folder):
     the weights and their moving average in half precision, the optimizer's state dropped. `--resume`
     continues from it with the momentum starting again from zero, so not bit for bit, but at the
     same step of the same schedule, data order and random state."""
     ckpt = read(src)
-
-    def half(state: dict) -> dict:
-        return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-
     small = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scaler")}
     small["model"] = half(ckpt["model"])
     if "ema" in ckpt:

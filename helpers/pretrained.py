@@ -218,7 +218,7 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str | None = No
     parent = _parent(last)
     model = msdnet.build(msdnet.MSDNetConfig.from_dict(ckpt["config"]))
     checkpoint.load_weights(model, ckpt, source_file)
-    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    half = checkpoint.half(model.state_dict())
     out_dir.mkdir(parents=True, exist_ok=True)
     weights, staged = out_dir / WEIGHTS_NAME, out_dir / f".{WEIGHTS_NAME}.new"
     atomic.save({"format": "msdnet-weights/1", "config": ckpt["config"], "model": half}, staged)

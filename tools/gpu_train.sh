@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from helpers import atomic, checkpoint
 run, export = Path(sys.argv[1]), Path(sys.argv[2])
-half = lambda state: {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+half = checkpoint.half
 best = checkpoint.read(run / "best.pt")
 best["model"] = half(best["model"])
 atomic.save(best, export / "best.pt")
