@@ -6,9 +6,11 @@ Three exit policies, each with thresholds chosen on the validation hold-out only
 whose validation accuracy reaches the last exit's (with --safety Z, even Z standard errors below
 it): the paper's (exit shares proportional to q^k), one confidence threshold for all exits, and a
 threshold per exit (coordinate descent) on the top-1 confidence, the margin between the top two, or
-the entropy. For each it
-prints the test accuracy and the simulated multiply-accumulates. Then, with the cheapest policy on
-validation, it times on the test split the shipped MSD-Net used as an ordinary classifier (every
+the entropy, each searched twice: for the fewest multiply-accumulates, and for the lowest time
+by each block's and classifier's time measured here first (evaluate.timed_costs; on a CPU the
+first, full-resolution blocks cost far more time per multiply-accumulate than the late ones). For
+each it prints the test accuracy, the simulated multiply-accumulates and the simulated time. Then,
+with the policy fastest on validation by the measured costs, it times on the test split the shipped MSD-Net used as an ordinary classifier (every
 block, last classifier only) against real early exit, batch against batch interleaved so a busy
 moment of the machine hits both alike: for batches of several sizes (images leave the batch as they
 exit), streamed (evaluate.EarlyExitStream: the images that stay wait for a full batch before the next
@@ -27,12 +29,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from helpers import data, evaluate, msdnet, pretrained
 
 
-def interleaved(full, early, images: torch.Tensor, batch_size: int) -> tuple[float, float, list, list]:
+def as_input(images: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """uint8 images -> the networks' input: floats in [0, 1], in the memory format the model runs in."""
+    return (images.float() / 255).contiguous(memory_format=fmt)
+
+
+def interleaved(full, early, images: torch.Tensor, batch_size: int,
+                fmt: torch.memory_format = torch.contiguous_format) -> tuple[float, float, list, list]:
     """Seconds each of the two spends on all images, batch by batch in turn, and their outputs."""
     t_full = t_early = 0.0
     out_full, out_early = [], []
     for i in range(0, len(images), batch_size):
-        x = images[i : i + batch_size].float() / 255
+        x = as_input(images[i : i + batch_size], fmt)
         start = time.perf_counter()
         out_full.append(full(x))
         t_full += time.perf_counter() - start
@@ -53,7 +61,10 @@ def main() -> None:
     p.add_argument("--images", type=int, default=10_000, help="test images for the batch timing (spread over the classes)")
     p.add_argument("--latency-images", type=int, default=500, help="test images timed one at a time")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 250, 500])
+    p.add_argument("--cost-batch", type=int, default=250, help="batch size at which each block's time is measured")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run both networks in the channels_last memory format (faster on this CPU for both)")
     p.add_argument("--safety", type=float, default=0.0, metavar="Z",
                    help="the threshold searches keep the target even Z standard errors below their validation "
                         "accuracy (see evaluate.one_threshold); 0: the validation accuracy itself")
@@ -61,55 +72,71 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
 
     model = pretrained.load()
     costs = msdnet.exit_costs(model)
-    full_split = data.load("test")
-    val, test = evaluate.predict(model, "val"), evaluate.predict(model, full_split)
+    full_split, val_split = data.load("test"), data.load("val")
+    val, test = evaluate.predict(model, val_split), evaluate.predict(model, full_split)  # cached: the usual format
+    model = model.to(memory_format=fmt)  # from here on, what is timed
+    # Each block's and classifier's time on this machine, on validation images: the costs that wall
+    # clock follows (multiply-accumulates overstate the late blocks and the classifiers).
+    timed = evaluate.timed_costs(model, as_input(val_split.images[: args.cost_batch], fmt))
     target = val.correct[:, -1].double().mean().item()  # the full network's validation accuracy
     q, paper = evaluate.cheapest_matching(val, costs, target)
     policies = {  # name: (thresholds, the score they threshold)
         f"paper (q^k shares, q = {q:.2f})": (paper, "confidence"),
         "one confidence threshold": (evaluate.one_threshold(val, costs, target, safety=args.safety), "confidence"),
-        **{f"a threshold per exit ({score})": (evaluate.per_exit_thresholds(val, costs, target, score=score, safety=args.safety), score)
-           for score in evaluate.SCORES},
     }
+    for score in evaluate.SCORES:
+        for unit, c in (("", costs), (", timed", timed)):
+            policies[f"a threshold per exit ({score}{unit})"] = (
+                evaluate.per_exit_thresholds(val, c, target, score=score, safety=args.safety), score)
     baseline = evaluate.LastExitOnly(model)
     with FlopCounterMode(display=False) as counter:
         baseline(torch.zeros(1, 3, 32, 32))
     full_macs = counter.get_total_flops() // 2  # every block, the last classifier only
+    full_seconds = timed[-1].seconds - sum(c.classifier_seconds for c in timed[:-1])
 
-    print(f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}; thresholds from the 5,000 validation "
-          f"images (target: the full network's {target:.2%} there, safety {args.safety:g} standard errors), accuracy on the {len(test):,} test images")
-    print(f"{'policy':34s} {'val acc':>8s} {'test acc':>8s} {'M MACs':>7s} {'fewer':>6s}  exits used on test")
-    chosen, best_val_macs = None, float("inf")
+    print(f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, {'channels_last' if args.channels_last else 'contiguous'} "
+          f"memory format; thresholds from the 5,000 validation images (target: the full network's {target:.2%} there, "
+          f"safety {args.safety:g} standard errors), accuracy on the {len(test):,} test images")
+    print(f"block and classifier times measured at batch {args.cost_batch}, ms per image: "
+          + " ".join(f"B{c.exit} {(c.seconds - (timed[i - 1].seconds if i else 0)) * 1e3:.3f}" for i, c in enumerate(timed))
+          + f"; full network {full_seconds * 1e3:.2f} ms")
+    print("'timed': thresholds searched for the lowest measured time instead of the fewest multiply-accumulates")
+    print(f"{'policy':42s} {'val acc':>8s} {'test acc':>8s} {'M MACs':>7s} {'fewer':>6s} {'ms/im':>6s} {'faster':>6s}  exits used on test")
+    chosen, best_val_seconds = None, float("inf")
     for name, (thresholds, score) in policies.items():
         v, t = evaluate.budgeted(val, thresholds, costs, score), evaluate.budgeted(test, thresholds, costs, score)
-        print(f"{name:34s} {v.accuracy:8.2%} {t.accuracy:8.2%} {t.average_macs / 1e6:7.1f} "
-              f"{full_macs / t.average_macs:5.2f}x  {t.exit_counts}{switched_off(thresholds)}")
-        if v.average_macs < best_val_macs:  # chosen on validation, like the thresholds
-            chosen, best_val_macs = name, v.average_macs
+        t_sec = evaluate.budgeted(test, thresholds, timed, score).average_cost
+        print(f"{name:42s} {v.accuracy:8.2%} {t.accuracy:8.2%} {t.average_macs / 1e6:7.1f} "
+              f"{full_macs / t.average_macs:5.2f}x {t_sec * 1e3:6.3f} {full_seconds / t_sec:5.2f}x  "
+              f"{t.exit_counts}{switched_off(thresholds)}")
+        v_sec = evaluate.budgeted(val, thresholds, timed, score).average_cost
+        if v_sec < best_val_seconds:  # chosen on validation, like the thresholds, by the time it predicts
+            chosen, best_val_seconds = name, v_sec
     thresholds, score = policies[chosen]
     sim = evaluate.budgeted(test, thresholds, costs, score)
+    sim_seconds = evaluate.budgeted(test, thresholds, timed, score).average_cost
     early = evaluate.EarlyExit(model, thresholds, score=score)
 
     split = data.subset(full_split, args.images) if args.images < len(full_split) else full_split
     one = data.subset(full_split, args.latency_images)
-    print(f"\ntimed with '{chosen}' (the cheapest on validation), {len(split):,} test images "
+    print(f"\ntimed with '{chosen}' (the fastest on validation by the measured costs), {len(split):,} test images "
           f"({full_macs / 1e6:.1f} vs {sim.average_macs / 1e6:.1f} M MACs per image):")
     print(f"{'batch':>6s} {'full network':>13s} {'early exit':>11s} {'speed-up':>9s} {'streamed':>9s} {'speed-up':>9s}")
     full_s, early_s, stream_s = {}, {}, {}
-    images = split.images.float() / 255
     with torch.no_grad():
-        interleaved(baseline, early, split.images[:500], 100)  # warm-up
+        interleaved(baseline, early, split.images[:500], 100, fmt)  # warm-up
         for b in args.batch_sizes:
-            full_s[b], early_s[b], full_out, early_out = interleaved(baseline, early, split.images, b)
+            full_s[b], early_s[b], full_out, early_out = interleaved(baseline, early, split.images, b, fmt)
             start = time.perf_counter()
-            streamed, _ = evaluate.EarlyExitStream(early, b)(images)
+            streamed, _ = evaluate.EarlyExitStream(early, b)(as_input(split.images, fmt))
             stream_s[b] = time.perf_counter() - start
             print(f"{b:6d} {len(split) / full_s[b]:9.0f} im/s {len(split) / early_s[b]:7.0f} im/s {full_s[b] / early_s[b]:8.2f}x "
                   f"{len(split) / stream_s[b]:5.0f} im/s {full_s[b] / stream_s[b]:8.2f}x")
-        l_full, l_early, _, _ = interleaved(baseline, early, one.images, 1)
+        l_full, l_early, _, _ = interleaved(baseline, early, one.images, 1, fmt)
     acc_full = (torch.cat(full_out).argmax(1) == split.labels).double().mean().item()
     acc_early = (torch.cat([p for p, _ in early_out]) == split.labels).double().mean().item()
     same = int((streamed == torch.cat([p for p, _ in early_out])).sum())  # all, unless rounding tips an image at a threshold
@@ -122,6 +149,7 @@ def main() -> None:
     print(f"streamed early exit gave early exit's answer for {same:,} of {len(split):,} images")
     print(f"each at its fastest: full network {len(split) / full_s[b_full]:.0f} images/s (batch {b_full}), "
           f"{best} {len(split) / modes[best]:.0f} images/s")
+    print(f"simulated from the measured block times: {full_seconds / sim_seconds:.1f}x")
     print(f"early exit: {full_s[b_full] / modes[best]:.1f}x measured, {full_macs / sim.average_macs:.1f}x simulated, "
           f"accuracy {acc_early:.2%} vs {acc_full:.2%} (full network)")
 

@@ -7,6 +7,7 @@
     difficulty(preds)                      # per image: how many exits are right (the blog's "k/10")
     thresholds = budget_thresholds(val_preds, q=0.6)   # the paper's budgeted batch classification
     budgeted(preds, thresholds, costs)     # accuracy and average multiply-accumulates
+    timed_costs(model, images)             # the same costs in seconds, measured here: searches then minimize time
     one_threshold(val_preds, costs, target)        # one confidence threshold for every exit, chosen on validation
     per_exit_thresholds(val_preds, costs, target)  # a threshold per exit: the cheapest that keep `target`
     EarlyExit(model, thresholds)(images)   # real early exit: an image leaves at its exit and stops computing
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import NamedTuple
 
 import torch
@@ -45,6 +47,8 @@ __all__ = [
     "exit_points",
     "Budgeted",
     "budgeted",
+    "ExitTime",
+    "timed_costs",
     "EarlyExit",
     "EarlyExitStream",
     "budget_curve",
@@ -246,8 +250,60 @@ def exit_points(confidence: Tensor, thresholds: Tensor) -> Tensor:
 
 class Budgeted(NamedTuple):
     accuracy: float
-    average_macs: float
+    average_cost: float  # per image, in the costs' unit: multiply-accumulates (ExitCost) or seconds (ExitTime)
     exit_counts: list[int]  # images leaving at each exit
+
+    @property
+    def average_macs(self) -> float:
+        """average_cost, under the name it has when the costs are msdnet.exit_costs' multiply-accumulates."""
+        return self.average_cost
+
+
+class ExitTime(NamedTuple):
+    """msdnet.ExitCost measured in seconds on this machine instead of counted in multiply-accumulates.
+    Every cost-minimizing function here takes either; see timed_costs."""
+    exit: int  # 1-based, B1..B10
+    seconds: float  # per image, to reach this exit: blocks and classifiers up to it
+    classifier_seconds: float  # this exit's classifier alone (part of seconds)
+
+
+def _cost_columns(costs: list) -> tuple[Tensor, Tensor]:
+    """Cumulative cost to reach each exit and each classifier's own, from ExitCost or ExitTime."""
+    if all(isinstance(c, ExitTime) for c in costs):
+        total, own = [c.seconds for c in costs], [c.classifier_seconds for c in costs]
+    else:
+        total, own = [c.macs for c in costs], [c.classifier_macs for c in costs]
+    return torch.tensor(total, dtype=torch.float64), torch.tensor(own, dtype=torch.float64)
+
+
+@torch.no_grad()
+def timed_costs(model: msdnet.MSDNet, images: Tensor, repeats: int = 3) -> list[ExitTime]:
+    """Each exit's cost in wall-clock seconds per image, measured on this machine for a batch of
+    `images` (in [0, 1]; the batch size that will be used, in the memory format that will be used):
+    every block and every classifier timed alone, best of `repeats`.
+
+    Multiply-accumulates do not measure time on a CPU: MSD-Net's first blocks work at full
+    resolution on a few channels, where each multiply-accumulate costs several times what it costs in
+    the late, coarse blocks. Thresholds searched with these costs minimize time instead (issue 16)."""
+    def seconds(fn) -> float:
+        fn()  # warm-up: the first call of a shape pays for allocation and kernel choice
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return best / len(images)
+
+    costs, total = [], 0.0
+    with msdnet.eval_mode(model):
+        xs = model.normalize(images)
+        for k in range(model.n_exits):
+            block = seconds(lambda: model.run_block(k, xs))
+            xs = model.run_block(k, xs)
+            own = seconds(lambda: model.classifiers[k](xs[-1]))
+            total += block + own
+            costs.append(ExitTime(k + 1, total, own))
+    return costs
 
 
 def budgeted(preds: Predictions, thresholds: Tensor, costs: list[msdnet.ExitCost],
@@ -265,9 +321,8 @@ class _Table:
 
     def __init__(self, preds: Predictions, costs: list[msdnet.ExitCost], score: str) -> None:
         self.scores, self.correct = preds.score(score), preds.correct
-        macs = torch.tensor([c.macs for c in costs], dtype=torch.float64)
-        self.classifier_macs = torch.tensor([c.classifier_macs for c in costs], dtype=torch.float64)
-        self.block_macs = macs - self.classifier_macs.cumsum(0)  # reaching block k, no classifier run
+        total, self.classifier_cost = _cost_columns(costs)
+        self.block_cost = total - self.classifier_cost.cumsum(0)  # reaching block k, no classifier run
         self.n_exits = preds.n_exits
 
     def budgeted(self, thresholds: Tensor) -> Budgeted:
@@ -289,8 +344,8 @@ class _Table:
         counts = torch.bincount(where, minlength=self.n_exits)
         consulted = (thresholds < math.inf).double()  # a skipped exit's classifier costs nothing
         consulted[-1] = 1.0
-        macs = self.block_macs + (self.classifier_macs * consulted).cumsum(0)
-        return Budgeted(right.double().mean().item(), macs[where].mean().item(), counts.tolist()), right
+        cost = self.block_cost + (self.classifier_cost * consulted).cumsum(0)
+        return Budgeted(right.double().mean().item(), cost[where].mean().item(), counts.tolist()), right
 
 
 # ----------------------------------------------------------------------------- real early exit
@@ -425,7 +480,7 @@ def cheapest_matching(val: Predictions, costs: list[msdnet.ExitCost], target: fl
     curve = [(q, r) for q, r in budget_curve(val, val, costs, qs) if r.accuracy >= target]
     if not curve:
         raise ValueError(f"no q reaches accuracy {target:.4f} on the validation predictions")
-    q, _ = min(curve, key=lambda item: item[1].average_macs)
+    q, _ = min(curve, key=lambda item: item[1].average_cost)
     return q, budget_thresholds(val, q)
 
 
@@ -477,7 +532,7 @@ def per_exit_thresholds(val: Predictions, costs: list[msdnet.ExitCost], target: 
     starts = (_one_threshold(table, target, safety), _all_off(val.n_exits))
     found = [_descend(table, start, target, rounds, safety) for start in starts]
     feasible = [f for f in found if table.lower_bound(f[0], safety)[0] >= target] or found[:1]
-    return min(feasible, key=lambda f: f[1].average_macs)[0]
+    return min(feasible, key=lambda f: f[1].average_cost)[0]
 
 
 def _descend(table: _Table, thresholds: Tensor, target: float, rounds: int, safety: float) -> tuple[Tensor, Budgeted]:
@@ -491,7 +546,7 @@ def _descend(table: _Table, thresholds: Tensor, target: float, rounds: int, safe
                 trial = thresholds.clone()
                 trial[k] = t
                 bound, r = table.lower_bound(trial, safety)
-                if bound >= target and r.average_macs < best.average_macs - 1e-9:
+                if bound >= target and r.average_cost < best.average_cost - 1e-9:
                     thresholds, best, moved = trial, r, True
         if not moved:
             break

@@ -1,6 +1,7 @@
 """Every metric of helpers.evaluate on small hand-made logits with known answers; the threshold search
 reproduces its target exit shares; real early exit gives the simulated answers and skips the work."""
 import math
+import time
 
 import pytest
 import torch
@@ -81,10 +82,15 @@ def test_budgeted_accuracy_and_cost():
     assert (last.accuracy, last.average_macs, last.exit_counts) == (0.75, 30.0, [0, 0, 4])
 
 
-def test_a_skipped_exit_costs_no_classifier():
+@pytest.mark.parametrize("kind", ["macs", "seconds"])
+def test_a_skipped_exit_costs_no_classifier(kind):
     p = hand_made()
-    # blocks cost 8 each, classifiers 2 each: exits cost 10, 20, 30 when every classifier runs
-    costs = [msdnet.ExitCost(k + 1, 0, macs, 2) for k, macs in enumerate([10, 20, 30])]
+    # blocks cost 8 each, classifiers 2 each: exits cost 10, 20, 30 when every classifier runs; the same
+    # whether the costs are counted (multiply-accumulates) or measured (seconds)
+    if kind == "macs":
+        costs = [msdnet.ExitCost(k + 1, 0, total, 2) for k, total in enumerate([10, 20, 30])]
+    else:
+        costs = [evaluate.ExitTime(k + 1, float(total), 2.0) for k, total in enumerate([10, 20, 30])]
     everyone_at_b3 = evaluate.budgeted(p, torch.tensor([0.999, 0.999, -math.inf]), costs)
     assert (everyone_at_b3.average_macs, everyone_at_b3.exit_counts) == (30.0, [0, 0, 4])  # B1's and B2's classifiers ran
     skip_b2 = evaluate.budgeted(p, torch.tensor([0.999, math.inf, -math.inf]), costs)
@@ -312,6 +318,44 @@ def test_per_exit_thresholds_also_start_from_every_exit_switched_off():
     r = evaluate.budgeted(val, t, costs)
     assert t[0].item() == math.inf and t[1].item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
     assert (r.accuracy, r.average_macs, r.exit_counts) == (1.0, 18.5, [0, 3, 1])
+
+
+def test_measured_costs_change_which_thresholds_are_cheapest():
+    # policy_case's predictions. Counted, exits cost 1, 2, 3 and the classifiers nothing: exit 1 keeps
+    # 0.9 and the rest leave at exit 2, (1 + 2 + 2 + 2) / 4 = 1.75. Measured, each block takes 0.1 s and
+    # each classifier 0.9 s: the same split costs (1 + 3 * 2) / 4 = 1.75 s, but switching exit 1 off
+    # saves its classifier for everyone, so all four leave at exit 2 for 0.1 + 0.1 + 0.9 = 1.1 s.
+    val, counted = policy_case()
+    measured = [evaluate.ExitTime(k, float(k), 0.9) for k in (1, 2, 3)]
+    by_count = evaluate.budgeted(val, evaluate.per_exit_thresholds(val, counted, 1.0), counted)
+    assert (by_count.accuracy, by_count.average_macs, by_count.exit_counts) == (1.0, 1.75, [1, 3, 0])
+    t = evaluate.per_exit_thresholds(val, measured, 1.0)
+    by_time = evaluate.budgeted(val, t, measured)
+    assert t[0].item() == math.inf
+    assert by_time.accuracy == 1.0 and by_time.exit_counts == [0, 4, 0]
+    assert by_time.average_cost == pytest.approx(1.1)
+
+
+def test_timed_costs_measure_each_block_and_classifier():
+    model = msdnet.build("tiny").eval()
+    pause = 0.05  # seconds added to block 3 and to classifier 2, once per call
+    model.blocks[2].register_forward_pre_hook(lambda m, i: time.sleep(pause))
+    model.classifiers[1].register_forward_pre_hook(lambda m, i: time.sleep(pause))
+    images = torch.rand(4, 3, 32, 32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: a second, busy process on the machine cannot stall a parallel region
+    try:
+        costs = evaluate.timed_costs(model, images, repeats=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert [c.exit for c in costs] == [1, 2, 3, 4]
+    step = [c.seconds - (costs[k - 1].seconds if k else 0.0) for k, c in enumerate(costs)]  # block + classifier
+    blocks = [s - c.classifier_seconds for s, c in zip(step, costs)]
+    per_image = pause / len(images)
+    assert blocks[2] >= per_image and max(blocks[:2] + blocks[3:]) < per_image / 2
+    assert costs[1].classifier_seconds >= per_image
+    assert max(c.classifier_seconds for k, c in enumerate(costs) if k != 1) < per_image / 2
+    assert all(s > 0 for s in blocks) and all(c.classifier_seconds > 0 for c in costs)
 
 
 @pytest.mark.parametrize("score", ["margin", "entropy"])
