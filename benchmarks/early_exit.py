@@ -6,8 +6,8 @@ Three exit policies, each with thresholds chosen on the validation hold-out only
 whose validation accuracy reaches the last exit's (with --safety Z, even Z standard errors below
 it): the paper's (exit shares proportional to q^k), one confidence threshold for all exits, and a
 threshold per exit (coordinate descent) on the top-1 confidence, the margin between the top two, or
-the entropy, each searched twice: for the fewest multiply-accumulates, and for the lowest time
-by each block's and classifier's time measured here first (evaluate.timed_costs; on a CPU the
+the entropy; the per-exit thresholds are searched twice, for the fewest multiply-accumulates and
+for the lowest time by each block's and classifier's time measured here first (evaluate.timed_costs; on a CPU the
 first, full-resolution blocks cost far more time per multiply-accumulate than the late ones). For
 each it prints the test accuracy, the simulated multiply-accumulates and the simulated time. Then,
 with the policy fastest on validation by the measured costs, it times on the test split the shipped MSD-Net used as an ordinary classifier (every
@@ -81,7 +81,7 @@ def main() -> None:
     model = model.to(memory_format=fmt)  # from here on, what is timed
     # Each block's and classifier's time on this machine, on validation images: the costs that wall
     # clock follows (multiply-accumulates overstate the late blocks and the classifiers).
-    timed = evaluate.timed_costs(model, as_input(val_split.images[: args.cost_batch], fmt))
+    seconds_per_exit = evaluate.timed_costs(model, as_input(val_split.images[: args.cost_batch], fmt))
     target = val.correct[:, -1].double().mean().item()  # the full network's validation accuracy
     q, paper = evaluate.cheapest_matching(val, costs, target)
     policies = {  # name: (thresholds, the score they threshold)
@@ -89,36 +89,37 @@ def main() -> None:
         "one confidence threshold": (evaluate.one_threshold(val, costs, target, safety=args.safety), "confidence"),
     }
     for score in evaluate.SCORES:
-        for unit, c in (("", costs), (", timed", timed)):
+        for unit, c in (("", costs), (", timed", seconds_per_exit)):
             policies[f"a threshold per exit ({score}{unit})"] = (
                 evaluate.per_exit_thresholds(val, c, target, score=score, safety=args.safety), score)
     baseline = evaluate.LastExitOnly(model)
     with FlopCounterMode(display=False) as counter:
         baseline(torch.zeros(1, 3, 32, 32))
     full_macs = counter.get_total_flops() // 2  # every block, the last classifier only
-    full_seconds = timed[-1].seconds - sum(c.classifier_seconds for c in timed[:-1])
+    full_seconds = seconds_per_exit[-1].seconds - sum(c.classifier_seconds for c in seconds_per_exit[:-1])
 
     print(f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, {'channels_last' if args.channels_last else 'contiguous'} "
           f"memory format; thresholds from the 5,000 validation images (target: the full network's {target:.2%} there, "
           f"safety {args.safety:g} standard errors), accuracy on the {len(test):,} test images")
-    print(f"block and classifier times measured at batch {args.cost_batch}, ms per image: "
-          + " ".join(f"B{c.exit} {(c.seconds - (timed[i - 1].seconds if i else 0)) * 1e3:.3f}" for i, c in enumerate(timed))
+    print(f"each block with its classifier, measured at batch {args.cost_batch}, ms per image: "
+          + " ".join(f"B{c.exit} {(c.seconds - (seconds_per_exit[i - 1].seconds if i else 0)) * 1e3:.3f}"
+                     for i, c in enumerate(seconds_per_exit))
           + f"; full network {full_seconds * 1e3:.2f} ms")
     print("'timed': thresholds searched for the lowest measured time instead of the fewest multiply-accumulates")
     print(f"{'policy':42s} {'val acc':>8s} {'test acc':>8s} {'M MACs':>7s} {'fewer':>6s} {'ms/im':>6s} {'faster':>6s}  exits used on test")
     chosen, best_val_seconds = None, float("inf")
     for name, (thresholds, score) in policies.items():
         v, t = evaluate.budgeted(val, thresholds, costs, score), evaluate.budgeted(test, thresholds, costs, score)
-        t_sec = evaluate.budgeted(test, thresholds, timed, score).average_cost
+        t_sec = evaluate.budgeted(test, thresholds, seconds_per_exit, score).average_cost
         print(f"{name:42s} {v.accuracy:8.2%} {t.accuracy:8.2%} {t.average_macs / 1e6:7.1f} "
               f"{full_macs / t.average_macs:5.2f}x {t_sec * 1e3:6.3f} {full_seconds / t_sec:5.2f}x  "
               f"{t.exit_counts}{switched_off(thresholds)}")
-        v_sec = evaluate.budgeted(val, thresholds, timed, score).average_cost
+        v_sec = evaluate.budgeted(val, thresholds, seconds_per_exit, score).average_cost
         if v_sec < best_val_seconds:  # chosen on validation, like the thresholds, by the time it predicts
             chosen, best_val_seconds = name, v_sec
     thresholds, score = policies[chosen]
     sim = evaluate.budgeted(test, thresholds, costs, score)
-    sim_seconds = evaluate.budgeted(test, thresholds, timed, score).average_cost
+    sim_seconds = evaluate.budgeted(test, thresholds, seconds_per_exit, score).average_cost
     early = evaluate.EarlyExit(model, thresholds, score=score)
 
     split = data.subset(full_split, args.images) if args.images < len(full_split) else full_split

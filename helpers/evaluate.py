@@ -6,7 +6,7 @@
     class_exit_accuracy(preds)             # [classes, exits]
     difficulty(preds)                      # per image: how many exits are right (the blog's "k/10")
     thresholds = budget_thresholds(val_preds, q=0.6)   # the paper's budgeted batch classification
-    budgeted(preds, thresholds, costs)     # accuracy and average multiply-accumulates
+    budgeted(preds, thresholds, costs)     # accuracy and average cost (multiply-accumulates, or seconds)
     timed_costs(model, images)             # the same costs in seconds, measured here: searches then minimize time
     one_threshold(val_preds, costs, target)        # one confidence threshold for every exit, chosen on validation
     per_exit_thresholds(val_preds, costs, target)  # a threshold per exit: the cheapest that keep `target`
@@ -267,20 +267,28 @@ class ExitTime(NamedTuple):
     classifier_seconds: float  # this exit's classifier alone (part of seconds)
 
 
-def _cost_columns(costs: list) -> tuple[Tensor, Tensor]:
+Costs = list[msdnet.ExitCost] | list[ExitTime]  # counted (msdnet.exit_costs) or measured (timed_costs)
+
+
+def _cost_columns(costs: Costs) -> tuple[Tensor, Tensor]:
     """Cumulative cost to reach each exit and each classifier's own, from ExitCost or ExitTime."""
     if all(isinstance(c, ExitTime) for c in costs):
         total, own = [c.seconds for c in costs], [c.classifier_seconds for c in costs]
-    else:
+    elif all(isinstance(c, msdnet.ExitCost) for c in costs):
         total, own = [c.macs for c in costs], [c.classifier_macs for c in costs]
+    else:
+        kinds = sorted({type(c).__name__ for c in costs})
+        raise TypeError(f"costs must be all msdnet.ExitCost or all evaluate.ExitTime, got {', '.join(kinds)}")
     return torch.tensor(total, dtype=torch.float64), torch.tensor(own, dtype=torch.float64)
 
 
 @torch.no_grad()
 def timed_costs(model: msdnet.MSDNet, images: Tensor, repeats: int = 3) -> list[ExitTime]:
     """Each exit's cost in wall-clock seconds per image, measured on this machine for a batch of
-    `images` (in [0, 1]; the batch size that will be used, in the memory format that will be used):
-    every block and every classifier timed alone, best of `repeats`.
+    `images` (in [0, 1]; the batch size and memory format that will be used): every block and every
+    classifier timed alone, best of `repeats`. Real early exit runs the later blocks on what is left
+    of the batch, where a CPU is slower per image, so a simulation with these costs is a little
+    optimistic about them.
 
     Multiply-accumulates do not measure time on a CPU: MSD-Net's first blocks work at full
     resolution on a few channels, where each multiply-accumulate costs several times what it costs in
@@ -294,6 +302,8 @@ def timed_costs(model: msdnet.MSDNet, images: Tensor, repeats: int = 3) -> list[
             best = min(best, time.perf_counter() - start)
         return best / len(images)
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     costs, total = [], 0.0
     with msdnet.eval_mode(model):
         xs = model.normalize(images)
@@ -306,7 +316,7 @@ def timed_costs(model: msdnet.MSDNet, images: Tensor, repeats: int = 3) -> list[
     return costs
 
 
-def budgeted(preds: Predictions, thresholds: Tensor, costs: list[msdnet.ExitCost],
+def budgeted(preds: Predictions, thresholds: Tensor, costs: Costs,
              score: str = "confidence") -> Budgeted:
     """Accuracy and average cost when every image leaves at its exit point. An image leaving at
     exit k has paid for blocks 1..k and for the classifiers of the exits up to k that anyone may leave
@@ -319,7 +329,7 @@ class _Table:
     for every image, which exits are right, and each exit's cumulative cost. The searches try
     thousands of thresholds, and recomputing a softmax for each was most of their time."""
 
-    def __init__(self, preds: Predictions, costs: list[msdnet.ExitCost], score: str) -> None:
+    def __init__(self, preds: Predictions, costs: Costs, score: str) -> None:
         self.scores, self.correct = preds.score(score), preds.correct
         total, self.classifier_cost = _cost_columns(costs)
         self.block_cost = total - self.classifier_cost.cumsum(0)  # reaching block k, no classifier run
@@ -465,7 +475,7 @@ class EarlyExitStream:
                 queues[k + 1].append((idx[stay], _select(xs, stay)))
 
 
-def budget_curve(val: Predictions, test: Predictions, costs: list[msdnet.ExitCost],
+def budget_curve(val: Predictions, test: Predictions, costs: Costs,
                  qs: Tensor | None = None) -> list[tuple[float, Budgeted]]:
     """Accuracy vs average cost on `test` for thresholds chosen on `val`, sweeping q (as the paper's
     figure does; the official code sweeps q = 0.05 .. 1.95)."""
@@ -473,7 +483,7 @@ def budget_curve(val: Predictions, test: Predictions, costs: list[msdnet.ExitCos
     return [(q, budgeted(test, budget_thresholds(val, q), costs)) for q in qs.tolist()]
 
 
-def cheapest_matching(val: Predictions, costs: list[msdnet.ExitCost], target: float,
+def cheapest_matching(val: Predictions, costs: Costs, target: float,
                       qs: Tensor | None = None) -> tuple[float, Tensor]:
     """The q (and its thresholds) with the lowest average cost on `val` whose accuracy on `val`
     reaches `target`, e.g. the last exit's accuracy: early exit at no loss of accuracy."""
@@ -492,7 +502,7 @@ def _candidates(scores: Tensor, n: int = 200) -> Tensor:
     return flat.quantile(torch.linspace(0, 1, n, dtype=torch.float64)).unique()
 
 
-def one_threshold(val: Predictions, costs: list[msdnet.ExitCost], target: float,
+def one_threshold(val: Predictions, costs: Costs, target: float,
                   score: str = "confidence", safety: float = 0.0) -> Tensor:
     """One threshold for every exit but the last, chosen on validation: the lowest (so the cheapest)
     whose validation accuracy reaches `target`, e.g. the last exit's. Returns thresholds [exits].
@@ -519,7 +529,7 @@ def _all_off(n_exits: int) -> Tensor:
     return thresholds
 
 
-def per_exit_thresholds(val: Predictions, costs: list[msdnet.ExitCost], target: float,
+def per_exit_thresholds(val: Predictions, costs: Costs, target: float,
                         score: str = "confidence", rounds: int = 3, safety: float = 0.0) -> Tensor:
     """A threshold for each exit, chosen on validation by coordinate descent: each exit's threshold in
     turn is moved to the value that makes the average cost lowest while validation accuracy stays at

@@ -92,11 +92,11 @@ def test_a_skipped_exit_costs_no_classifier(kind):
     else:
         costs = [evaluate.ExitTime(k + 1, float(total), 2.0) for k, total in enumerate([10, 20, 30])]
     everyone_at_b3 = evaluate.budgeted(p, torch.tensor([0.999, 0.999, -math.inf]), costs)
-    assert (everyone_at_b3.average_macs, everyone_at_b3.exit_counts) == (30.0, [0, 0, 4])  # B1's and B2's classifiers ran
+    assert (everyone_at_b3.average_cost, everyone_at_b3.exit_counts) == (30.0, [0, 0, 4])  # B1's and B2's classifiers ran
     skip_b2 = evaluate.budgeted(p, torch.tensor([0.999, math.inf, -math.inf]), costs)
-    assert (skip_b2.average_macs, skip_b2.exit_counts) == (28.0, [0, 0, 4])  # B2's classifier never ran
+    assert (skip_b2.average_cost, skip_b2.exit_counts) == (28.0, [0, 0, 4])  # B2's classifier never ran
     skip_both = evaluate.budgeted(p, torch.tensor([math.inf, math.inf, -math.inf]), costs)
-    assert skip_both.average_macs == 26.0  # every block, the last classifier only: the full network
+    assert skip_both.average_cost == 26.0  # every block, the last classifier only: the full network
 
 
 def test_real_early_exit_runs_no_classifier_at_a_skipped_exit():
@@ -320,11 +320,12 @@ def test_per_exit_thresholds_also_start_from_every_exit_switched_off():
     assert (r.accuracy, r.average_macs, r.exit_counts) == (1.0, 18.5, [0, 3, 1])
 
 
-def test_measured_costs_change_which_thresholds_are_cheapest():
-    # policy_case's predictions. Counted, exits cost 1, 2, 3 and the classifiers nothing: exit 1 keeps
-    # 0.9 and the rest leave at exit 2, (1 + 2 + 2 + 2) / 4 = 1.75. Measured, each block takes 0.1 s and
-    # each classifier 0.9 s: the same split costs (1 + 3 * 2) / 4 = 1.75 s, but switching exit 1 off
-    # saves its classifier for everyone, so all four leave at exit 2 for 0.1 + 0.1 + 0.9 = 1.1 s.
+def test_the_searches_minimize_seconds_as_they_minimize_multiply_accumulates():
+    # policy_case's predictions. Counted there, exits cost 1, 2, 3 and the classifiers nothing: exit 1
+    # keeps 0.9 and the rest leave at exit 2, (1 + 2 + 2 + 2) / 4 = 1.75. Suppose the clock says each
+    # block takes 0.1 s and each classifier 0.9 s: the same split costs (1 + 3 * 2) / 4 = 1.75 s, but
+    # switching exit 1 off saves its classifier for everyone, so all four leave at exit 2 for
+    # 0.1 + 0.1 + 0.9 = 1.1 s. The search follows the costs it is given, in whichever unit.
     val, counted = policy_case()
     measured = [evaluate.ExitTime(k, float(k), 0.9) for k in (1, 2, 3)]
     by_count = evaluate.budgeted(val, evaluate.per_exit_thresholds(val, counted, 1.0), counted)
@@ -356,6 +357,13 @@ def test_timed_costs_measure_each_block_and_classifier():
     assert costs[1].classifier_seconds >= per_image
     assert max(c.classifier_seconds for k, c in enumerate(costs) if k != 1) < per_image / 2
     assert all(s > 0 for s in blocks) and all(c.classifier_seconds > 0 for c in costs)
+
+
+def test_costs_of_two_kinds_are_refused():
+    val, counted = policy_case()
+    mixed = [counted[0], evaluate.ExitTime(2, 2.0, 0.0), evaluate.ExitTime(3, 3.0, 0.0)]
+    with pytest.raises(TypeError, match="all msdnet.ExitCost or all evaluate.ExitTime"):
+        evaluate.budgeted(val, torch.tensor([0.5, 0.5, -math.inf]), mixed)
 
 
 @pytest.mark.parametrize("score", ["margin", "entropy"])
