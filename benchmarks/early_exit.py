@@ -6,11 +6,12 @@ Three exit policies, each with thresholds chosen on the validation hold-out only
 whose validation accuracy reaches the last exit's (with --safety Z, even Z standard errors below
 it): the paper's (exit shares proportional to q^k), one confidence threshold for all exits, and a
 threshold per exit (coordinate descent) on the top-1 confidence, the margin between the top two, or
-the entropy; the per-exit thresholds are searched twice, for the fewest multiply-accumulates and
-for the lowest time by each block's and classifier's time measured here first (evaluate.timed_costs; on a CPU the
-first, full-resolution blocks cost far more time per multiply-accumulate than the late ones). For
-each it prints the test accuracy, the simulated multiply-accumulates and the simulated time. Then,
-with the policy fastest on validation by the measured costs, it times on the test split the shipped MSD-Net used as an ordinary classifier (every
+the entropy. The per-exit thresholds are searched twice: for the fewest multiply-accumulates, and
+for the lowest time, by each block's and classifier's time measured here first
+(evaluate.timed_costs; on a CPU the first, full-resolution blocks cost far more time per
+multiply-accumulate than the late ones). For each policy it prints the test accuracy, the simulated
+multiply-accumulates and the simulated time. Then, with the policy fastest on validation by the
+measured costs, it times on the test split the shipped MSD-Net used as an ordinary classifier (every
 block, last classifier only) against real early exit, batch against batch interleaved so a busy
 moment of the machine hits both alike: for batches of several sizes (images leave the batch as they
 exit), streamed (evaluate.EarlyExitStream: the images that stay wait for a full batch before the next
