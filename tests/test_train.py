@@ -150,6 +150,33 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_f
                            state(tmp_path / "stopped" / "best.pt")["model"]["classifiers.0.linear.weight"])
 
 
+def test_compile_takes_the_same_step_and_a_run_may_resume_with_it(tmp_path, tiny_folder, monkeypatch):
+    """--compile changes the speed, not the run: its first step lands where the uncompiled step does (to
+    float rounding: the fused kernels sum in another order; later steps amplify such rounding on this tiny
+    model as much as channels_last does, so one step is compared), and a run begun without it resumes with it."""
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or real_compile(module, **kw))
+
+    def interrupt(step):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        with pytest.raises(KeyboardInterrupt):
+            train.train(tiny_args(tmp_path / name, tiny_folder, "--epochs", "1", *extra), on_step=interrupt)
+    assert len(compiled) == 1
+    a, b = state(tmp_path / "eager" / "last.pt"), state(tmp_path / "compiled" / "last.pt")
+    assert a["batch_in_epoch"] == b["batch_in_epoch"] == 1 and a["model"].keys() == b["model"].keys()
+    start = msdnet.build("tiny").state_dict()  # the same seed, so the weights both runs began from
+    name = "classifiers.0.linear.weight"
+    assert not torch.allclose(a["model"][name], start[name], atol=1e-4)  # the step moved the weights...
+    for key in a["model"]:  # ...and both runs moved them alike
+        assert torch.allclose(a["model"][key].float(), b["model"][key].float(), rtol=1e-4, atol=1e-5), key
+    train.train(tiny_args(tmp_path / "eager", tiny_folder, "--epochs", "1", "--resume", "--compile"))
+    assert len(compiled) == 2 and state(tmp_path / "eager" / "last.pt")["epoch"] == 1
+
+
 def test_cutout_changes_what_the_network_sees_and_is_recorded(tmp_path, tiny_folder):
     train.train(tiny_args(tmp_path / "plain", tiny_folder))
     train.train(tiny_args(tmp_path / "cut", tiny_folder, "--cutout", "16"))
