@@ -15,6 +15,7 @@ import time
 
 import torch
 
+import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
 from helpers import msdnet, train
 
 
@@ -45,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _errors.run(main)

@@ -27,6 +27,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
 from helpers import data, evaluate, msdnet, pretrained
 
 
@@ -157,4 +158,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _errors.run(main)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
 from helpers import data, evaluate, explorer, pretrained
 
 
@@ -56,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _errors.run(main)

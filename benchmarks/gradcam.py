@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
 from helpers import data, gradcam, pretrained
 
 
@@ -97,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _errors.run(main)

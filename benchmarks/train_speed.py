@@ -18,6 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
+import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
 from helpers import data, msdnet, pretrained, train
 
 VARIANTS = {  # name: (channels_last, autocast dtype)
@@ -100,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _errors.run(main)

@@ -1,0 +1,20 @@
+"""The benchmark scripts, as a user runs them: what goes wrong on the user's side ends in one message."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("script", ["early_exit.py", "gradcam.py", "explorer.py", "train_speed.py"])
+def test_a_missing_dataset_ends_the_benchmark_with_the_message_alone(tmp_path, script):
+    env = {**os.environ, "CIFAR10_SOURCE": str(tmp_path / "no-such-cifar.tar.gz"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: CIFAR-10 could not be loaded: the source ")
+    assert "no-such-cifar.tar.gz does not exist" in done.stderr and "CIFAR10_SOURCE=PATH" in done.stderr
+    assert "Traceback" not in done.stderr
