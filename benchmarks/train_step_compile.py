@@ -58,6 +58,7 @@ def main() -> None:
     t0 = time.perf_counter()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = torch.bfloat16 if dev.type == "cuda" else None
+    torch.backends.cudnn.benchmark = dev.type == "cuda"  # as helpers.train sets it: the same convolution choices
     torch.manual_seed(0)
     fmt = torch.contiguous_format if args.contiguous else torch.channels_last
     x = torch.rand(args.batch_size, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
@@ -72,8 +73,8 @@ def main() -> None:
             continue
         torch._dynamo.reset()
         model = msdnet.build(args.preset).to(dev).to(memory_format=fmt).train()
-        step_model = model if mode == "eager" else torch.compile(model, mode=mode)
         try:
+            step_model = model if mode == "eager" else torch.compile(model, mode=mode)
             first, rate = measure(model, step_model, x, y, args.steps, amp)
         except Exception as e:  # a mode that fails here must not hide the others' numbers
             print(f"{mode}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})", flush=True)

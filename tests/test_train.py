@@ -162,10 +162,15 @@ def test_compile_takes_the_same_step_and_a_run_may_resume_with_it(tmp_path, tiny
         if step == 1:
             raise KeyboardInterrupt
 
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    traced = []
     for name, extra in (("eager", ()), ("compiled", ("--compile",))):
+        counters.clear()
         with pytest.raises(KeyboardInterrupt):
             train.train(tiny_args(tmp_path / name, tiny_folder, "--epochs", "1", *extra), on_step=interrupt)
-    assert len(compiled) == 1
+        traced.append(counters["stats"]["unique_graphs"])  # graphs dynamo traced: only a compiled step makes any
+    assert len(compiled) == 1 and traced[0] == 0 and traced[1] >= 1
     a, b = state(tmp_path / "eager" / "last.pt"), state(tmp_path / "compiled" / "last.pt")
     assert a["batch_in_epoch"] == b["batch_in_epoch"] == 1 and a["model"].keys() == b["model"].keys()
     torch.manual_seed(0)  # the runs' --seed: the weights both began from
@@ -176,6 +181,7 @@ def test_compile_takes_the_same_step_and_a_run_may_resume_with_it(tmp_path, tiny
         assert torch.allclose(a["model"][key].float(), b["model"][key].float(), rtol=1e-4, atol=1e-5), key
     train.train(tiny_args(tmp_path / "eager", tiny_folder, "--epochs", "1", "--resume", "--compile"))
     assert len(compiled) == 2 and state(tmp_path / "eager" / "last.pt")["epoch"] == 1
+    torch._dynamo.reset()  # no compiled code left behind for the tests after this one
 
 
 def test_cutout_changes_what_the_network_sees_and_is_recorded(tmp_path, tiny_folder):
