@@ -15,7 +15,6 @@ import time
 
 import torch
 
-import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
 from helpers import msdnet, train
 
 
@@ -46,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    _errors.run(main)
+    main()
