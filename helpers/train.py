@@ -385,7 +385,9 @@ class _Run:
                   "lr": learning_rate((p.epoch + 1) * self.steps_per_epoch - 1, self.steps_per_epoch, args),
                   "train_loss": p.epoch_loss_sum / self.steps_per_epoch, "eval_split": args.eval_split,
                   "train_images_per_s": round((p.epoch_images - p.untimed_images) / max(epoch_time, 1e-9), 1),
-                  "epoch_time_s": round(epoch_time, 1)}  # fmt: skip
+                  "epoch_time_s": round(epoch_time, 1),
+                  # a compiled process's first epoch includes the compiling (minutes on a CPU) in its time
+                  "compiled": bool(args.compile)}  # fmt: skip
         p.epoch, p.batch_in_epoch, p.perm, p.epoch_images, p.epoch_loss_sum = p.epoch + 1, 0, None, 0, 0.0
         p.epoch_time_s, p.untimed_images = 0.0, 0
         if self.ddp.main:

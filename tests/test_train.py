@@ -181,6 +181,8 @@ def test_compile_takes_the_same_step_and_a_run_may_resume_with_it(tmp_path, tiny
         assert torch.allclose(a["model"][key].float(), b["model"][key].float(), rtol=1e-4, atol=1e-5), key
     train.train(tiny_args(tmp_path / "eager", tiny_folder, "--epochs", "1", "--resume", "--compile"))
     assert len(compiled) == 2 and state(tmp_path / "eager" / "last.pt")["epoch"] == 1
+    record = json.loads((tmp_path / "eager" / "log.jsonl").read_text().splitlines()[-1])
+    assert record["epoch"] == 1 and record["compiled"] is True  # the log says why this epoch's time is longer
     torch._dynamo.reset()  # no compiled code left behind for the tests after this one
 
 
