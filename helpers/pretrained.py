@@ -1,9 +1,13 @@
-"""The shipped CIFAR-10 checkpoint: load it offline, or export one from a training run.
+"""The shipped CIFAR-10 checkpoints: load one offline, or export one from a training run.
 
-    model = pretrained.load()          # eval mode, images in [0, 1], SHA-256 checked
+    model = pretrained.load()                 # the paper's model: eval mode, images in [0, 1], SHA-256 checked
+    model = pretrained.load(preset="seed")    # a card of another preset, once one is shipped
 
     python -m helpers.pretrained evaluate            # per-exit accuracy of the shipped weights on the test split
     python -m helpers.pretrained export --run runs/X --command "..."   # make data/pretrained/ from a run
+
+Each preset (msdnet.PRESETS) has at most one card in data/pretrained/: its weights
+(weights_name(preset)), a JSON card beside them, and the chained training log the card names.
 """
 from __future__ import annotations
 
@@ -20,10 +24,33 @@ from . import atomic, checkpoint, data, msdnet
 from .evaluate import exit_accuracies
 from .train import init_record_of
 
-__all__ = ["PRETRAINED_DIR", "WEIGHTS_NAME", "load", "sha256", "export"]
+__all__ = ["PRETRAINED_DIR", "DEFAULT_PRESET", "WEIGHTS_NAME", "weights_name", "shipped_presets", "load", "sha256",
+           "export"]
 
 PRETRAINED_DIR = data.PROJECT_ROOT / "data" / "pretrained"
-WEIGHTS_NAME = "msdnet-cifar10-anytime.pt"
+DEFAULT_PRESET = "cifar10-anytime"  # the paper's CIFAR model: what load() gives
+
+
+def weights_name(preset: str = DEFAULT_PRESET) -> str:
+    """The file name of a preset's shipped weights: msdnet-cifar10-anytime.pt for the paper's model,
+    msdnet-cifar10-seed.pt for the blog's."""
+    if preset not in msdnet.PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(msdnet.PRESETS)}")
+    return f"msdnet-cifar10-{preset.removeprefix('cifar10-')}.pt"
+
+
+WEIGHTS_NAME = weights_name()
+
+
+def _log_name(preset: str) -> str:
+    """The chained training log's file name; the default card's keeps the name it always had."""
+    return "training-log.jsonl" if preset == DEFAULT_PRESET else Path(weights_name(preset)).stem + "-training-log.jsonl"
+
+
+def shipped_presets(folder: Path | None = None) -> list[str]:
+    """The presets that have weights in `folder` (default: data/pretrained/)."""
+    folder = PRETRAINED_DIR if folder is None else folder
+    return [p for p in msdnet.PRESETS if (folder / weights_name(p)).is_file()]
 
 
 def sha256(path: str | os.PathLike) -> str:
@@ -53,13 +80,20 @@ def _recorded_sha256(card: Path, weights: Path) -> str:
     return recorded
 
 
-def load(path: str | os.PathLike | None = None, device: str | torch.device = "cpu", verify: bool = True) -> msdnet.MSDNet:
-    """The shipped MSD-Net (or the weights at `path`), in float32 and eval mode, after checking the
-    SHA-256 recorded in the JSON card beside the weights. verify=False loads weights without a card
+def load(path: str | os.PathLike | None = None, device: str | torch.device = "cpu", verify: bool = True,
+         preset: str = DEFAULT_PRESET) -> msdnet.MSDNet:
+    """The shipped MSD-Net of `preset` (or the weights at `path`), in float32 and eval mode, after checking
+    the SHA-256 recorded in the JSON card beside the weights. verify=False loads weights without a card
     (a run's best.pt, say) unchecked."""
-    weights = Path(path) if path else PRETRAINED_DIR / WEIGHTS_NAME
+    if path and preset != DEFAULT_PRESET:
+        raise ValueError("pass either path (weights of your own) or preset (a shipped card), not both")
+    weights = Path(path) if path else PRETRAINED_DIR / weights_name(preset)
     card = _card_path(weights)
     if not weights.is_file():
+        if not path and preset != DEFAULT_PRESET and not card.is_file():
+            raise checkpoint.CheckpointError(
+                f"no weights are shipped for the preset {preset!r} (shipped: {', '.join(shipped_presets()) or 'none'}); "
+                f"train them and export the run (README, 'How it was made'), or load a run's weights by path")
         raise checkpoint.CheckpointError(f"no weights at {weights}; restore them with `git checkout -- {weights}`")
     if verify:
         expected = _recorded_sha256(card, weights)
@@ -69,7 +103,11 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
                 f"{weights} is damaged or was replaced: its SHA-256 is {actual[:12]}..., the card {card.name} "
                 f"records {expected[:12]}...; restore it with `git checkout -- {weights}` (or git lfs pull)"
             )
-    return _read_weights(weights).to(device).eval()
+    model = _read_weights(weights)
+    if not path and model.config != msdnet.PRESETS[preset]:
+        raise checkpoint.CheckpointError(f"{weights} holds another model than the preset {preset!r}; "
+                                         f"restore it with `git checkout -- {weights}`")
+    return model.to(device).eval()
 
 
 def _read_weights(weights: Path) -> msdnet.MSDNet:
@@ -210,9 +248,11 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str | None = No
     The shipped checkpoint only improves: weights whose mean validation accuracy over
     the exits is below the card's in `out_dir` are refused unless `allow_worse`."""
     chosen, last, source_file = _chosen_weights(run_dir)
+    preset = last["run"].get("preset", DEFAULT_PRESET)  # each preset has its own card: a seed run never replaces the default
+    name, log_name = weights_name(preset), _log_name(preset)
     val_acc = chosen["val_accuracy_per_exit"]
     if not allow_worse:
-        _refuse_if_worse(val_acc, out_dir / _card_path(Path(WEIGHTS_NAME)), source_file)
+        _refuse_if_worse(val_acc, out_dir / _card_path(Path(name)), source_file)
     ckpt = {**chosen, "run": last["run"]}
     training = _training_record(chosen, last, command, hardware, note)
     parent = _parent(last)
@@ -220,7 +260,7 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str | None = No
     checkpoint.load_weights(model, ckpt, source_file)
     half = checkpoint.half(model.state_dict())
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights, staged = out_dir / WEIGHTS_NAME, out_dir / f".{WEIGHTS_NAME}.new"
+    weights, staged = out_dir / name, out_dir / f".{name}.new"
     atomic.save({"format": "msdnet-weights/1", "config": ckpt["config"], "model": half}, staged)
     try:
         test = data.load("test", source)
@@ -234,7 +274,9 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str | None = No
     costs = msdnet.exit_costs(model)
     log = _chained_log(run_dir, parent, chosen["epoch"])  # this run's records last
     card = {
-        "weights": WEIGHTS_NAME,
+        "weights": name,
+        "preset": preset,
+        "training_log": log_name,
         "sha256": sha256(staged),
         "file_bytes": staged.stat().st_size,
         "config": ckpt["config"],
@@ -251,7 +293,7 @@ def export(run_dir: Path, out_dir: Path, command: str, hardware: str | None = No
     chained_log = "".join(json.dumps(r) + "\n" for r in log)
     os.replace(staged, weights)  # everything is measured: only now replace the shipped files
     atomic.write_text(_card_path(weights), json.dumps(card, indent=2) + "\n")
-    atomic.write_text(out_dir / "training-log.jsonl", chained_log)
+    atomic.write_text(out_dir / log_name, chained_log)
     return card
 
 
@@ -259,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m helpers.pretrained")
     sub = p.add_subparsers(dest="cmd", required=True)
     ev = sub.add_parser("evaluate", help="per-exit accuracy of the shipped weights on the test split")
-    ev.add_argument("--weights", default=None)
+    ev.add_argument("--weights", default=None, help="weights of your own (default: the shipped card of --preset)")
+    ev.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(msdnet.PRESETS),
+                    help=f"whose shipped card to evaluate (default: {DEFAULT_PRESET})")
     ev.add_argument("--flip", action="store_true",
                     help="also with flip test-time augmentation (image and mirror, logits averaged: twice the cost)")
     ev.add_argument("--source", default=None, help=f"CIFAR-10 source (default: ${data.ENV_SOURCE} or torchvision)")
@@ -277,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "export":
             card = export(args.run, args.out, args.command, args.hardware, args.source, args.note, args.allow_worse)
             accs = card["test_accuracy_per_exit"]
+            print(f"wrote {args.out / card['weights']}, its card and {card['training_log']}")
         else:
-            model, test = load(args.weights), data.load("test", args.source)
+            model, test = load(args.weights, preset=args.preset), data.load("test", args.source)
             accs = exit_accuracies(model, test)
             accs_flip = exit_accuracies(model, test, flip=True) if args.flip else None
     except (checkpoint.CheckpointError, data.DataNotFoundError, ValueError) as e:  # bad input: one message

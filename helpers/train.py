@@ -513,9 +513,9 @@ def init_record_of(weights: Path) -> dict | None:
     card = weights.with_suffix(".json")
     if not card.is_file():
         return None
-    log = weights.parent / "training-log.jsonl"
-    return {"card": json.loads(card.read_text()),
-            "log": [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []}
+    record = json.loads(card.read_text())
+    log = weights.parent / record.get("training_log", "training-log.jsonl")  # cards before it was named: that name
+    return {"card": record, "log": [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []}
 
 
 def main(argv: list[str] | None = None) -> int:

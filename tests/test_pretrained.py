@@ -14,6 +14,8 @@ from test_train import tiny_args
 from helpers import checkpoint, data, msdnet, pretrained, train
 
 SHIPPED = pretrained.PRETRAINED_DIR / pretrained.WEIGHTS_NAME
+TINY = pretrained.weights_name("tiny")  # the tests' runs train the tiny preset, and export under its name
+TINY_LOG = "msdnet-cifar10-tiny-training-log.jsonl"
 CARD = json.loads(SHIPPED.with_suffix(".json").read_text())
 
 
@@ -29,7 +31,9 @@ def test_shipped_weights_load_as_the_paper_model_in_eval_mode():
 
 def test_shipped_files_fit_the_size_budget_and_match_their_card():
     total = sum(f.stat().st_size for f in pretrained.PRETRAINED_DIR.iterdir() if f.is_file())
-    assert total <= 12 * 1024 * 1024
+    cards = pretrained.shipped_presets()
+    assert cards[0] == "cifar10-anytime" and len(cards) <= 2  # the paper's model, and at most a second (the blog's)
+    assert total <= 12 * 1024 * 1024 * len(cards)
     assert CARD["sha256"] == pretrained.sha256(SHIPPED) and CARD["file_bytes"] == SHIPPED.stat().st_size
     log = [json.loads(line) for line in (pretrained.PRETRAINED_DIR / "training-log.jsonl").read_text().splitlines()]
     assert len(log) == CARD["training"]["total_epochs"]
@@ -41,6 +45,34 @@ def copy_shipped(tmp_path):
     for f in (SHIPPED, SHIPPED.with_suffix(".json")):
         shutil.copy(f, tmp_path / f.name)
     return tmp_path / SHIPPED.name
+
+
+def test_each_preset_has_a_card_of_its_own(tmp_path, tiny_folder, monkeypatch):
+    """A run of another preset exports beside the default card, never over it, and load(preset=...) finds it."""
+    out = tmp_path / "shipped"
+    out.mkdir()
+    copy_shipped(out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "1"))
+    card = pretrained.export(tmp_path / "run", out, command="tiny", source=tiny_folder)
+    assert card["weights"] == TINY and card["preset"] == "tiny" and card["training_log"] == TINY_LOG
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.name in before} == before
+    assert sorted(f.name for f in out.iterdir()) == sorted([*before, TINY, "msdnet-cifar10-tiny.json", TINY_LOG])
+    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", out)
+    assert pretrained.shipped_presets() == ["cifar10-anytime", "tiny"]
+    assert pretrained.load(preset="tiny").config == msdnet.PRESETS["tiny"]
+    assert pretrained.load().config == msdnet.PRESETS["cifar10-anytime"]
+    with pytest.raises(checkpoint.CheckpointError, match="no weights are shipped for the preset 'seed' "
+                                                         r"\(shipped: cifar10-anytime, tiny\); train them"):
+        pretrained.load(preset="seed")
+    with pytest.raises(ValueError, match="unknown preset 'seeds'; choose one of"):
+        pretrained.load(preset="seeds")
+    with pytest.raises(ValueError, match="either path .* or preset"):
+        pretrained.load(out / TINY, preset="tiny")
+    shutil.copy(SHIPPED, out / TINY)  # the paper's weights under the tiny card's name, their card with them
+    shutil.copy(SHIPPED.with_suffix(".json"), out / "msdnet-cifar10-tiny.json")
+    with pytest.raises(checkpoint.CheckpointError, match="holds another model than the preset 'tiny'"):
+        pretrained.load(preset="tiny")
 
 
 def test_a_changed_byte_fails_the_sha256_check(tmp_path):
@@ -99,9 +131,9 @@ def test_export_writes_half_weights_a_card_and_a_log_that_load_back(tmp_path, ti
     card = pretrained.export(tmp_path / "run", out, command="python -m helpers.train ...", source=tiny_folder)
     assert card["training"]["hardware"] == train.hardware_name(torch.device("cpu"))  # as the run recorded it
     assert card["macs_per_exit_flip_tta"] == [2 * m for m in card["macs_per_exit"]]
-    saved = torch.load(out / pretrained.WEIGHTS_NAME, weights_only=True)
+    saved = torch.load(out / TINY, weights_only=True)
     assert all(v.dtype == torch.float16 for v in saved["model"].values() if v.is_floating_point())
-    assert card["sha256"] == pretrained.sha256(out / pretrained.WEIGHTS_NAME)
+    assert card["sha256"] == pretrained.sha256(out / TINY)
     # The weights of the epoch with the best mean validation accuracy over the exits (the first, on a tie).
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     means = [sum(r["acc"]) / len(r["acc"]) for r in records]
@@ -110,7 +142,7 @@ def test_export_writes_half_weights_a_card_and_a_log_that_load_back(tmp_path, ti
     assert card["val_accuracy_per_exit"] == records[chosen - 1]["acc"] and card["training"]["weights"] == "trained"
     assert card["test_images"] == len(data.load("test", source=tiny_folder))
     assert len(card["test_accuracy_per_exit"]) == 4 and card["macs_per_exit"] == sorted(card["macs_per_exit"])
-    model = pretrained.load(out / pretrained.WEIGHTS_NAME)
+    model = pretrained.load(out / TINY)
     assert train.exit_accuracies(model, data.load("test", source=tiny_folder)) == pytest.approx(
         card["test_accuracy_per_exit"], abs=1e-4)
     assert not list(out.glob(".*"))  # no staged or temporary file left behind
@@ -130,7 +162,7 @@ def test_a_second_cycle_keeps_the_first_cycles_record(tmp_path, tiny_folder):
     train.train(tiny_args(tmp_path / "c1", tiny_folder, "--epochs", "2"))
     out = tmp_path / "shipped"
     first = pretrained.export(tmp_path / "c1", out, command="cycle 1", hardware="test", source=tiny_folder)
-    weights = out / pretrained.WEIGHTS_NAME
+    weights = out / TINY
     train.train(tiny_args(tmp_path / "c2", tiny_folder, "--epochs", "1", "--init-from", str(weights)))
     second = pretrained.export(tmp_path / "c2", out, command="cycle 2", hardware="test", source=tiny_folder,
                                note="paused twice", allow_worse=True)
@@ -139,7 +171,7 @@ def test_a_second_cycle_keeps_the_first_cycles_record(tmp_path, tiny_folder):
     assert t["note"] == "paused twice" and "note" not in t["started_from"]
     assert t["init_from_sha256"] == first["sha256"] != second["sha256"]
     assert t["total_epochs"] == first["training"]["epochs_done"] + t["epochs_done"]
-    log = [json.loads(line) for line in (out / "training-log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / TINY_LOG).read_text().splitlines()]
     n1, n2 = first["training"]["epochs_done"], t["epochs_done"]  # each cycle's log ends at its shipped epoch
     assert [(r["cycle"], r["epoch"], r["total_epoch"]) for r in log] == (
         [(1, e, e) for e in range(1, n1 + 1)] + [(2, e, n1 + e) for e in range(1, n2 + 1)])
@@ -150,14 +182,14 @@ def test_weights_worse_on_validation_than_the_shipped_ones_are_not_exported(tmp_
     train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "1", "--ema", "0.5"))
     out = tmp_path / "shipped"
     pretrained.export(tmp_path / "run", out, command="first", hardware="test", source=tiny_folder)
-    card_path = out / "msdnet-cifar10-anytime.json"
+    card_path = out / "msdnet-cifar10-tiny.json"
     card = json.loads(card_path.read_text())
     card["val_accuracy_per_exit"] = [1.0] * 4  # as if the shipped weights were perfect
     card_path.write_text(json.dumps(card))
-    before = (out / pretrained.WEIGHTS_NAME).read_bytes()
+    before = (out / TINY).read_bytes()
     with pytest.raises(checkpoint.CheckpointError, match="not exported"):
         pretrained.export(tmp_path / "run", out, command="second", hardware="test", source=tiny_folder)
-    assert (out / pretrained.WEIGHTS_NAME).read_bytes() == before and json.loads(card_path.read_text()) == card
+    assert (out / TINY).read_bytes() == before and json.loads(card_path.read_text()) == card
     again = pretrained.export(tmp_path / "run", out, command="second", hardware="test", source=tiny_folder,
                               allow_worse=True)
     assert again["training"]["command"] == "second"
@@ -176,7 +208,7 @@ def test_the_last_trained_weights_ship_when_they_beat_the_moving_average_on_vali
         assert card["training"]["weights"] == shipped
         assert card["val_accuracy_per_exit"] == (record["acc_ema"] if shipped == "ema" else [1.0] * len(record["acc"]))
     last = checkpoint.read(tmp_path / "run" / "last.pt")
-    shipped_model = pretrained.load(tmp_path / "out-trained" / pretrained.WEIGHTS_NAME)
+    shipped_model = pretrained.load(tmp_path / "out-trained" / TINY)
     for k, v in shipped_model.state_dict().items():  # the trained weights, not the average (to half precision)
         if v.is_floating_point():
             torch.testing.assert_close(v, last["model"][k].half().float())
@@ -211,7 +243,7 @@ def test_the_gpu_script_runs_on_a_cpu_and_its_weights_export(tmp_path, tiny_fold
     assert card["training"]["torch"] == torch.__version__  # recorded by the run: on a GPU machine, its own torch
     assert card["training"]["epochs_done"] == 1 and card["training"]["distill"] == 0.5
     assert card["training"]["trained_on"]["train_images"] == 48 and card["training"]["trained_on"]["source"] == str(tiny_folder)
-    pretrained.load(tmp_path / "shipped" / pretrained.WEIGHTS_NAME)
+    pretrained.load(tmp_path / "shipped" / TINY)
 
 
 def test_an_export_that_fails_leaves_nothing_behind(tmp_path, tiny_folder):
@@ -236,7 +268,7 @@ def test_a_run_stopped_mid_epoch_without_a_validated_epoch_is_not_exported(tmp_p
 def test_the_shipped_log_ends_at_the_epoch_whose_weights_are_shipped(tmp_path, tiny_folder):
     train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "4", "--lr", "0.1"))
     card = pretrained.export(tmp_path / "run", tmp_path / "shipped", command="x", source=tiny_folder)
-    log = (tmp_path / "shipped" / "training-log.jsonl").read_text().splitlines()
+    log = (tmp_path / "shipped" / TINY_LOG).read_text().splitlines()
     assert len(log) == card["training"]["epochs_done"] == card["training"]["total_epochs"]
 
 
@@ -256,12 +288,12 @@ def test_exporting_a_run_twice_chains_to_the_weights_it_started_from(tmp_path, t
     train.train(tiny_args(tmp_path / "c1", tiny_folder, "--epochs", "1"))
     out = tmp_path / "shipped"
     first = pretrained.export(tmp_path / "c1", out, command="cycle 1", source=tiny_folder)
-    train.train(tiny_args(tmp_path / "long", tiny_folder, "--epochs", "2", "--init-from", str(out / pretrained.WEIGHTS_NAME)))
+    train.train(tiny_args(tmp_path / "long", tiny_folder, "--epochs", "2", "--init-from", str(out / TINY)))
     mid = pretrained.export(tmp_path / "long", out, command="long, mid-way", source=tiny_folder, allow_worse=True)
     final = pretrained.export(tmp_path / "long", out, command="long, final", source=tiny_folder, allow_worse=True)
     for card in (mid, final):
         assert card["training"]["started_from"]["command"] == "cycle 1"
         assert card["training"]["init_from_sha256"] == first["sha256"]
         assert card["training"]["total_epochs"] == first["training"]["epochs_done"] + card["training"]["epochs_done"]
-    log = [json.loads(line) for line in (out / "training-log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / TINY_LOG).read_text().splitlines()]
     assert [r["cycle"] for r in log].count(1) == first["training"]["epochs_done"]
