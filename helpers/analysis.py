@@ -206,18 +206,20 @@ def cascading_randomization(model: msdnet.MSDNet, x: Tensor, exit: int, seed: in
     and after each step measure, per image, the rank correlation of the new map with the trained model's.
     A map that keeps its shape while the weights it explains are gone explains the image, not the model.
     Works on a copy: `model` is left as it is. Returns [(what was re-initialized, correlations [N])]."""
-    gradcam._check_exit(model, exit)
+    exit = gradcam._check_exit(model, exit)
     original = gradcam.gradcam(model, x, exit=exit).flatten(1)
-    target = model(x, exits=exit)[exit - 1].argmax(1)  # explain the trained model's answer throughout
+    with msdnet.eval_mode(model), torch.no_grad():  # a model in training mode would update its batch-norm statistics
+        target = model(x, exits=exit)[exit - 1].argmax(1)  # explain the trained model's answer throughout
     randomized = copy.deepcopy(model).eval()
-    torch.manual_seed(seed)
     steps = [(f"classifier {exit}", randomized.classifiers[exit - 1])]
     steps += [(f"block {b}", randomized.blocks[b - 1]) for b in range(exit, 0, -1)]
     out = []
-    for name, module in steps:
-        for m in module.modules():
-            if hasattr(m, "reset_parameters"):  # convolutions, batch norms (statistics too), the linear layer
-                m.reset_parameters()
-        maps = gradcam.gradcam(randomized, x, exit=exit, target=target).flatten(1)
-        out.append((f"up to {name}", rank_correlation(original, maps)))
+    with torch.random.fork_rng(devices=[]):  # seeded re-initialization, and the caller's random state left alone
+        torch.manual_seed(seed)
+        for name, module in steps:
+            for m in module.modules():
+                if hasattr(m, "reset_parameters"):  # convolutions, batch norms (statistics too), the linear layer
+                    m.reset_parameters()
+            maps = gradcam.gradcam(randomized, x, exit=exit, target=target).flatten(1)
+            out.append((f"up to {name}", rank_correlation(original, maps)))
     return out

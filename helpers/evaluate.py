@@ -111,9 +111,10 @@ SCORES = ("confidence", "margin", "entropy")
 def exit_logits(model: nn.Module, x: Tensor, flip: bool = False) -> list[Tensor]:
     """Every exit's logits for a batch; flip=True is test-time augmentation: the logits for the images and
     for their horizontal mirrors, averaged (twice the multiply-accumulates). The one place it is written."""
-    logits = model(x)
-    if flip:
-        logits = [(a + b) / 2 for a, b in zip(logits, model(x.flip(-1)))]
+    with msdnet.eval_mode(model):  # a model in training mode would update its batch-norm statistics
+        logits = model(x)
+        if flip:
+            logits = [(a + b) / 2 for a, b in zip(logits, model(x.flip(-1)))]
     return logits
 
 

@@ -54,7 +54,8 @@ def deletion_insertion(model: msdnet.MSDNet, images: Tensor, saliency: Tensor, e
     for f in fractions.tolist():
         touched = rank < round(f * h * w)
         for curve, x in ((deletion, torch.where(touched, mean, images)), (insertion, torch.where(touched, images, mean))):
-            probs = model(x, exits=exit)[exit - 1].softmax(-1)
+            with msdnet.eval_mode(model), torch.no_grad():  # training mode would couple the images and move BN's statistics
+                probs = model(x, exits=exit)[exit - 1].softmax(-1)
             curve.append(probs.gather(1, targets[:, None]).squeeze(1))
     return Curves(fractions, torch.stack(deletion, 1), torch.stack(insertion, 1))
 
@@ -122,6 +123,7 @@ def road(model: msdnet.MSDNet, images: Tensor, saliency: Tensor, exit: int, targ
          percentiles=(10, 30, 50, 70, 90), noise: float = 0.01, seed: int = 0) -> Road:
     """ROAD per image: for each percentile p, the exit's probability of `targets` after the p% of pixels
     the saliency [N, H, W] ranks highest (MoRF) or lowest (LeRF) are imputed. Seeded noise."""
+    exit = msdnet.exit_number(exit, model.n_exits)
     n, _, h, w = images.shape
     if saliency.shape != (n, h, w):
         raise ValueError(f"saliency must be [N, H, W] = {[n, h, w]}, got {list(saliency.shape)}")
@@ -130,10 +132,11 @@ def road(model: msdnet.MSDNet, images: Tensor, saliency: Tensor, exit: int, targ
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(h * w).expand(n, -1))  # 0: the most relevant pixel
     curves = {"morf": [], "lerf": []}
-    for p in percentiles:
-        k = round(p / 100 * h * w)
-        for name, removed in (("morf", rank < k), ("lerf", rank >= h * w - k)):
-            x = torch.stack([noisy_linear_impute(images[i], removed[i].reshape(h, w), noise, g) for i in range(n)])
-            probs = model(x, exits=exit)[exit - 1].softmax(-1)
-            curves[name].append(probs.gather(1, targets[:, None]).squeeze(1))
+    with msdnet.eval_mode(model), torch.no_grad():  # training mode would couple the images and move BN's statistics
+        for p in percentiles:
+            k = round(p / 100 * h * w)
+            for name, removed in (("morf", rank < k), ("lerf", rank >= h * w - k)):
+                x = torch.stack([noisy_linear_impute(images[i], removed[i].reshape(h, w), noise, g) for i in range(n)])
+                probs = model(x, exits=exit)[exit - 1].softmax(-1)
+                curves[name].append(probs.gather(1, targets[:, None]).squeeze(1))
     return Road(torch.tensor(percentiles, dtype=torch.float32), torch.stack(curves["morf"], 1), torch.stack(curves["lerf"], 1))

@@ -51,7 +51,7 @@ def default_site(exit: int, model: msdnet.MSDNet | None = None) -> Site:
 def sites(model: msdnet.MSDNet, exit: int) -> list[Site]:
     """Every map (block, module, scale) that can explain exit `exit`, i.e. that its score depends on.
     Finer scales reach the classifier only through the strided paths of later MSD layers."""
-    _check_exit(model, exit)
+    exit = _check_exit(model, exit)
     x = torch.zeros(1, 3, model.config.image_size, model.config.image_size, device=_device(model))
     with msdnet.eval_mode(model), torch.enable_grad():  # training mode would move the batch-norm statistics
         maps, logits = _run(model, x, exit, keep_all=True)
@@ -84,13 +84,30 @@ def _device(model: msdnet.MSDNet) -> torch.device:
     return next(model.parameters()).device
 
 
-def _check_exit(model: msdnet.MSDNet, exit) -> None:
-    if isinstance(exit, bool) or not isinstance(exit, int) or not 1 <= exit <= model.n_exits:
-        raise ValueError(f"exit must be a whole number between 1 and {model.n_exits} (B1..B{model.n_exits}), got {exit!r}")
+def _check_exit(model: msdnet.MSDNet, exit) -> int:
+    """The exit as a number 1..n (None: the last), or one clear error."""
+    return model.n_exits if exit is None else msdnet.exit_number(exit, model.n_exits)
 
 
-def _resolve(model: msdnet.MSDNet, site: Site, exit: int) -> Site:
-    _check_exit(model, exit)
+def _differentiable(x: Tensor) -> Tensor:
+    """A copy of the images that autograd tracks: every map computed from it then has a gradient, even
+    when the caller froze the model's parameters (requires_grad_(False), a common way to serve a model)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("Grad-CAM needs gradients, which torch.inference_mode() turns off for good: call it outside "
+                           "inference_mode (inside torch.no_grad() it works: it turns gradients back on by itself)")
+    return x.detach().clone().requires_grad_(True)
+
+
+def _resolve(model: msdnet.MSDNet, site, exit: int) -> Site:
+    exit = _check_exit(model, exit)
+    if not isinstance(site, Site):
+        if isinstance(site, tuple) and 1 <= len(site) <= 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in site):
+            site = Site(*site)  # a plain (block, module, size)
+        else:
+            # pytorch-grad-cam's target_layers are modules; here a map is named by block, module and size
+            got = f"a module ({type(site).__name__})" if isinstance(site, torch.nn.Module) else repr(site)
+            raise TypeError(f"site must be a gradcam.Site(block, module, size), e.g. gradcam.Site({exit}, -1, "
+                            f"{model.config.coarsest_size}), or one of gradcam.sites(model, {exit}); got {got}")
     if not 1 <= site.block <= model.n_exits:
         raise ValueError(f"{site}: block must be between 1 and {model.n_exits}")
     if site.block > exit:
@@ -104,7 +121,7 @@ def _resolve(model: msdnet.MSDNet, site: Site, exit: int) -> Site:
 
 def _run(model: msdnet.MSDNet, x: Tensor, n_exits: int, keep: set[Site] = frozenset(), keep_all: bool = False):
     """Blocks 1..n_exits module by module; returns the kept maps {Site: tensor} and the logits."""
-    xs = model.normalize(x)
+    xs = model.normalize(_differentiable(x))
     kept, logits = {}, []
     for b in range(1, n_exits + 1):
         def keep_maps(i: int, maps: list[Tensor], b: int = b) -> None:
@@ -118,9 +135,12 @@ def _run(model: msdnet.MSDNet, x: Tensor, n_exits: int, keep: set[Site] = frozen
     return kept, logits
 
 
-def _check_site_has_map(maps: dict, site: Site) -> None:
-    if site not in maps:
-        sizes = sorted({s.size for s in maps if s.block == site.block and s.module == site.module}, reverse=True)
+def _check_site_has_map(model: msdnet.MSDNet, maps: dict, site: Site) -> None:
+    if site not in maps:  # only the maps asked for were kept: list the module's sizes from a pass of its own
+        x = torch.zeros(1, 3, model.config.image_size, model.config.image_size, device=_device(model))
+        with msdnet.eval_mode(model), torch.enable_grad():
+            every = _run(model, x, site.block, keep_all=True)[0]
+        sizes = sorted({s.size for s in every if s.block == site.block and s.module == site.module}, reverse=True)
         raise ValueError(f"{site}: that module has no {site.size}x{site.size} map (its scales: {sizes})")
 
 
@@ -234,6 +254,7 @@ def compute(model: msdnet.MSDNet, x: Tensor, exits: list[int], target=None, site
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if not exits:
         raise ValueError("exits must name at least one exit")
+    exits = [_check_exit(model, k) for k in exits]
     if site is None:
         site_list = [default_site(k, model) for k in exits]
     else:
@@ -245,7 +266,7 @@ def compute(model: msdnet.MSDNet, x: Tensor, exits: list[int], target=None, site
         maps, logits = _run(model, x.detach(), max(exits), keep=set(site_list))
         out_maps, out_logits, out_targets = [], [], []
         for i, (k, s) in enumerate(zip(exits, site_list)):
-            _check_site_has_map(maps, s)
+            _check_site_has_map(model, maps, s)
             z = logits[k - 1]
             t = targets_for(target, z.detach(), labels)
             score = z.gather(1, t[:, None]).sum()  # images are independent: one backward for the batch
@@ -274,11 +295,11 @@ def normalize(maps: Tensor, size: int | None = None) -> Tensor:
     return flat.reshape(*shape[:-2], *flat.shape[-2:])
 
 
-def gradcam(model: msdnet.MSDNet, x: Tensor, exit: int = 10, target=None, site: Site | None = None,
+def gradcam(model: msdnet.MSDNet, x: Tensor, exit: int | None = None, target=None, site: Site | None = None,
             method: str = "gradcam", raw: bool = False, labels: Tensor | None = None) -> Tensor:
-    """The map of exit `exit` (1-based) for each image: [B, 32, 32] in [0, 1], or with raw=True the
-    unnormalized map at the feature map's own resolution."""
-    cam = compute(model, x, [exit], target, site, method, labels)
+    """The map of exit `exit` (1-based; default: the last) for each image: [B, 32, 32] in [0, 1], or with
+    raw=True the unnormalized map at the feature map's own resolution."""
+    cam = compute(model, x, [_check_exit(model, exit)], target, site, method, labels)
     maps = cam.maps[:, 0]
     return maps if raw else normalize(maps, model.config.image_size)
 
@@ -359,20 +380,20 @@ class _GuidedReLUs:
             del m.forward
 
 
-def guided_backprop(model: msdnet.MSDNet, x: Tensor, exit: int = 10, target=None,
+def guided_backprop(model: msdnet.MSDNet, x: Tensor, exit: int | None = None, target=None,
                     labels: Tensor | None = None) -> Tensor:
-    """Guided backpropagation of exit `exit`'s score for `target` (as in compute) to the pixels:
-    [B, 3, H, W], the fine detail that Guided Grad-CAM multiplies by the coarse map."""
-    _check_exit(model, exit)
+    """Guided backpropagation of exit `exit`'s score (default: the last exit's) for `target` (as in
+    compute) to the pixels: [B, 3, H, W], the fine detail that Guided Grad-CAM multiplies by the coarse map."""
+    exit = _check_exit(model, exit)
     with msdnet.eval_mode(model), torch.enable_grad(), _GuidedReLUs(model):
-        x = x.detach().clone().requires_grad_(True)
+        x = _differentiable(x)
         z = model(x, exits=exit)[exit - 1]
         t = targets_for(target, z.detach(), labels)
         (grad,) = torch.autograd.grad(z.gather(1, t[:, None]).sum(), x)
     return grad
 
 
-def guided_gradcam(model: msdnet.MSDNet, x: Tensor, exit: int = 10, target=None, method: str = "gradcam",
+def guided_gradcam(model: msdnet.MSDNet, x: Tensor, exit: int | None = None, target=None, method: str = "gradcam",
                    labels: Tensor | None = None) -> Tensor:
     """Guided Grad-CAM (Selvaraju et al.): guided backpropagation times the Grad-CAM map upsampled
     bilinearly to the image, [B, 3, H, W]: where the map points, the pixels that matter there.

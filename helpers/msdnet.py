@@ -19,6 +19,7 @@ Public API::
 from __future__ import annotations
 
 import math
+import operator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple
@@ -36,6 +37,7 @@ __all__ = [
     "ExitCost",
     "build",
     "exit_costs",
+    "exit_number",
     "eval_mode",
 ]
 
@@ -322,9 +324,7 @@ class MSDNet(nn.Module):
 
         With return_features, also the coarsest-scale map each classifier reads.
         """
-        n = self.n_exits if exits is None else exits
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.n_exits:
-            raise ValueError(f"exits must be a whole number between 1 and {self.n_exits}, got {exits!r}")
+        n = self.n_exits if exits is None else exit_number(exits, self.n_exits, "exits")
         xs = self.normalize(x)
         logits, feats = [], []
         for k in range(n):
@@ -363,6 +363,18 @@ class ExitCost(NamedTuple):
     params: int  # parameters needed to compute this exit (blocks and classifiers up to it)
     macs: int  # multiply-accumulates per image to reach this exit, earlier classifiers included
     classifier_macs: int = 0  # this exit's classifier alone (part of macs): what skipping the exit saves
+
+
+def exit_number(value, n_exits: int, name: str = "exit") -> int:
+    """`value` as an exit number 1..n_exits (B1..Bn). Any integer will do: Python's, NumPy's, or a
+    one-element integer tensor (a slider's or an argmax's value); bools, floats and the rest are refused."""
+    try:
+        n = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or not 1 <= n <= n_exits:
+        raise ValueError(f"{name} must be a whole number between 1 and {n_exits} (B1..B{n_exits}), got {value!r}")
+    return n
 
 
 @contextmanager

@@ -380,16 +380,21 @@ def test_real_early_exit_follows_any_score(tiny_folder, score):
 
 
 def test_functions_that_borrow_the_model_give_it_back_in_its_mode(tiny_folder):
-    from helpers import gradcam, train
+    from helpers import analysis, faithfulness, gradcam, train
 
     model = msdnet.build("tiny").train()
     split = data.load("test", source=tiny_folder)
     x = split.images[:4].float() / 255
     stats = model.blocks[0][0].convs[0][1].running_mean.clone()
+    rng = torch.get_rng_state()
     evaluate.EarlyExit(model, torch.zeros(model.n_exits))(x)
     evaluate.LastExitOnly(model)(x)
     evaluate.predict(model, split, cache=False)
+    evaluate.exit_logits(model, x, flip=True)
     train.exit_accuracies(model, split)
     gradcam.gradcam(model, x, exit=2)
+    analysis.cascading_randomization(model, x, exit=2)
+    faithfulness.road(model, x, torch.rand(4, 32, 32, generator=torch.Generator().manual_seed(0)), exit=2, targets=split.labels[:4], percentiles=(50,))
     msdnet.exit_costs(model)
     assert model.training and torch.equal(stats, model.blocks[0][0].convs[0][1].running_mean)  # eval mode inside
+    assert torch.equal(rng, torch.get_rng_state())  # seeded work (the re-initialization) on a random state of its own

@@ -8,6 +8,8 @@ from helpers import faithfulness, msdnet
 class Recorder:
     """Stands in for the model: remembers every batch it sees and answers with a fixed softmax."""
 
+    n_exits, training = 10, False
+
     def __init__(self, mean):
         self.mean = mean
         self.seen = []

@@ -3,6 +3,7 @@ LayerGradCam), a constructed case with a known answer, the refusal of maps that 
 exit, and the model left as it was found."""
 import resource
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,6 +170,45 @@ def test_works_under_no_grad_and_leaves_the_model_as_it_was(model, images):
     model.eval()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # eval mode: BN stats untouched
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_frozen_model_gives_the_same_maps_and_inference_mode_is_refused_clearly(model, images):
+    """Freezing the parameters (a common way to serve a model) must not hide the maps: the gradient
+    Grad-CAM needs is the feature map's, not the weights'."""
+    want = gradcam.gradcam_all_exits(model, images, raw=True)
+    want_sites, want_guided = gradcam.sites(model, 3), gradcam.guided_gradcam(model, images, exit=2)
+    model.requires_grad_(False)
+    try:
+        assert torch.equal(gradcam.gradcam_all_exits(model, images, raw=True), want)
+        assert gradcam.sites(model, 3) == want_sites
+        assert torch.equal(gradcam.guided_gradcam(model, images, exit=2), want_guided)
+        with torch.inference_mode(), pytest.raises(RuntimeError, match=r"torch.inference_mode\(\) turns off"):
+            gradcam.gradcam(model, images)
+    finally:
+        model.requires_grad_(True)
+
+
+def test_the_exit_defaults_to_the_last_and_any_integer_names_one(model, images):
+    last = gradcam.gradcam(model, images, exit=4, raw=True)
+    assert torch.equal(gradcam.gradcam(model, images, raw=True), last)  # the tiny model has 4 exits, not 10
+    for exit in (np.int64(4), torch.tensor(4)):  # a slider's value, an argmax
+        assert torch.equal(gradcam.gradcam(model, images, exit=exit, raw=True), last)
+    assert torch.equal(gradcam.guided_backprop(model, images), gradcam.guided_backprop(model, images, exit=4))
+    assert len(model(images, exits=np.int64(2))) == 2
+    for bad in (True, 4.0, torch.tensor(4.0)):
+        with pytest.raises(ValueError, match="must be a whole number between 1 and 4"):
+            gradcam.gradcam(model, images, exit=bad)
+
+
+def test_a_site_is_a_site_or_a_plain_tuple_and_anything_else_is_refused_clearly(model, images):
+    want = gradcam.gradcam(model, images, exit=3, site=Site(1, -1, 32), raw=True)
+    assert torch.equal(gradcam.gradcam(model, images, exit=3, site=(1, -1, 32), raw=True), want)
+    for bad, shown in ((model.blocks[0], r"a module \(Sequential\)"), ("block 1", "'block 1'"), (3, "3")):
+        with pytest.raises(TypeError, match=r"site must be a gradcam.Site\(block, module, size\).* got " + shown):
+            gradcam.gradcam(model, images, exit=3, site=bad)
+    # the first layer makes all three scales; the error lists them, not only the maps the call kept
+    with pytest.raises(ValueError, match=r"no 7x7 map \(its scales: \[32, 16, 8\]\)"):
+        gradcam.gradcam(model, images, exit=2, site=Site(1, -1, 7))
 
 
 def test_an_error_midway_leaves_no_hooks_and_restores_the_mode(model):
