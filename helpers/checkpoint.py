@@ -9,14 +9,22 @@ import torch
 from . import atomic
 from .msdnet import MSDNet, MSDNetConfig
 
-__all__ = ["CheckpointError", "read", "check_config", "load_weights", "half", "compact"]
+__all__ = ["CheckpointError", "save", "read", "check_config", "load_weights", "half", "compact"]
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that is missing, unreadable, or made for another network; the message says which."""
+
+
+def save(model: MSDNet, path: str | os.PathLike) -> None:
+    """The weights of `model` with its config, written atomically, in the format read() and
+    pretrained.load(path, verify=False) take: tensors and plain types only."""
+    atomic.save({"format": "msdnet-weights/1", "config": model.config.to_dict(), "model": model.state_dict()}, path)
 
 
 def read(path: str | os.PathLike, map_location="cpu") -> dict:
+    """The checkpoint at `path` as a dict holding at least 'model' (a state dict) and 'config' (plain
+    types), loaded with weights_only=True; one CheckpointError that says what is wrong otherwise."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -27,8 +35,13 @@ def read(path: str | os.PathLike, map_location="cpu") -> dict:
             f"{path} is not a readable checkpoint (corrupt, truncated, or not made by torch.save: {e}). "
             "Delete it and train again, or restore the file (git checkout / re-download)."
         ) from e
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise CheckpointError(
+            f"{path} holds a bare state dict, without the config that says which network it fits: save weights "
+            "with checkpoint.save(model, path), or load these with model.load_state_dict(torch.load(path))")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path} holds no MSD-Net checkpoint (expected a dict with 'model' and 'config')")
+        raise CheckpointError(f"{path} holds no MSD-Net checkpoint (expected a dict with 'model' and 'config', "
+                              "as checkpoint.save writes)")
     return ckpt
 
 
@@ -50,6 +63,8 @@ def check_config(ckpt_config: dict, model_config: MSDNetConfig, path: str | os.P
 
 
 def load_weights(model: MSDNet, ckpt: dict, path: str | os.PathLike = "checkpoint") -> None:
+    """Put a read() checkpoint's weights into `model`, after checking it was made for this network
+    (`path` only names the file in the errors)."""
     check_config(ckpt["config"], model.config, path)
     try:
         model.load_state_dict(ckpt["model"])

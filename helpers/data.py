@@ -81,12 +81,13 @@ class Split(NamedTuple):
         return len(self.labels)
 
 
-def _no_data_message(detail: str) -> str:
+def _no_data_message(detail: str, data_dir: Path | None = None) -> str:
+    folder = data_dir or DATA_DIR  # where the torchvision source reads and downloads
     return (
         f"CIFAR-10 could not be loaded: {detail}\n"
         "Provide it in one of these ways:\n"
-        "  - online: let torchvision download it (the default source, saved under data/);\n"
-        "  - offline: copy cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/) into data/;\n"
+        f"  - online: let torchvision download it (the default source, saved under {folder});\n"
+        f"  - offline: copy cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/) into {folder};\n"
         f"  - a folder or .tar.gz laid out train/<class>/*, test/<class>/*: pass source=PATH or set "
         f"{ENV_SOURCE}=PATH (on the project's machines: {ENV_SOURCE}=../shared/data/cifar10-jpeg.tar.gz)."
     )
@@ -189,7 +190,7 @@ def _from_torchvision(root: Path) -> dict[str, Split]:
         try:
             ds = CIFAR10(root, train=split == "train", download=True)
         except Exception as e:  # offline: URLError, socket errors, ...; corrupt files: RuntimeError
-            raise DataNotFoundError(_no_data_message(f"torchvision could not find or download it into {root} ({e})")) from e
+            raise DataNotFoundError(_no_data_message(f"torchvision could not find or download it into {root} ({e})", root)) from e
         out[split] = Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
     return out
 
@@ -248,10 +249,11 @@ def load(
     return Split(full.images[keep], full.labels[keep])
 
 
-def subset(split: Split, n: int) -> Split:
-    """n images spread evenly over the split (splits are ordered by class, so every class keeps its share)."""
+def subset(split: Split, n: int, name: str = "subset size") -> Split:
+    """n images spread evenly over the split (splits are ordered by class, so every class keeps its share).
+    `name` is what the error calls n (a command-line flag, say)."""
     if not 0 < n <= len(split):
-        raise ValueError(f"subset size must be between 1 and {len(split)}, got {n}")
+        raise ValueError(f"{name} must be between 1 and {len(split)} (the split's images), got {n}")
     idx = torch.linspace(0, len(split) - 1, n).round().long()
     return Split(split.images[idx], split.labels[idx])
 

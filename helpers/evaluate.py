@@ -366,13 +366,16 @@ class EarlyExit(nn.Module):
     """Inference that really stops: after each block, the images whose classifier is confident
     enough leave, and only the others go on through the next block.
 
-    Returns the predicted class and the 0-based exit of every image. Normalization, blocks and
+    Returns the predicted class and the exit of every image as a 0-based index (0 is B1), like
+    Budgeted.exit_counts and exit_points; add 1 for the exit's number. Normalization, blocks and
     classifiers are the model's own, so the answers equal the full network's exits at those points.
+    Thresholds: one per exit, a tensor, list or array (+inf switches an exit off).
     """
 
     def __init__(self, model: msdnet.MSDNet, thresholds: Tensor, score: str = "confidence") -> None:
         super().__init__()
-        if len(thresholds) != model.n_exits:
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float64)  # a list or an array will do
+        if thresholds.dim() != 1 or len(thresholds) != model.n_exits:
             raise ValueError(f"need one threshold per exit ({model.n_exits}), got {len(thresholds)}")
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
@@ -488,11 +491,19 @@ def cheapest_matching(val: Predictions, costs: Costs, target: float,
                       qs: Tensor | None = None) -> tuple[float, Tensor]:
     """The q (and its thresholds) with the lowest average cost on `val` whose accuracy on `val`
     reaches `target`, e.g. the last exit's accuracy: early exit at no loss of accuracy."""
+    _check_target(target)
     curve = [(q, r) for q, r in budget_curve(val, val, costs, qs) if r.accuracy >= target]
     if not curve:
         raise ValueError(f"no q reaches accuracy {target:.4f} on the validation predictions")
     q, _ = min(curve, key=lambda item: item[1].average_cost)
     return q, budget_thresholds(val, q)
+
+
+def _check_target(target: float) -> None:
+    """A target accuracy is a share: 0.898, not 89.8 (which no thresholds could reach, so the searches
+    would silently switch every exit off)."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target is an accuracy between 0 and 1 (0.898 for 89.8%), got {target!r}")
 
 
 def _candidates(scores: Tensor, n: int = 200) -> Tensor:
@@ -511,6 +522,7 @@ def one_threshold(val: Predictions, costs: Costs, target: float,
     safety > 0 asks more of the validation accuracy: it must reach `target` even after subtracting
     `safety` standard errors of its paired difference from the last exit. Thresholds tuned to 5,000
     images also fit their noise; this margin keeps the test accuracy nearer the target."""
+    _check_target(target)
     return _one_threshold(_Table(val, costs, score), target, safety)
 
 
@@ -539,6 +551,7 @@ def per_exit_thresholds(val: Predictions, costs: Costs, target: float,
     switched off, and keeps the cheaper result: one move at a time cannot always reach the other.
     `safety` is one_threshold's margin against the noise of the validation images.
     Returns thresholds [exits] (the last is -inf: every image that gets there leaves)."""
+    _check_target(target)
     table = _Table(val, costs, score)
     starts = (_one_threshold(table, target, safety), _all_off(val.n_exits))
     found = [_descend(table, start, target, rounds, safety) for start in starts]

@@ -54,6 +54,7 @@ def shipped_presets(folder: Path | None = None) -> list[str]:
 
 
 def sha256(path: str | os.PathLike) -> str:
+    """The file's SHA-256 in hex, as its card records it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -65,10 +66,19 @@ def _card_path(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
+def _shipped(path: Path) -> bool:
+    """Is `path` in data/pretrained/, where git can restore what is lost?"""
+    return path.resolve().parent == PRETRAINED_DIR.resolve()
+
+
 def _recorded_sha256(card: Path, weights: Path) -> str:
     """The SHA-256 the card beside `weights` records, or one clear error saying what is wrong with the card."""
     restore = f"restore it with `git checkout -- {card}`, or load unchecked weights with verify=False"
     if not card.is_file():
+        if not _shipped(weights):  # weights of one's own (a run's best.pt) have no card
+            raise checkpoint.CheckpointError(
+                f"no card {card.name} beside {weights.name}, so its SHA-256 cannot be checked: load weights of your "
+                f"own (a run's best.pt, say) with pretrained.load(path, verify=False)")
         raise checkpoint.CheckpointError(
             f"no card {card.name} beside {weights.name}, so its SHA-256 cannot be checked; {restore}")
     try:
@@ -94,6 +104,10 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
             raise checkpoint.CheckpointError(
                 f"no weights are shipped for the preset {preset!r} (shipped: {', '.join(shipped_presets()) or 'none'}); "
                 f"train them and export the run (README, 'How it was made'), or load a run's weights by path")
+        if weights.is_dir():
+            raise checkpoint.CheckpointError(f"{weights} is a folder: pass the weights file in it (a .pt file)")
+        if not _shipped(weights):
+            raise checkpoint.CheckpointError(f"no weights at {weights}: check the path")
         raise checkpoint.CheckpointError(f"no weights at {weights}; restore them with `git checkout -- {weights}`")
     if verify:
         expected = _recorded_sha256(card, weights)

@@ -266,9 +266,9 @@ class _Run:
         train_set = data.load("train" if args.val_size else "trainval", args.source, val_size=args.val_size)
         eval_set = data.load(args.eval_split, args.source, val_size=args.val_size)
         if args.train_subset:
-            train_set = data.subset(train_set, args.train_subset)
+            train_set = data.subset(train_set, args.train_subset, "--train-subset")
         if args.eval_subset:
-            eval_set = data.subset(eval_set, args.eval_subset)
+            eval_set = data.subset(eval_set, args.eval_subset, "--eval-subset")
         self.trained_on = {"train_images": len(train_set),
                            "train_fingerprint": fingerprint((train_set.images, train_set.labels))}
         if self.device.type == "cuda":  # CIFAR-10 is 150 MB of uint8: keep it on the GPU, batches never cross the bus
@@ -287,7 +287,13 @@ class _Run:
             if path.exists():
                 raise FileExistsError(f"{path} exists: continue it with --resume, or choose another --out")
             if args.init_from:
-                checkpoint.load_weights(self.model, checkpoint.read(args.init_from), args.init_from)
+                start = checkpoint.read(args.init_from)
+                preset = next((name for name, cfg in msdnet.PRESETS.items() if cfg.to_dict() == start["config"]), None)
+                if preset not in (None, args.preset):  # the usual slip on the command line: say the flag to fix
+                    raise checkpoint.CheckpointError(
+                        f"--init-from {args.init_from} holds weights of the preset {preset!r}, not {args.preset!r}: "
+                        f"pass --preset {preset}")
+                checkpoint.load_weights(self.model, start, args.init_from)
                 self.init_record = init_record_of(Path(args.init_from))
             return None
         if not path.exists():

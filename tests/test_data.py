@@ -92,7 +92,7 @@ def test_torchvision_source_reads_the_canonical_files(isolated_data_dir, monkeyp
     assert test.labels.tolist() == list(range(10))
 
 
-def test_no_data_offline_says_how_to_provide_it(monkeypatch):
+def test_no_data_offline_says_how_to_provide_it(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
@@ -101,6 +101,9 @@ def test_no_data_offline_says_how_to_provide_it(monkeypatch):
         data.load("test")  # default source: torchvision, which must download here
     message = str(e.value)
     assert "no network" in message and data.ENV_SOURCE in message and "cifar-10-python.tar.gz" in message
+    with pytest.raises(data.DataNotFoundError) as e:
+        data.load("test", data_dir=tmp_path)  # the advice names the folder that is read, not the default one
+    assert f"cifar-10-batches-py/) into {tmp_path};" in str(e.value)
 
 
 def test_a_missing_path_says_how_to_provide_it(tmp_path):

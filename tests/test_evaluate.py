@@ -200,7 +200,7 @@ def test_cheapest_matching_reaches_the_target_at_the_lowest_cost():
     assert chosen.accuracy >= target
     assert chosen.average_macs == min(r.average_macs for _, r in curve if r.accuracy >= target)
     with pytest.raises(ValueError, match="no q reaches"):
-        evaluate.cheapest_matching(val, costs, 1.01)
+        evaluate.cheapest_matching(val, costs, 1.0)  # a valid target no q reaches
 
 
 def test_flip_averages_each_exits_logits_for_the_image_and_its_mirror(tiny_folder, tmp_path):
@@ -398,3 +398,21 @@ def test_functions_that_borrow_the_model_give_it_back_in_its_mode(tiny_folder):
     msdnet.exit_costs(model)
     assert model.training and torch.equal(stats, model.blocks[0][0].convs[0][1].running_mean)  # eval mode inside
     assert torch.equal(rng, torch.get_rng_state())  # seeded work (the re-initialization) on a random state of its own
+
+
+def test_a_target_in_percent_and_thresholds_as_a_list_are_understood_or_refused_clearly():
+    torch.manual_seed(0)
+    model = msdnet.build("tiny").eval()
+    preds = evaluate.Predictions(torch.randn(50, model.n_exits, 10), torch.randint(0, 10, (50,)))
+    costs = msdnet.exit_costs(model)
+    for search in (evaluate.per_exit_thresholds, evaluate.one_threshold, evaluate.cheapest_matching):
+        for bad in (89.8, 0.0, -0.5):  # 89.8 meant 89.8%: no thresholds reach it, every exit would go dark
+            with pytest.raises(ValueError, match=r"target is an accuracy between 0 and 1 \(0.898 for 89.8%\)"):
+                search(preds, costs, bad)
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    as_list = [0.5, float("inf"), 0.2, float("-inf")]
+    got = evaluate.EarlyExit(model, as_list)(x)
+    want = evaluate.EarlyExit(model, torch.tensor(as_list))(x)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="need one threshold per exit"):
+        evaluate.EarlyExit(model, [0.5, 0.5])

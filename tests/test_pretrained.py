@@ -111,9 +111,28 @@ def test_weights_whose_card_is_missing_or_broken_are_not_loaded_unchecked(tmp_pa
         pretrained.load(weights)
 
 
-def test_missing_weights_say_how_to_restore_them(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="git checkout"):
+def test_missing_weights_say_how_to_restore_them(tmp_path, monkeypatch):
+    with pytest.raises(checkpoint.CheckpointError, match="no weights at .*nothing.pt: check the path"):
         pretrained.load(tmp_path / "nothing.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="is a folder: pass the weights file in it"):
+        pretrained.load(tmp_path)
+    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path)  # a shipped file lost: git brings it back
+    with pytest.raises(checkpoint.CheckpointError, match="restore them with `git checkout -- "):
+        pretrained.load()
+
+
+def test_weights_of_your_own_save_and_load_and_a_bare_state_dict_is_explained(tmp_path):
+    torch.manual_seed(0)
+    model = msdnet.build("tiny").eval()
+    checkpoint.save(model, tmp_path / "mine.pt")
+    with pytest.raises(checkpoint.CheckpointError, match=r"no card mine.json .* pretrained.load\(path, verify=False\)"):
+        pretrained.load(tmp_path / "mine.pt")
+    loaded = pretrained.load(tmp_path / "mine.pt", verify=False)
+    x = torch.rand(2, 3, 32, 32)
+    assert all(torch.equal(a, b) for a, b in zip(loaded(x), model(x)))
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="bare state dict, without the config.* checkpoint.save"):
+        pretrained.load(tmp_path / "bare.pt", verify=False)
 
 
 def test_weights_whose_config_was_edited_are_refused(tmp_path):

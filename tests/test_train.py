@@ -395,6 +395,21 @@ def test_atomic_save_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
 
 
+def test_a_subset_larger_than_the_split_names_its_flag(tmp_path, tiny_folder, capsys):
+    argv = ["--preset", "tiny", "--source", str(tiny_folder), "--out", str(tmp_path / "run"), "--val-size", "12"]
+    assert train.main([*argv, "--eval-subset", "13"]) == 2
+    assert "error: --eval-subset must be between 1 and 12 (the split's images), got 13" in capsys.readouterr().err
+
+
+def test_weights_of_another_preset_name_the_preset_to_pass(tmp_path, tiny_folder, capsys):
+    seed = tmp_path / "seed.pt"
+    checkpoint.save(msdnet.build("seed"), seed)
+    argv = ["--preset", "tiny", "--source", str(tiny_folder), "--out", str(tmp_path / "run"), "--val-size", "12",
+            "--batch-size", "16"]
+    assert train.main([*argv, "--init-from", str(seed)]) == 2
+    assert f"--init-from {seed} holds weights of the preset 'seed', not 'tiny': pass --preset seed" in capsys.readouterr().err
+
+
 def test_cli_reports_missing_data_in_one_clear_message(tmp_path, capsys):
     rc = train.main(["--preset", "tiny", "--source", str(tmp_path / "none"), "--out", str(tmp_path / "run")])
     assert rc == 2
