@@ -70,7 +70,9 @@ def real_cifar(tmp_path_factory):
             pytest.fail(msg)
         pytest.skip(msg)
     cache = tmp_path_factory.mktemp("real_cifar_cache")
-    return lambda split, **kw: data.load(split, source=path, data_dir=cache, **kw)
+    load = lambda split, **kw: data.load(split, source=path, data_dir=cache, **kw)  # noqa: E731
+    load.source, load.data_dir = path, cache  # for code that finds the data as a user's does (env, data folder)
+    return load
 
 
 @pytest.fixture(autouse=True)

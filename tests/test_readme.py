@@ -50,3 +50,23 @@ def test_the_readmes_reference_rows_are_the_reference_module():
 
     assert table_row("paper, anytime") == list(reference.PAPER_ANYTIME)
     assert table_row("blog's model") == list(reference.BLOG_SEED)
+
+
+def test_the_api_block_runs_as_written(real_cifar, tmp_path, monkeypatch):
+    """The README's Python block is what a user copies first: every name it uses is defined in it, and it
+    runs from top to bottom (on the real CIFAR-10; the explorer is only asked for, notebook 06 runs it)."""
+    from helpers import data, explorer
+
+    real_cifar("test")  # in CI a missing dataset fails here, never skips
+    monkeypatch.setenv(data.ENV_SOURCE, str(real_cifar.source))  # found as a user's shell finds it
+    monkeypatch.setattr(data, "DATA_DIR", real_cifar.data_dir)  # decoded once per test session
+    block = re.search(r"```python\n(.*?)```", README, flags=re.S).group(1)
+    asked = []
+    monkeypatch.setattr(explorer, "explore", lambda model, *a, **kw: asked.append(model))
+    monkeypatch.chdir(tmp_path)  # it saves my-weights.pt where it runs
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["saliency"].shape == (8, 32, 32) and scope["fine"].shape == (8, 3, 32, 32)
+    assert scope["predicted"].shape == scope["exit_index"].shape == (8,) and len(scope["tta"]) == 10
+    assert 0.8 < scope["target"] < 1 and asked == [scope["model"]]
+    assert (tmp_path / "my-weights.pt").is_file()
