@@ -1,0 +1,19 @@
+"""The reusable code of the notebooks, one idea a module (see the README's Python block):
+
+msdnet (the model), pretrained (the shipped weights), data (CIFAR-10), evaluate (accuracy, early exit),
+gradcam (Grad-CAM and its relatives), analysis and faithfulness (judging the maps), explorer (the app),
+train (the training command), checkpoint (saving and reading weights).
+
+`import helpers` alone is cheap: each module is imported the first time it is named
+(helpers.msdnet), or with `from helpers import msdnet`.
+"""
+import importlib
+
+__all__ = ["analysis", "app", "atomic", "cache", "checkpoint", "data", "evaluate", "explorer", "faithfulness",
+           "gradcam", "msdnet", "pretrained", "reference", "runs", "train", "viz"]
+
+
+def __getattr__(name: str):
+    if name in __all__:  # PEP 562: the submodule on first use, so `import helpers` does not pull in torch
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'helpers' has no attribute {name!r}")

@@ -98,6 +98,9 @@ def bootstrap_ci(values: Tensor, n_boot: int = 2000, level: float = 0.95, seed: 
 
 
 class Verdict(NamedTuple):
+    """The verdict rule's answer: word (SUPPORTED above zero, CONTRADICTED below, else NOT SUPPORTED),
+    the effect (a mean over images) and its bootstrap interval [low, high]."""
+
     word: str  # SUPPORTED, NOT SUPPORTED or CONTRADICTED
     effect: float
     low: float
@@ -133,6 +136,9 @@ def _verdict(effect: float, low: float, high: float) -> Verdict:
 
 
 class ClassBest(NamedTuple):
+    """Per class, the exit that is best on its images (best, 0-based), the exit best overall (overall),
+    and a Verdict per class on the difference between the two."""
+
     best: Tensor  # [classes]: the 0-based exit with the highest accuracy on the class's images
     overall: int  # the 0-based exit with the highest accuracy on all images
     verdicts: list  # per class: Verdict on accuracy(best exit) - accuracy(overall best exit), on that class
@@ -154,6 +160,9 @@ def class_best_exits(preds: evaluate.Predictions, **kw) -> ClassBest:
 
 
 class BestExitNull(NamedTuple):
+    """How much choosing the best exit per class gains (gain), what random groups of the same sizes gain
+    by the same selection (null_mean), and the share of random groupings that gain as much (p_value)."""
+
     gain: float  # mean over classes of accuracy(class's best exit) - accuracy(overall best exit), on the class
     null_mean: float  # the same gain, averaged over random groups of the same sizes
     p_value: float  # share of random groupings whose gain is at least `gain` (with the +1 correction)

@@ -74,6 +74,9 @@ _short_error_in_notebooks()
 
 
 class Split(NamedTuple):
+    """Images (uint8 [N, 3, 32, 32], 0..255) and their labels (int64 [N]); the splits are sorted by
+    class, so take spread-out samples with data.subset. The model wants images.float() / 255."""
+
     images: Tensor  # uint8 [N, 3, 32, 32]
     labels: Tensor  # int64 [N]
 

@@ -61,6 +61,9 @@ __all__ = [
 
 
 class Predictions(NamedTuple):
+    """Every exit's logits for every image of a split (float32 [N, exits, classes]) and the true labels
+    (int64 [N]), with what the analyses read off them: predicted, correct, confidence, score."""
+
     logits: Tensor  # float32 [N, exits, classes]
     labels: Tensor  # int64 [N]
 
@@ -250,6 +253,9 @@ def exit_points(confidence: Tensor, thresholds: Tensor) -> Tensor:
 
 
 class Budgeted(NamedTuple):
+    """Early exit simulated on predictions: accuracy, average cost per image (multiply-accumulates or
+    seconds, the unit of the costs given) and the number of images leaving at each exit (0-based list)."""
+
     accuracy: float
     average_cost: float  # per image, in the costs' unit: multiply-accumulates (ExitCost) or seconds (ExitTime)
     exit_counts: list[int]  # images leaving at each exit

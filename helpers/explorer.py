@@ -92,7 +92,8 @@ class Explorer:
     Without `preds`, the predictions come from evaluate's cache when the model met this split before;
     else the first `first` images (a random sample of the split) are predicted before the app appears and
     the rest in the background, `chunk` at a time: filters and the image slider cover the images
-    predicted so far, and the status line counts them. `wait()` blocks until all are done."""
+    predicted so far, and the status line counts them. `wait()` blocks until all are done.
+    The model is put in eval mode and stays so: the app (and its background thread) uses it until closed."""
 
     def __init__(self, model: msdnet.MSDNet, split: data.Split, preds: evaluate.Predictions | None = None,
                  classes=data.CLASSES, first: int = 200, chunk: int = 500, split_name: str = "test") -> None:

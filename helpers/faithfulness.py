@@ -27,6 +27,9 @@ __all__ = ["Curves", "deletion_insertion", "noisy_linear_impute", "Road", "road"
 
 
 class Curves(NamedTuple):
+    """Deletion and insertion curves: the explained class's probability [N, steps + 1] as pixels are
+    removed or inserted in the map's order, at the shares of pixels in fractions."""
+
     fractions: Tensor  # [steps + 1]: share of pixels removed (deletion) or inserted (insertion)
     deletion: Tensor  # [N, steps + 1]: probability of the explained class
     insertion: Tensor  # [N, steps + 1]
@@ -108,6 +111,9 @@ def noisy_linear_impute(image: Tensor, removed: Tensor, noise: float = 0.01,
 
 
 class Road(NamedTuple):
+    """ROAD per image: the explained class's probability [N, P] after the most (morf) or least (lerf)
+    relevant share of the pixels, in percent (percentiles), is imputed."""
+
     percentiles: Tensor  # [P]: share of the pixels removed, in percent
     morf: Tensor  # [N, P]: probability of the explained class, most relevant pixels removed first
     lerf: Tensor  # [N, P]: least relevant first

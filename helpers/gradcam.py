@@ -195,6 +195,9 @@ def class_activation_map(score: Tensor, fmap: Tensor, method: str = "gradcam", r
 
 
 class CAM(NamedTuple):
+    """compute()'s result: the raw maps [B, exits, H, W] at the feature map's resolution, each exit's
+    logits [B, exits, classes], and the class each map explains [B, exits]."""
+
     maps: Tensor  # [B, exits, H, W]: raw ReLU(sum_k w_k A_k) at the feature map's resolution
     logits: Tensor  # [B, exits, classes]
     targets: Tensor  # [B, exits]: the class each map explains

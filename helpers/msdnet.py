@@ -359,6 +359,9 @@ def build(preset: str | MSDNetConfig = "cifar10-anytime", **overrides) -> MSDNet
 
 
 class ExitCost(NamedTuple):
+    """What reaching exit `exit` (1-based) costs: the parameters and the multiply-accumulates per image
+    of the blocks and classifiers up to it, and of its own classifier alone (what skipping it saves)."""
+
     exit: int  # 1-based, B1..B10
     params: int  # parameters needed to compute this exit (blocks and classifiers up to it)
     macs: int  # multiply-accumulates per image to reach this exit, earlier classifiers included

@@ -47,6 +47,8 @@ RUN_DEFINING = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's settings (sys.argv without argv). From Python, the same flags as a list:
+    train(parse_args(["--preset", "tiny", "--epochs", "1", "--out", "runs/try"]))."""
     p = argparse.ArgumentParser(prog="python -m helpers.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cifar10-anytime", choices=sorted(msdnet.PRESETS))
     p.add_argument("--epochs", type=int, default=300)
