@@ -17,3 +17,7 @@ def __getattr__(name: str):
     if name in __all__:  # PEP 562: the submodule on first use, so `import helpers` does not pull in torch
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'helpers' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])  # tab completion lists the modules before their first use

@@ -223,7 +223,8 @@ def cascading_randomization(model: msdnet.MSDNet, x: Tensor, exit: int, seed: in
     steps = [(f"classifier {exit}", randomized.classifiers[exit - 1])]
     steps += [(f"block {b}", randomized.blocks[b - 1]) for b in range(exit, 0, -1)]
     out = []
-    with torch.random.fork_rng(devices=[]):  # seeded re-initialization, and the caller's random state left alone
+    device = gradcam._device(model)  # the generator reset_parameters draws from: the CPU's, or this GPU's
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's state left alone
         torch.manual_seed(seed)
         for name, module in steps:
             for m in module.modules():

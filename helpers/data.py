@@ -144,7 +144,7 @@ def _split_and_class(relpath: str) -> tuple[str, str] | None:
     return (split, cls) if split in ("train", "test") else None
 
 
-def _iter_files(path: Path):
+def _iter_files(path: Path, data_dir: Path | None = None):
     """(relative path, bytes) of every file in a folder or tarball, in sorted order."""
     if path.is_dir():
         for p in sorted(path.rglob("*")):
@@ -157,14 +157,14 @@ def _iter_files(path: Path):
             for m in members:
                 yield m.name, tar.extractfile(m).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # not a tarball, or cut short
-        raise DataNotFoundError(_no_data_message(f"{path} is not a readable .tar.gz, or is truncated ({e!r})")) from e
+        raise DataNotFoundError(_no_data_message(f"{path} is not a readable .tar.gz, or is truncated ({e!r})", data_dir)) from e
 
 
-def _from_class_folders(path: Path) -> dict[str, Split]:
+def _from_class_folders(path: Path, data_dir: Path | None = None) -> dict[str, Split]:
     from tqdm.auto import tqdm
 
     found: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
-    for rel, data in tqdm(_iter_files(path), desc=f"decoding {path.name}", unit=" files", mininterval=1):
+    for rel, data in tqdm(_iter_files(path, data_dir), desc=f"decoding {path.name}", unit=" files", mininterval=1):
         where = _split_and_class(rel)
         if where is None:
             continue
@@ -175,10 +175,10 @@ def _from_class_folders(path: Path) -> dict[str, Split]:
         found[split][1].append(CLASSES.index(cls))
     for split, (images, labels) in found.items():
         if not images:
-            raise DataNotFoundError(_no_data_message(f"{path} has no images under {split}/<class>/"))
+            raise DataNotFoundError(_no_data_message(f"{path} has no images under {split}/<class>/", data_dir))
         missing = [c for i, c in enumerate(CLASSES) if i not in set(labels)]
         if missing:  # accuracy over nine classes would pass for accuracy on CIFAR-10
-            raise DataNotFoundError(_no_data_message(f"{path} has no {split} images of class {', '.join(missing)}"))
+            raise DataNotFoundError(_no_data_message(f"{path} has no {split} images of class {', '.join(missing)}", data_dir))
     return {
         split: Split(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels))
         for split, (images, labels) in found.items()
@@ -204,7 +204,7 @@ def _load_decoded(source: str, data_dir: Path) -> dict[str, Split]:
     else:
         path = Path(source).expanduser()
         if not path.exists():
-            raise DataNotFoundError(_no_data_message(f"the source {path} does not exist"))
+            raise DataNotFoundError(_no_data_message(f"the source {path} does not exist", data_dir))
         key = f"{path.name.split('.')[0]}-{_fingerprint(path)}"
     cache = data_dir / "cache" / f"cifar10-{key}.pt"
     if cache.exists():
@@ -213,7 +213,7 @@ def _load_decoded(source: str, data_dir: Path) -> dict[str, Split]:
             return {s: Split(d[s]["images"], d[s]["labels"]) for s in ("train", "test")}
         except Exception:  # a damaged cache is rebuilt, not trusted
             cache.unlink()
-    decoded = _from_torchvision(data_dir) if source == "torchvision" else _from_class_folders(path)
+    decoded = _from_torchvision(data_dir) if source == "torchvision" else _from_class_folders(path, data_dir)
     atomic.save({s: {"images": v.images, "labels": v.labels} for s, v in decoded.items()}, cache)
     return decoded
 

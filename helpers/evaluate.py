@@ -380,13 +380,13 @@ class EarlyExit(nn.Module):
 
     def __init__(self, model: msdnet.MSDNet, thresholds: Tensor, score: str = "confidence") -> None:
         super().__init__()
-        thresholds = torch.as_tensor(thresholds, dtype=torch.float64)  # a list or an array will do
-        if thresholds.dim() != 1 or len(thresholds) != model.n_exits:
-            raise ValueError(f"need one threshold per exit ({model.n_exits}), got {len(thresholds)}")
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float32)  # a list or an array will do
+        if thresholds.shape != (model.n_exits,):
+            raise ValueError(f"need one threshold per exit, shape ({model.n_exits},), got shape {tuple(thresholds.shape)}")
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
         self.model, self.score = model, score
-        self.register_buffer("thresholds", thresholds.float().clone(), persistent=False)
+        self.register_buffer("thresholds", thresholds.clone(), persistent=False)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         with msdnet.eval_mode(self.model):

@@ -44,6 +44,7 @@ def deletion_insertion(model: msdnet.MSDNet, images: Tensor, saliency: Tensor, e
                        steps: int = 8) -> Curves:
     """images: [N, 3, H, W] in [0, 1]; saliency: [N, H, W], higher = more important (ties broken by position);
     exit: 1-based; targets: [N] classes whose probability is followed."""
+    exit = msdnet.exit_number(exit, model.n_exits)
     n, _, h, w = images.shape
     if saliency.shape != (n, h, w):
         raise ValueError(f"saliency must be [N, H, W] = {[n, h, w]}, got {list(saliency.shape)}")
@@ -54,12 +55,12 @@ def deletion_insertion(model: msdnet.MSDNet, images: Tensor, saliency: Tensor, e
     rank = rank.reshape(n, 1, h, w)
     fractions = torch.linspace(0, 1, steps + 1)
     deletion, insertion = [], []
-    for f in fractions.tolist():
-        touched = rank < round(f * h * w)
-        for curve, x in ((deletion, torch.where(touched, mean, images)), (insertion, torch.where(touched, images, mean))):
-            with msdnet.eval_mode(model), torch.no_grad():  # training mode would couple the images and move BN's statistics
+    with msdnet.eval_mode(model):  # training mode would couple the images and move BN's statistics
+        for f in fractions.tolist():
+            touched = rank < round(f * h * w)
+            for curve, x in ((deletion, torch.where(touched, mean, images)), (insertion, torch.where(touched, images, mean))):
                 probs = model(x, exits=exit)[exit - 1].softmax(-1)
-            curve.append(probs.gather(1, targets[:, None]).squeeze(1))
+                curve.append(probs.gather(1, targets[:, None]).squeeze(1))
     return Curves(fractions, torch.stack(deletion, 1), torch.stack(insertion, 1))
 
 

@@ -18,6 +18,7 @@ trunk and ten small backward passes through the heads.
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, NamedTuple
 
 import torch
@@ -89,6 +90,14 @@ def _check_exit(model: msdnet.MSDNet, exit) -> int:
     return model.n_exits if exit is None else msdnet.exit_number(exit, model.n_exits)
 
 
+def _is_index(v) -> bool:
+    """An integer of any kind (Python's, NumPy's, a one-element tensor's), not a bool."""
+    try:
+        return not isinstance(v, bool) and operator.index(v) is not None
+    except TypeError:
+        return False
+
+
 def _differentiable(x: Tensor) -> Tensor:
     """A copy of the images that autograd tracks: every map computed from it then has a gradient, even
     when the caller froze the model's parameters (requires_grad_(False), a common way to serve a model)."""
@@ -101,13 +110,14 @@ def _differentiable(x: Tensor) -> Tensor:
 def _resolve(model: msdnet.MSDNet, site, exit: int) -> Site:
     exit = _check_exit(model, exit)
     if not isinstance(site, Site):
-        if isinstance(site, tuple) and 1 <= len(site) <= 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in site):
-            site = Site(*site)  # a plain (block, module, size)
+        if isinstance(site, tuple) and 1 <= len(site) <= 3 and all(_is_index(v) for v in site):
+            site = Site(*map(operator.index, site))  # a plain (block, module, size)
         else:
             # pytorch-grad-cam's target_layers are modules; here a map is named by block, module and size
             got = f"a module ({type(site).__name__})" if isinstance(site, torch.nn.Module) else repr(site)
             raise TypeError(f"site must be a gradcam.Site(block, module, size), e.g. gradcam.Site({exit}, -1, "
-                            f"{model.config.coarsest_size}), or one of gradcam.sites(model, {exit}); got {got}")
+                            f"{model.config.coarsest_size}), or one of gradcam.sites(model, {exit}) (for several exits, "
+                            f"a list of them, one per exit); got {got}")
     if not 1 <= site.block <= model.n_exits:
         raise ValueError(f"{site}: block must be between 1 and {model.n_exits}")
     if site.block > exit:

@@ -371,8 +371,9 @@ class ExitCost(NamedTuple):
 def exit_number(value, n_exits: int, name: str = "exit") -> int:
     """`value` as an exit number 1..n_exits (B1..Bn). Any integer will do: Python's, NumPy's, or a
     one-element integer tensor (a slider's or an argmax's value); bools, floats and the rest are refused."""
+    refused = isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool)
     try:
-        n = None if isinstance(value, bool) else operator.index(value)
+        n = None if refused else operator.index(value)  # NumPy's bools have no __index__: refused here
     except TypeError:
         n = None
     if n is None or not 1 <= n <= n_exits:

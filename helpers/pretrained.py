@@ -32,11 +32,11 @@ DEFAULT_PRESET = "cifar10-anytime"  # the paper's CIFAR model: what load() gives
 
 
 def weights_name(preset: str = DEFAULT_PRESET) -> str:
-    """The file name of a preset's shipped weights: msdnet-cifar10-anytime.pt for the paper's model,
-    msdnet-cifar10-seed.pt for the blog's."""
+    """The file name of a preset's shipped weights, the preset's name as it is (so no two collide):
+    msdnet-cifar10-anytime.pt for the paper's model, msdnet-seed.pt for the blog's."""
     if preset not in msdnet.PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(msdnet.PRESETS)}")
-    return f"msdnet-cifar10-{preset.removeprefix('cifar10-')}.pt"
+    return f"msdnet-{preset}.pt"
 
 
 WEIGHTS_NAME = weights_name()
@@ -67,8 +67,9 @@ def _card_path(weights: Path) -> Path:
 
 
 def _shipped(path: Path) -> bool:
-    """Is `path` in data/pretrained/, where git can restore what is lost?"""
-    return path.resolve().parent == PRETRAINED_DIR.resolve()
+    """Is `path` in data/pretrained/, where git can restore what is lost? The folder is compared, not
+    the file: a shipped file may be a link (git-annex, LFS not pulled) that leads elsewhere or nowhere."""
+    return Path(os.path.abspath(path)).parent.resolve() == PRETRAINED_DIR.resolve()
 
 
 def _recorded_sha256(card: Path, weights: Path) -> str:
@@ -91,12 +92,13 @@ def _recorded_sha256(card: Path, weights: Path) -> str:
 
 
 def load(path: str | os.PathLike | None = None, device: str | torch.device = "cpu", verify: bool = True,
-         preset: str = DEFAULT_PRESET) -> msdnet.MSDNet:
-    """The shipped MSD-Net of `preset` (or the weights at `path`), in float32 and eval mode, after checking
-    the SHA-256 recorded in the JSON card beside the weights. verify=False loads weights without a card
-    (a run's best.pt, say) unchecked."""
-    if path and preset != DEFAULT_PRESET:
+         preset: str | None = None) -> msdnet.MSDNet:
+    """The shipped MSD-Net of `preset` (default: the paper's, cifar10-anytime), or the weights at `path`,
+    in float32 and eval mode, after checking the SHA-256 recorded in the JSON card beside the weights.
+    verify=False loads weights without a card (a run's best.pt, say) unchecked."""
+    if path and preset:
         raise ValueError("pass either path (weights of your own) or preset (a shipped card), not both")
+    preset = preset or DEFAULT_PRESET
     weights = Path(path) if path else PRETRAINED_DIR / weights_name(preset)
     card = _card_path(weights)
     if not weights.is_file():
@@ -106,7 +108,7 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
                 f"train them and export the run (README, 'How it was made'), or load a run's weights by path")
         if weights.is_dir():
             raise checkpoint.CheckpointError(f"{weights} is a folder: pass the weights file in it (a .pt file)")
-        if not _shipped(weights):
+        if path and not _shipped(weights):
             raise checkpoint.CheckpointError(f"no weights at {weights}: check the path")
         raise checkpoint.CheckpointError(f"no weights at {weights}; restore them with `git checkout -- {weights}`")
     if verify:
@@ -118,7 +120,7 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
                 f"records {expected[:12]}...; restore it with `git checkout -- {weights}` (or git lfs pull)"
             )
     model = _read_weights(weights)
-    if not path and model.config != msdnet.PRESETS[preset]:
+    if not path and model.config != msdnet.PRESETS[preset]:  # a card's file replaced by another preset's
         raise checkpoint.CheckpointError(f"{weights} holds another model than the preset {preset!r}; "
                                          f"restore it with `git checkout -- {weights}`")
     return model.to(device).eval()
@@ -315,9 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m helpers.pretrained")
     sub = p.add_subparsers(dest="cmd", required=True)
     ev = sub.add_parser("evaluate", help="per-exit accuracy of the shipped weights on the test split")
-    ev.add_argument("--weights", default=None, help="weights of your own (default: the shipped card of --preset)")
-    ev.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(msdnet.PRESETS),
-                    help=f"whose shipped card to evaluate (default: {DEFAULT_PRESET})")
+    which = ev.add_mutually_exclusive_group()
+    which.add_argument("--weights", default=None, help="weights of your own (default: a shipped card, see --preset)")
+    which.add_argument("--preset", default=None, choices=sorted(msdnet.PRESETS),
+                       help=f"whose shipped card to evaluate (default: {DEFAULT_PRESET})")
     ev.add_argument("--flip", action="store_true",
                     help="also with flip test-time augmentation (image and mirror, logits averaged: twice the cost)")
     ev.add_argument("--source", default=None, help=f"CIFAR-10 source (default: ${data.ENV_SOURCE} or torchvision)")

@@ -521,7 +521,13 @@ def init_record_of(weights: Path) -> dict | None:
     card = weights.with_suffix(".json")
     if not card.is_file():
         return None
-    record = json.loads(card.read_text())
+    try:
+        record = json.loads(card.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise checkpoint.CheckpointError(f"{card}, the card beside the --init-from weights, is not a JSON object: "
+                                         "restore it (git checkout), or move it away to start without its record")
     log = weights.parent / record.get("training_log", "training-log.jsonl")  # cards before it was named: that name
     return {"card": record, "log": [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []}
 

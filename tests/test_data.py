@@ -51,7 +51,7 @@ def test_decoded_data_is_cached_and_reused(tiny_folder, isolated_data_dir, monke
     first = data.load("test", source=tiny_folder)
     assert list((isolated_data_dir / "cache").glob("cifar10-tiny-cifar-*.pt"))
 
-    def no_decoding(path):
+    def no_decoding(*args):
         raise AssertionError("decoded again instead of using the cache")
 
     monkeypatch.setattr(data, "_from_class_folders", no_decoding)
@@ -103,6 +103,9 @@ def test_no_data_offline_says_how_to_provide_it(monkeypatch, tmp_path):
     assert "no network" in message and data.ENV_SOURCE in message and "cifar-10-python.tar.gz" in message
     with pytest.raises(data.DataNotFoundError) as e:
         data.load("test", data_dir=tmp_path)  # the advice names the folder that is read, not the default one
+    assert f"cifar-10-batches-py/) into {tmp_path};" in str(e.value)
+    with pytest.raises(data.DataNotFoundError) as e:  # a missing source, too
+        data.load("test", source=tmp_path / "nowhere.tar.gz", data_dir=tmp_path)
     assert f"cifar-10-batches-py/) into {tmp_path};" in str(e.value)
 
 

@@ -414,5 +414,6 @@ def test_a_target_in_percent_and_thresholds_as_a_list_are_understood_or_refused_
     got = evaluate.EarlyExit(model, as_list)(x)
     want = evaluate.EarlyExit(model, torch.tensor(as_list))(x)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    with pytest.raises(ValueError, match="need one threshold per exit"):
-        evaluate.EarlyExit(model, [0.5, 0.5])
+    for bad, shape in (([0.5, 0.5], r"\(2,\)"), (0.5, r"\(\)"), ([as_list], r"\(1, 4\)")):
+        with pytest.raises(ValueError, match=r"need one threshold per exit, shape \(4,\), got shape " + shape):
+            evaluate.EarlyExit(model, bad)

@@ -195,7 +195,7 @@ def test_the_exit_defaults_to_the_last_and_any_integer_names_one(model, images):
         assert torch.equal(gradcam.gradcam(model, images, exit=exit, raw=True), last)
     assert torch.equal(gradcam.guided_backprop(model, images), gradcam.guided_backprop(model, images, exit=4))
     assert len(model(images, exits=np.int64(2))) == 2
-    for bad in (True, 4.0, torch.tensor(4.0)):
+    for bad in (True, np.True_, torch.tensor(True), 4.0, torch.tensor(4.0)):
         with pytest.raises(ValueError, match="must be a whole number between 1 and 4"):
             gradcam.gradcam(model, images, exit=bad)
 
@@ -203,6 +203,7 @@ def test_the_exit_defaults_to_the_last_and_any_integer_names_one(model, images):
 def test_a_site_is_a_site_or_a_plain_tuple_and_anything_else_is_refused_clearly(model, images):
     want = gradcam.gradcam(model, images, exit=3, site=Site(1, -1, 32), raw=True)
     assert torch.equal(gradcam.gradcam(model, images, exit=3, site=(1, -1, 32), raw=True), want)
+    assert torch.equal(gradcam.gradcam(model, images, exit=3, site=(np.int64(1), -1, 32), raw=True), want)
     for bad, shown in ((model.blocks[0], r"a module \(Sequential\)"), ("block 1", "'block 1'"), (3, "3")):
         with pytest.raises(TypeError, match=r"site must be a gradcam.Site\(block, module, size\).* got " + shown):
             gradcam.gradcam(model, images, exit=3, site=bad)

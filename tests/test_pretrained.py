@@ -15,7 +15,7 @@ from helpers import checkpoint, data, msdnet, pretrained, train
 
 SHIPPED = pretrained.PRETRAINED_DIR / pretrained.WEIGHTS_NAME
 TINY = pretrained.weights_name("tiny")  # the tests' runs train the tiny preset, and export under its name
-TINY_LOG = "msdnet-cifar10-tiny-training-log.jsonl"
+TINY_LOG = "msdnet-tiny-training-log.jsonl"
 CARD = json.loads(SHIPPED.with_suffix(".json").read_text())
 
 
@@ -57,7 +57,7 @@ def test_each_preset_has_a_card_of_its_own(tmp_path, tiny_folder, monkeypatch):
     card = pretrained.export(tmp_path / "run", out, command="tiny", source=tiny_folder)
     assert card["weights"] == TINY and card["preset"] == "tiny" and card["training_log"] == TINY_LOG
     assert {f.name: f.read_bytes() for f in out.iterdir() if f.name in before} == before
-    assert sorted(f.name for f in out.iterdir()) == sorted([*before, TINY, "msdnet-cifar10-tiny.json", TINY_LOG])
+    assert sorted(f.name for f in out.iterdir()) == sorted([*before, TINY, "msdnet-tiny.json", TINY_LOG])
     monkeypatch.setattr(pretrained, "PRETRAINED_DIR", out)
     assert pretrained.shipped_presets() == ["cifar10-anytime", "tiny"]
     assert pretrained.load(preset="tiny").config == msdnet.PRESETS["tiny"]
@@ -67,10 +67,15 @@ def test_each_preset_has_a_card_of_its_own(tmp_path, tiny_folder, monkeypatch):
         pretrained.load(preset="seed")
     with pytest.raises(ValueError, match="unknown preset 'seeds'; choose one of"):
         pretrained.load(preset="seeds")
-    with pytest.raises(ValueError, match="either path .* or preset"):
-        pretrained.load(out / TINY, preset="tiny")
+    for preset in ("tiny", "cifar10-anytime"):
+        with pytest.raises(ValueError, match="either path .* or preset"):
+            pretrained.load(out / TINY, preset=preset)
+    with pytest.raises(SystemExit):  # on the command line too: argparse says the two flags exclude each other
+        pretrained.main(["evaluate", "--weights", str(out / TINY), "--preset", "tiny"])
+    names = [pretrained.weights_name(p) for p in msdnet.PRESETS] + [pretrained._log_name(p) for p in msdnet.PRESETS]
+    assert len(set(names)) == 2 * len(msdnet.PRESETS)  # no preset's card could overwrite another's
     shutil.copy(SHIPPED, out / TINY)  # the paper's weights under the tiny card's name, their card with them
-    shutil.copy(SHIPPED.with_suffix(".json"), out / "msdnet-cifar10-tiny.json")
+    shutil.copy(SHIPPED.with_suffix(".json"), out / "msdnet-tiny.json")
     with pytest.raises(checkpoint.CheckpointError, match="holds another model than the preset 'tiny'"):
         pretrained.load(preset="tiny")
 
@@ -119,6 +124,11 @@ def test_missing_weights_say_how_to_restore_them(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path)  # a shipped file lost: git brings it back
     with pytest.raises(checkpoint.CheckpointError, match="restore them with `git checkout -- "):
         pretrained.load()
+    (tmp_path / pretrained.WEIGHTS_NAME).symlink_to(tmp_path / "annex" / "not-pulled")  # a dangling link, as git-annex leaves
+    with pytest.raises(checkpoint.CheckpointError, match="restore them with `git checkout -- "):
+        pretrained.load()
+    with pytest.raises(checkpoint.CheckpointError, match="restore them with `git checkout -- "):
+        pretrained.load(tmp_path / pretrained.WEIGHTS_NAME)
 
 
 def test_weights_of_your_own_save_and_load_and_a_bare_state_dict_is_explained(tmp_path):
@@ -201,7 +211,7 @@ def test_weights_worse_on_validation_than_the_shipped_ones_are_not_exported(tmp_
     train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "1", "--ema", "0.5"))
     out = tmp_path / "shipped"
     pretrained.export(tmp_path / "run", out, command="first", hardware="test", source=tiny_folder)
-    card_path = out / "msdnet-cifar10-tiny.json"
+    card_path = out / "msdnet-tiny.json"
     card = json.loads(card_path.read_text())
     card["val_accuracy_per_exit"] = [1.0] * 4  # as if the shipped weights were perfect
     card_path.write_text(json.dumps(card))

@@ -410,6 +410,17 @@ def test_weights_of_another_preset_name_the_preset_to_pass(tmp_path, tiny_folder
     assert f"--init-from {seed} holds weights of the preset 'seed', not 'tiny': pass --preset seed" in capsys.readouterr().err
 
 
+def test_a_broken_card_beside_the_starting_weights_is_named(tmp_path, tiny_folder, capsys):
+    start = tmp_path / "start.pt"
+    checkpoint.save(msdnet.build("tiny"), start)
+    start.with_suffix(".json").write_text("[1, 2]")
+    argv = ["--preset", "tiny", "--source", str(tiny_folder), "--out", str(tmp_path / "run"), "--val-size", "12",
+            "--batch-size", "16", "--init-from", str(start)]
+    assert train.main(argv) == 2
+    assert f"error: {start.with_suffix('.json')}, the card beside the --init-from weights, is not a JSON object" in (
+        capsys.readouterr().err)
+
+
 def test_cli_reports_missing_data_in_one_clear_message(tmp_path, capsys):
     rc = train.main(["--preset", "tiny", "--source", str(tmp_path / "none"), "--out", str(tmp_path / "run")])
     assert rc == 2
