@@ -40,6 +40,20 @@ def test_results_table_shows_the_cards_accuracy_and_costs():
     assert int(gpu) == sum(cycle["epochs_done"] for cycle in cycles(CARD["training"]) if "no GPU" not in cycle["hardware"])
 
 
+ROW_OF_PRESET = {"cifar10-anytime": "**shipped checkpoint**", "seed": "**shipped seed checkpoint**"}
+
+
+def test_every_shipped_card_has_its_row_in_the_results_table():
+    """A second card (the blog's wider model, once trained) shows in the table as the first one does."""
+    from helpers import pretrained
+
+    shipped = pretrained.shipped_presets()
+    assert "cifar10-anytime" in shipped and set(shipped) <= set(ROW_OF_PRESET)
+    for preset in shipped:
+        card = json.loads((pretrained.PRETRAINED_DIR / pretrained.weights_name(preset)).with_suffix(".json").read_text())
+        assert table_row(ROW_OF_PRESET[preset]) == [round(a * 100, 1) for a in card["test_accuracy_per_exit"]], preset
+
+
 def cycles(training: dict) -> list[dict]:
     """The card's training record and the records of the cycles it started from, newest first."""
     return [training] + (cycles(training["started_from"]) if "started_from" in training else [])
