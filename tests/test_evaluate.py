@@ -417,3 +417,25 @@ def test_a_target_in_percent_and_thresholds_as_a_list_are_understood_or_refused_
     for bad, shape in (([0.5, 0.5], r"\(2,\)"), (0.5, r"\(\)"), ([as_list], r"\(1, 4\)")):
         with pytest.raises(ValueError, match=r"need one threshold per exit, shape \(4,\), got shape " + shape):
             evaluate.EarlyExit(model, bad)
+
+
+def test_the_cross_validated_safety_is_zero_when_nothing_can_be_lost_and_the_largest_when_all_is_luck():
+    g = torch.Generator().manual_seed(3)
+    n, k = 2000, 4
+    costs = [msdnet.ExitCost(e + 1, 0, 10 * (e + 1)) for e in range(k)]
+    labels = torch.randint(0, 10, (n,), generator=g)
+    same = torch.randn(n, 10, generator=g)
+    same[torch.arange(n), labels] += 2.0
+    clones = evaluate.Predictions(same[:, None].repeat(1, k, 1), labels)  # every exit answers as the last
+    assert evaluate.cross_validated_safety(clones, costs) == 0
+    # Early exits right 80% of the time against the last exit's 90%, with confidences that say nothing
+    # about it: every early answer costs accuracy, and thresholds that seem to keep it on one half do so
+    # by luck. Only a wide margin shuts the early exits on the other half.
+    noisy = torch.randn(n, k, 10, generator=g)
+    right = torch.rand(n, k, generator=g) < torch.tensor([0.8, 0.8, 0.8, 0.9])
+    noisy[torch.arange(n)[:, None], torch.arange(k), torch.where(right, labels[:, None], (labels[:, None] + 1) % 10)] += 3.0
+    luck = evaluate.Predictions(noisy, labels)
+    assert evaluate.cross_validated_safety(luck, costs) >= 1
+    assert evaluate.cross_validated_safety(luck, costs, safeties=(0, 0.5)) == 0.5  # none is enough: the largest
+    assert evaluate.cross_validated_safety(luck, costs, tolerance=1.0) == 0  # anything passes: the smallest
+    assert evaluate.cross_validated_safety(luck, costs, search=evaluate.one_threshold) > 0
