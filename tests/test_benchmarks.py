@@ -18,3 +18,9 @@ def test_a_missing_dataset_ends_the_benchmark_with_the_message_alone(tmp_path, s
     assert "error: CIFAR-10 could not be loaded: the source " in done.stderr  # a library's warning may come first
     assert "no-such-cifar.tar.gz does not exist" in done.stderr and "CIFAR10_SOURCE=PATH" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_early_exit_benchmark_takes_a_number_or_auto_as_its_margin_of_safety(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "early_exit.py"), "--safety", "two"], cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--safety must be a number or auto, got 'two'" in done.stderr
