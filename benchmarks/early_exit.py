@@ -5,9 +5,9 @@
 Three exit policies, each with thresholds chosen on the validation hold-out only, as the cheapest
 whose validation accuracy reaches the last exit's even Z standard errors below it (the margin of
 safety Z, by default cross-validated inside the validation hold-out for each search: thresholds tuned
-to 5,000 images fit their noise, and lose on test what they seemed to keep): the paper's (exit shares proportional to q^k), one confidence threshold for all exits, and a
-threshold per exit (coordinate descent) on the top-1 confidence, the margin between the top two, or
-the entropy. The per-exit thresholds are searched twice: for the fewest multiply-accumulates, and
+to 5,000 images fit their noise, and lose on test what they seemed to keep): the paper's (exit
+shares proportional to q^k), one confidence threshold for all exits, and a threshold per exit
+(coordinate descent) on the top-1 confidence, the margin between the top two, or the entropy. The per-exit thresholds are searched twice: for the fewest multiply-accumulates, and
 for the lowest time, by each block's and classifier's time measured here first
 (evaluate.timed_costs; on a CPU the first, full-resolution blocks cost far more time per
 multiply-accumulate than the late ones). For each policy it prints the test accuracy, the simulated
