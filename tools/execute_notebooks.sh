@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Re-execute the notebooks in full mode, in place, as they are committed; then drop the stored
+# progress bars. Two lanes of one thread each, so every notebook's stated run time is "on one
+# thread while another notebook ran on the second core". Order: 04 and 06 read the predictions
+# notebook 03 caches, 07 the maps notebook 05 caches.
+#
+#   CIFAR10_SOURCE=/abs/path/cifar10-jpeg.tar.gz bash tools/execute_notebooks.sh [NN ...]
+#
+# With numbers (e.g. `03 04`), only those notebooks run, one after the other. Each notebook's wall
+# time is printed and appended to ${TIMES:-/tmp/execute_notebooks.times}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${CIFAR10_SOURCE:?set CIFAR10_SOURCE to an absolute path of the CIFAR-10 copy (see the README)}"
+export CIFAR10_SOURCE="$(realpath "$CIFAR10_SOURCE")" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+unset MSDNET_QUICK
+TIMES="${TIMES:-/tmp/execute_notebooks.times}"
+
+run() {  # run NN: execute notebooks/NN_*.ipynb in place and record its wall time
+    local nb start
+    nb=$(ls notebooks/"$1"_*.ipynb)
+    start=$(date +%s)
+    jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 "$nb" \
+        > "/tmp/execute_$1.log" 2>&1 || { echo "FAILED: $nb (see /tmp/execute_$1.log)"; return 1; }
+    echo "$nb $(( $(date +%s) - start )) s" | tee -a "$TIMES"
+}
+
+if [ $# -gt 0 ]; then
+    for n in "$@"; do run "$n"; done
+else
+    done03=$(mktemp -u)
+    (run 03 && touch "$done03" && run 05 && run 07) & lane_a=$!
+    (run 01 && run 02 && while [ ! -e "$done03" ]; do kill -0 $lane_a 2>/dev/null || exit 1; sleep 5; done \
+        && run 04 && run 06) & lane_b=$!
+    status=0; wait $lane_a || status=1; wait $lane_b || status=1
+    rm -f "$done03"; [ $status -eq 0 ]
+fi
+python tools/drop_progress_bars.py notebooks/*.ipynb
