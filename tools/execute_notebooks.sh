@@ -4,13 +4,13 @@
 # thread while another notebook ran on the second core". Order: 04 and 06 read the predictions
 # notebook 03 caches, 07 the maps notebook 05 caches.
 #
-#   CIFAR10_SOURCE=/abs/path/cifar10-jpeg.tar.gz bash tools/execute_notebooks.sh [NN ...]
+#   CIFAR10_SOURCE=path/to/cifar10-jpeg.tar.gz bash tools/execute_notebooks.sh [NN ...]
 #
 # With numbers (e.g. `03 04`), only those notebooks run, one after the other. Each notebook's wall
 # time is printed and appended to ${TIMES:-/tmp/execute_notebooks.times}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${CIFAR10_SOURCE:?set CIFAR10_SOURCE to an absolute path of the CIFAR-10 copy (see the README)}"
+: "${CIFAR10_SOURCE:?set CIFAR10_SOURCE to the CIFAR-10 copy (see the README)}"
 export CIFAR10_SOURCE="$(realpath "$CIFAR10_SOURCE")" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 unset MSDNET_QUICK
 TIMES="${TIMES:-/tmp/execute_notebooks.times}"
@@ -24,14 +24,19 @@ run() {  # run NN: execute notebooks/NN_*.ipynb in place and record its wall tim
     echo "$nb $(( $(date +%s) - start )) s" | tee -a "$TIMES"
 }
 
+side_by_side() {  # side_by_side "NN ..." "NN ...": two lanes at once, each running its notebooks in order
+    (for n in $1; do run "$n" || exit 1; done) & local a=$!
+    (for n in $2; do run "$n" || exit 1; done) & local b=$!
+    local status=0
+    wait $a || status=1
+    wait $b || status=1
+    return $status
+}
+
 if [ $# -gt 0 ]; then
     for n in "$@"; do run "$n"; done
 else
-    done03=$(mktemp -u)
-    (run 03 && touch "$done03" && run 05 && run 07) & lane_a=$!
-    (run 01 && run 02 && while [ ! -e "$done03" ]; do kill -0 $lane_a 2>/dev/null || exit 1; sleep 5; done \
-        && run 04 && run 06) & lane_b=$!
-    status=0; wait $lane_a || status=1; wait $lane_b || status=1
-    rm -f "$done03"; [ $status -eq 0 ]
+    side_by_side "03" "01 02"     # 03 caches the predictions that 04 and 06 read
+    side_by_side "05 07" "04 06"  # 05 caches the maps that 07 reads
 fi
 python tools/drop_progress_bars.py notebooks/*.ipynb
