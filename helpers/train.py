@@ -2,7 +2,8 @@
 
 Loss = sum of the cross-entropies of all exits. SGD with Nesterov momentum, and either the
 paper's schedule (lr / 10 at 50% and 75% of training) or a short one for CPUs (linear warm-up,
-then cosine to zero). After every epoch the accuracy of every exit on the evaluation split is
+then cosine to zero), or a constant rate under an equal-weight average of the weights
+(`--schedule constant --swa`). After every epoch the accuracy of every exit on the evaluation split is
 appended to <out>/log.jsonl, and <out>/last.pt is written atomically; Ctrl-C (or SIGTERM)
 saves the exact position, and `--resume` continues from it: model, optimizer, schedule,
 data order and random state, so an interrupted run ends with the same weights as one that
@@ -38,7 +39,7 @@ from .cache import fingerprint
 # Settings that define what a run computes; `--resume` refuses to change them.
 RUN_DEFINING = (
     "preset", "epochs", "batch_size", "accumulate", "lr", "momentum", "weight_decay", "schedule",
-    "warmup_epochs", "label_smoothing", "distill", "distill_temperature", "ema", "seed", "val_size", "train_subset", "init_from", "channels_last",
+    "warmup_epochs", "label_smoothing", "distill", "distill_temperature", "ema", "swa", "seed", "val_size", "train_subset", "init_from", "channels_last",
     "amp", "cutout", "fit_to",
 )  # fmt: skip
 # Where the data came from may be written many ways (a path with or without a trailing slash, or
@@ -57,9 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--schedule", choices=("paper", "cosine"), default="paper",
-                   help="paper: lr/10 at 50%% and 75%% of the epochs; cosine: linear warm-up then cosine to 0")
-    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up (cosine schedule)")
+    p.add_argument("--schedule", choices=("paper", "cosine", "constant"), default="paper",
+                   help="paper: lr/10 at 50%% and 75%% of the epochs; cosine: linear warm-up then cosine to 0; "
+                        "constant: linear warm-up then --lr throughout (for --swa)")
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up (cosine and constant schedules)")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--distill", type=float, default=0.0, metavar="GAMMA",
                    help="weight of the last exit's softened predictions in the loss of every earlier exit (0: off)")
@@ -67,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="also keep an exponential moving average of the weights (e.g. 0.999; 0: off); "
                         "it is evaluated beside the trained weights and is what best.pt and the export keep")
+    p.add_argument("--swa", action="store_true",
+                   help="keep an equal-weight average of the weights after every step instead (stochastic weight "
+                        "averaging, Izmailov et al. 2018), usually with --schedule constant; used like --ema's")
     p.add_argument("--cutout", type=int, default=0, metavar="PIXELS",
                    help="after crop and flip, paint a PIXELSxPIXELS square of the mean colour at a random place (0: off; the paper's CIFAR-10 value is 16)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the data order and the augmentation")
@@ -112,6 +117,7 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         (0 <= args.distill <= 1, "--distill (gamma) must be in [0, 1]"),
         (args.distill_temperature > 0, "--distill-temperature must be > 0"),
         (0 <= args.ema < 1, "--ema (the decay) must be in [0, 1): 0 turns it off, 0.999 is typical"),
+        (not (args.swa and args.ema), "--swa and --ema are two kinds of average: choose one"),
         (args.val_size >= 0 and args.train_subset >= 0 and args.eval_subset >= 0, "sizes must be >= 0"),
         (args.time_limit >= 0, "--time-limit must be >= 0"),
         (args.cutout >= 0, "--cutout must be >= 0 (0 turns it off)"),
@@ -135,6 +141,8 @@ def learning_rate(step: int, steps_per_epoch: int, args: argparse.Namespace) -> 
     warmup = round(args.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return args.lr * (step + 1) / warmup
+    if args.schedule == "constant":
+        return args.lr
     return 0.5 * args.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
@@ -250,9 +258,11 @@ class _Run:
         self.progress = Progress()
         self.init_record = None  # the card and log of the weights --init-from started from, as they were then
         ckpt = self._start()
-        # The moving average includes the batch-norm statistics (use_buffers), so it is a model ready to evaluate.
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
-                    if args.ema else None)
+        # The average includes the batch-norm statistics (use_buffers), so it is a model ready to evaluate
+        # (for --swa an average of the running statistics, close to recomputing them: see the README).
+        # --swa's equal weights are AveragedModel's default; --ema weighs recent steps more.
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema
+                    else AveragedModel(self.model, use_buffers=True) if args.swa else None)
         if ckpt is not None and self.ema is not None:
             self.ema.load_state_dict(ckpt["ema"])
         self.net = nn.parallel.DistributedDataParallel(self.model) if self.ddp.world > 1 else self.model

@@ -40,6 +40,13 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert lrs[-1] < 1e-5 and all(a >= b for a, b in zip(lrs[100:], lrs[101:]))
 
 
+def test_constant_schedule_warms_up_then_holds_the_rate():
+    args = train.parse_args(["--epochs", "10", "--lr", "0.02", "--schedule", "constant", "--warmup-epochs", "0.5"])
+    lrs = [train.learning_rate(s, 100, args) for s in range(1000)]
+    assert lrs[0] == pytest.approx(0.02 / 50) and lrs[49] == pytest.approx(0.02)
+    assert lrs[50:] == pytest.approx([0.02] * 950)
+
+
 def test_multi_exit_loss_is_the_sum_of_each_exits_cross_entropy():
     logits = [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]])]
     labels = torch.tensor([0])
@@ -214,6 +221,27 @@ def test_the_moving_average_is_evaluated_and_the_best_validation_epoch_kept(tmp_
     # With the test split as the per-epoch measure nothing is chosen: choosing on test would leak it.
     train.train(tiny_args(tmp_path / "on-test", tiny_folder, "--epochs", "1", "--eval-split", "test", "--ema", "0.5"))
     assert not (tmp_path / "on-test" / "best.pt").exists()
+
+
+def test_swa_keeps_the_equal_weight_mean_of_the_weights_after_every_step(tmp_path, tiny_folder, monkeypatch):
+    from torch.optim.swa_utils import AveragedModel
+
+    seen = []  # the trained weights the average is given after each step
+    update = AveragedModel.update_parameters
+
+    def record(self, model):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        update(self, model)
+
+    monkeypatch.setattr(AveragedModel, "update_parameters", record)
+    train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "2", "--schedule", "constant", "--swa"))
+    assert len(seen) == 6  # 2 epochs of 3 steps (48 training images, batch 16)
+    average = state(tmp_path / "run" / "last.pt")["ema"]
+    floats = [k for k, v in seen[0].items() if v.is_floating_point()]  # weights and batch-norm statistics
+    assert len(floats) > 100
+    for key in floats:
+        assert torch.allclose(average["module." + key], sum(w[key] for w in seen) / len(seen), atol=1e-6), key
+    assert [r["epoch"] for r in log_records(tmp_path / "run")] == [1, 2] and "acc_ema" in log_records(tmp_path / "run")[0]
 
 
 def test_a_checkpoint_from_before_distillation_and_averaging_resumes(tmp_path, tiny_folder):
@@ -566,6 +594,7 @@ def test_resume_refuses_other_images_but_not_the_same_folder_written_otherwise(t
     (["--distill", "1.5"], "--distill (gamma) must be in [0, 1]"),
     (["--distill-temperature", "0"], "--distill-temperature must be > 0"),
     (["--ema", "1"], "--ema (the decay) must be in [0, 1)"),
+    (["--swa", "--ema", "0.999"], "--swa and --ema are two kinds of average: choose one"),
     (["--label-smoothing", "-0.1"], "--label-smoothing must be in [0, 1)"),
     (["--fit-to", "60", "--schedule", "paper"], "--fit-to needs --schedule cosine and --warmup-epochs >= 1"),
     (["--fit-to", "60", "--schedule", "cosine", "--warmup-epochs", "0.5"], "--fit-to needs --schedule cosine"),
