@@ -259,7 +259,8 @@ class _Run:
         self.init_record = None  # the card and log of the weights --init-from started from, as they were then
         ckpt = self._start()
         # The average includes the batch-norm statistics (use_buffers), so it is a model ready to evaluate
-        # (for --swa an average of the running statistics, close to recomputing them: see the README).
+        # (for --swa an average of running statistics: recomputing them changed the accuracy of the README's
+        # weight averages by hundredths).
         # --swa's equal weights are AveragedModel's default; --ema weighs recent steps more.
         self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema
                     else AveragedModel(self.model, use_buffers=True) if args.swa else None)
@@ -463,6 +464,7 @@ class _Run:
         kept = accs_ema if accs_ema is not None else accs
         if args.eval_split == "val" and sum(kept) / len(kept) > p.best_score:
             # Chosen on validation only: the weights the export ships, kept before the next epoch moves on.
+            # "ema" names the average of either kind (--ema or --swa); the run's settings say which.
             p.best_score = sum(kept) / len(kept)
             atomic.save({"format": "msdnet-weights/1", "config": self.model.config.to_dict(),
                          "model": (self.ema.module if self.ema is not None else self.model).state_dict(),
