@@ -23,7 +23,7 @@ from torch.optim.swa_utils import update_bn
 
 import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
 from helpers import checkpoint, data, pretrained
-from helpers.evaluate import exit_logits
+from helpers.evaluate import predict
 
 SHIPPED = "data/pretrained/msdnet-cifar10-anytime.pt"
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -42,15 +42,13 @@ def read(spec: str, folder: Path) -> torch.nn.Module:
     return pretrained.load(path, verify=False)
 
 
-@torch.no_grad()
 def val_log_probs(model: torch.nn.Module, val: data.Split) -> Tensor:
-    """[exits, images, classes] log-probabilities on the validation split."""
-    parts = [exit_logits(model, val.images[i : i + 500].float().div(255)) for i in range(0, len(val), 500)]
-    return torch.stack([torch.cat([p[k] for p in parts]).log_softmax(-1) for k in range(len(parts[0]))])
+    """[images, exits, classes] log-probabilities on the validation split (nothing cached)."""
+    return predict(model, val, cache=False).logits.log_softmax(-1)
 
 
 def report(name: str, log_probs: Tensor, labels: Tensor) -> None:
-    acc = (log_probs.argmax(-1) == labels).double().mean(1) * 100
+    acc = (log_probs.argmax(-1) == labels[:, None]).double().mean(0) * 100
     print(f"{name:<28}" + " ".join(f"{a:6.2f}" for a in acc.tolist()) + f"   mean {acc.mean():.2f}", flush=True)
 
 
@@ -80,7 +78,7 @@ def main() -> None:
         # Augmented as in training: the network's scales and shifts were learned on those statistics.
         x = data.random_crop_flip(train.images[pick], generator=torch.Generator().manual_seed(1)).float().div(255)
         update_bn([(x[i : i + 250],) for i in range(0, len(x), 250)], soup)
-        report("  statistics recomputed", val_log_probs(soup.eval(), val), val.labels)
+        report("  statistics recomputed", val_log_probs(soup, val), val.labels)
     report("ensemble", sum(members) / len(members), val.labels)
 
 
