@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_avg_fn
 
 from . import atomic, checkpoint, data, msdnet
 from .evaluate import exit_accuracies  # validation after every epoch; also train.exit_accuracies for older code
@@ -261,9 +261,10 @@ class _Run:
         # The average includes the batch-norm statistics (use_buffers), so it is a model ready to evaluate
         # (for --swa an average of running statistics: recomputing them changed the accuracy of the README's
         # weight averages by hundredths).
-        # --swa's equal weights are AveragedModel's default; --ema weighs recent steps more.
+        # --swa weighs every step equally, --ema recent steps more. --swa's per-tensor avg_fn, not the default
+        # foreach one: on CUDA that one divides the integer num_batches_tracked with addcdiv, an error (torch 2.11).
         self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True) if args.ema
-                    else AveragedModel(self.model, use_buffers=True) if args.swa else None)
+                    else AveragedModel(self.model, avg_fn=get_swa_avg_fn(), use_buffers=True) if args.swa else None)
         if ckpt is not None and self.ema is not None:
             self.ema.load_state_dict(ckpt["ema"])
         self.net = nn.parallel.DistributedDataParallel(self.model) if self.ddp.world > 1 else self.model
