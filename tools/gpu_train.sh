@@ -3,6 +3,8 @@
 #
 #   bash tools/gpu_train.sh                    # on the GPU machine, in the repository root
 #   bash tools/gpu_train.sh --preset tiny --epochs 1 --device cpu --amp bf16   # the same path on a CPU
+#   bash tools/gpu_train.sh --init-from data/pretrained/msdnet-cifar10-anytime.pt --batch-size 512 --lr 0.05 \
+#     --schedule constant --warmup-epochs 0.5 --swa --ema 0 --fit-to 0 --time-limit 440   # weight averaging, as cycle 13 (full command: README)
 #
 # Arguments are passed on to `python -m helpers.train` after the recipe's own (the last one wins).
 # bf16 autocast and channels_last on CUDA, the training images held on the GPU and augmented there
