@@ -1,16 +1,17 @@
 """The reusable code of the notebooks, one idea a module (see the README's Python block):
 
-msdnet (the model), pretrained (the shipped weights), data (CIFAR-10), evaluate (accuracy, early exit),
-gradcam (Grad-CAM and its relatives), analysis and faithfulness (judging the maps), explorer (the app),
-train (the training command), checkpoint (saving and reading weights).
+msdnet and layers (the model), pretrained (the shipped weights), data (CIFAR-10), evaluate (every
+exit's predictions and their accuracy), policies (which exit an image leaves at), earlyexit (the
+real early-exit runtime), gradcam (Grad-CAM and its relatives), analysis and faithfulness (judging
+the maps), explorer (the app), train (the training command), checkpoint (saving and reading weights).
 
 `import helpers` alone is cheap: each module is imported the first time it is named
 (helpers.msdnet), or with `from helpers import msdnet`.
 """
 import importlib
 
-__all__ = ["analysis", "app", "atomic", "cache", "checkpoint", "data", "evaluate", "explorer", "faithfulness",
-           "gradcam", "msdnet", "pretrained", "reference", "runs", "train", "viz"]
+__all__ = ["analysis", "app", "atomic", "cache", "checkpoint", "data", "earlyexit", "evaluate", "explorer",
+           "faithfulness", "gradcam", "layers", "msdnet", "policies", "pretrained", "reference", "runs", "train", "viz"]
 
 
 def __getattr__(name: str):

@@ -83,10 +83,19 @@ def overthinking(preds: evaluate.Predictions) -> Tensor:
 # ----------------------------------------------------------------------------- the verdict rule
 
 
+def _check_finite(v: Tensor) -> None:
+    # A NaN would make every resampled mean NaN, and the verdict a silent NOT SUPPORTED.
+    bad = (~torch.isfinite(v)).sum().item()
+    if bad:
+        raise ValueError(f"{bad} of {v.numel()} values are NaN or infinite; drop them first "
+                         "(e.g. values[torch.isfinite(values)], or keep the images where analysis.valid(maps) is true)")
+
+
 def bootstrap_ci(values: Tensor, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """(mean, low, high): the mean of `values` [N] and its percentile-bootstrap interval, resampling the
     N values (images) with replacement, seeded."""
     v = values.double().flatten()
+    _check_finite(v)
     if v.numel() < 2:
         raise ValueError(f"a bootstrap needs at least 2 values, got {v.numel()}")
     g = torch.Generator().manual_seed(seed)
@@ -114,6 +123,7 @@ def judge_groups(values: Tensor, group: Tensor, n_boot: int = 2000, level: float
     """The rule for two groups of images: the effect is mean(values[group]) - mean(values[~group]),
     its interval a bootstrap that resamples each group on its own (their sizes kept)."""
     a, b = values[group].double(), values[~group].double()
+    _check_finite(values.double())
     if len(a) < 2 or len(b) < 2:
         raise ValueError(f"each group needs at least 2 images, got {len(a)} and {len(b)}")
     g = torch.Generator().manual_seed(seed)
@@ -136,27 +146,35 @@ def _verdict(effect: float, low: float, high: float) -> Verdict:
 
 
 class ClassBest(NamedTuple):
-    """Per class, the exit that is best on its images (best, 0-based), the exit best overall (overall),
-    and a Verdict per class on the difference between the two."""
+    """class_best_exits' answer.
 
-    best: Tensor  # [classes]: the 0-based exit with the highest accuracy on the class's images
-    overall: int  # the 0-based exit with the highest accuracy on all images
-    verdicts: list  # per class: Verdict on accuracy(best exit) - accuracy(overall best exit), on that class
+    Fields:
+        best: int64 [classes], the exit number (1..exits) with the highest accuracy on each class's images.
+        overall: the exit number with the highest accuracy on all images.
+        verdicts: per class, a Verdict on accuracy(best) - accuracy(overall) on that class (None: under 2 images).
+    """
+
+    best: Tensor
+    overall: int
+    verdicts: list
 
 
 def class_best_exits(preds: evaluate.Predictions, **kw) -> ClassBest:
-    """Does the best exit really differ between classes? Per class, the exit with the highest accuracy,
-    judged against the exit that is best overall by the rule above on that class's images. Choosing the
-    best of ten exits on the same images flatters it, so only a SUPPORTED difference counts as one."""
+    """Per class, the best exit, judged against the best exit overall on that class's images.
+
+    Choosing the best of ten exits on the same images flatters it, so only a SUPPORTED difference counts.
+    Args:
+        kw: passed to judge (n_boot, level, seed).
+    """
     correct = preds.correct.double()
     overall = int(correct.mean(0).argmax())
     best, verdicts = [], []
     for c in range(preds.logits.shape[-1]):
         mine = correct[preds.labels == c]
         b = int(mine.mean(0).argmax())
-        best.append(b)
+        best.append(b + 1)
         verdicts.append(judge(mine[:, b] - mine[:, overall], **kw) if len(mine) > 1 else None)
-    return ClassBest(torch.tensor(best), overall, verdicts)
+    return ClassBest(torch.tensor(best), overall + 1, verdicts)
 
 
 class BestExitNull(NamedTuple):
@@ -210,23 +228,26 @@ def _average_ranks(x: Tensor) -> Tensor:
 
 
 def cascading_randomization(model: msdnet.MSDNet, x: Tensor, exit: int, seed: int = 0) -> list[tuple[str, Tensor]]:
-    """Adebayo et al., "Sanity Checks for Saliency Maps" (NeurIPS 2018), for exit `exit`: re-initialize
-    the weights from the top down (classifier `exit`, then block `exit`, `exit`-1, ... 1), cumulatively,
-    and after each step measure, per image, the rank correlation of the new map with the trained model's.
-    A map that keeps its shape while the weights it explains are gone explains the image, not the model.
-    Works on a copy: `model` is left as it is. Returns [(what was re-initialized, correlations [N])]."""
-    exit = gradcam._check_exit(model, exit)
+    """Adebayo et al.'s sanity check for exit `exit`: re-initialize its weights from the top down.
+
+    Classifier `exit`, then block `exit`, `exit`-1, ..., 1 are re-drawn cumulatively on a copy of the
+    model; after each step the new map is compared, per image, with the trained model's.
+    Args:
+        x: float images [N, 3, H, W] in [0, 1].
+        seed: seeds the re-drawn weights (the caller's random state is left alone).
+    Returns:
+        [("up to <what was re-drawn>", rank correlations [N])], classifier first.
+    """
+    exit = msdnet.exit_number(exit, model.n_exits)
     original = gradcam.gradcam(model, x, exit=exit).flatten(1)
-    with msdnet.eval_mode(model), torch.no_grad():  # a model in training mode would update its batch-norm statistics
+    with msdnet.eval_mode(model), torch.no_grad():
         target = model(x, exits=exit)[exit - 1].argmax(1)  # explain the trained model's answer throughout
     randomized = copy.deepcopy(model).eval()
-    steps = [(f"classifier {exit}", randomized.classifiers[exit - 1])]
-    steps += [(f"block {b}", randomized.blocks[b - 1]) for b in range(exit, 0, -1)]
     out = []
-    device = gradcam._device(model)  # the generator reset_parameters draws from: the CPU's, or this GPU's
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the caller's state left alone
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for name, module in steps:
+        for name, module in reversed(randomized.path_to(exit)):
             for m in module.modules():
                 if hasattr(m, "reset_parameters"):  # convolutions, batch norms (statistics too), the linear layer
                     m.reset_parameters()

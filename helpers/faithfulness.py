@@ -39,15 +39,47 @@ class Curves(NamedTuple):
         return torch.trapezoid(self.deletion, self.fractions), torch.trapezoid(self.insertion, self.fractions)
 
 
+def _checked(model: msdnet.MSDNet, images: Tensor, saliency: Tensor, targets) -> Tensor:
+    """Check the arguments both measures share; returns the targets as int64 [N]."""
+    if not (isinstance(images, Tensor) and images.is_floating_point() and images.dim() == 4):
+        got = f"dtype {images.dtype}, shape {list(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be float [N, 3, H, W] in [0, 1] (uint8: x.float() / 255), got {got}")
+    n, _, h, w = images.shape
+    if n == 0:
+        raise ValueError("images holds no images; pass at least one, [N, 3, H, W] with N >= 1")
+    if saliency.shape != (n, h, w):
+        raise ValueError(f"saliency must be [N, H, W] = {[n, h, w]}, got {list(saliency.shape)}")
+    t = torch.as_tensor(targets)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"targets must be class indices (integers), got dtype {t.dtype}")
+    t = t.long().to(images.device).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"targets must hold one class per image ({n}), or one class for all, got {t.numel()}")
+    classes = model.config.num_classes
+    if ((t < 0) | (t >= classes)).any():
+        raise ValueError(f"targets must be classes between 0 and {classes - 1}")
+    return t
+
+
 @torch.no_grad()
 def deletion_insertion(model: msdnet.MSDNet, images: Tensor, saliency: Tensor, exit: int, targets: Tensor,
                        steps: int = 8) -> Curves:
-    """images: [N, 3, H, W] in [0, 1]; saliency: [N, H, W], higher = more important (ties broken by position);
-    exit: 1-based; targets: [N] classes whose probability is followed."""
+    """Deletion and insertion curves of exit `exit` for the pixels in the order `saliency` ranks them.
+
+    Args:
+        images: float [N, 3, H, W] in [0, 1].
+        saliency: [N, H, W], higher is more important (ties broken by position).
+        exit: 1..n_exits.
+        targets: the class whose probability is followed, [N] or one for all.
+        steps: points of each curve after the first.
+    Returns:
+        Curves: fractions [steps + 1], deletion and insertion [N, steps + 1].
+    """
     exit = msdnet.exit_number(exit, model.n_exits)
+    targets = _checked(model, images, saliency, targets)
     n, _, h, w = images.shape
-    if saliency.shape != (n, h, w):
-        raise ValueError(f"saliency must be [N, H, W] = {[n, h, w]}, got {list(saliency.shape)}")
     mean = model.mean.to(images.dtype).expand(n, 3, h, w)
     order = saliency.reshape(n, -1).argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
@@ -128,12 +160,19 @@ class Road(NamedTuple):
 @torch.no_grad()
 def road(model: msdnet.MSDNet, images: Tensor, saliency: Tensor, exit: int, targets: Tensor,
          percentiles=(10, 30, 50, 70, 90), noise: float = 0.01, seed: int = 0) -> Road:
-    """ROAD per image: for each percentile p, the exit's probability of `targets` after the p% of pixels
-    the saliency [N, H, W] ranks highest (MoRF) or lowest (LeRF) are imputed. Seeded noise."""
+    """ROAD per image: the exit's probability of `targets` after the p% of pixels ranked highest
+    (MoRF) or lowest (LeRF) by `saliency` are imputed, for each percentile p.
+
+    Args:
+        images: float [N, 3, H, W] in [0, 1]; saliency: [N, H, W]; exit: 1..n_exits.
+        targets: the class followed, [N] or one for all.
+        seed: seeds the imputation's noise.
+    Returns:
+        Road: percentiles [P], morf and lerf [N, P].
+    """
     exit = msdnet.exit_number(exit, model.n_exits)
+    targets = _checked(model, images, saliency, targets)
     n, _, h, w = images.shape
-    if saliency.shape != (n, h, w):
-        raise ValueError(f"saliency must be [N, H, W] = {[n, h, w]}, got {list(saliency.shape)}")
     g = torch.Generator().manual_seed(seed)
     order = saliency.reshape(n, -1).argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)

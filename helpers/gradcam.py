@@ -9,12 +9,11 @@ of the gradient of the pre-softmax score y_c, w_k = mean_ij dy_c/dA_k[i, j], and
 ReLU(sum_k w_k A_k), upsampled bilinearly to the image. Grad-CAM++ (Chattopadhyay et al., WACV
 2018) changes only how the weights are computed.
 
-The network is run here block by block, keeping the maps we explain, and the gradients come from
-torch.autograd.grad with respect to those maps: no hooks are registered, so none can be left
-behind, and the model is never changed (in-place ReLUs included). By default exit k is explained at
-the map its classifier reads (the coarsest, 8x8 output of block k, the blog's choice), so the
-gradient of exit k only flows back through classifier k: all ten maps cost one pass through the
-trunk and ten small backward passes through the heads.
+The maps come from MSDNet.walk (every module's output kept) and the gradients from
+torch.autograd.grad with respect to them: no hooks, so none can be left behind, and the model comes
+back as it was given. By default exit k is explained at the map its classifier reads (the coarsest
+output of block k, the blog's choice), so all ten maps cost one pass through the trunk and ten small
+backward passes through the heads.
 """
 from __future__ import annotations
 
@@ -37,7 +36,7 @@ __all__ = ["Site", "CAM", "Method", "METHODS", "TARGETS", "targets_for", "class_
 class Site(NamedTuple):
     """Where to take the feature map: block (1-based, like the exits), module (the position of a module
     in that block's nn.Sequential, from 0: an MSD layer or a transition; -1: the block's output), and
-    the scale by its size in pixels. model.blocks[block - 1][module] is the module itself."""
+    the scale by its size in pixels. model.site(block, module) is the module itself."""
 
     block: int
     module: int = -1
@@ -98,9 +97,10 @@ def _is_index(v) -> bool:
         return False
 
 
-def _differentiable(x: Tensor) -> Tensor:
-    """A copy of the images that autograd tracks: every map computed from it then has a gradient, even
-    when the caller froze the model's parameters (requires_grad_(False), a common way to serve a model)."""
+def _differentiable(model: msdnet.MSDNet, x: Tensor) -> Tensor:
+    """A checked copy of the images that autograd tracks: every map computed from it then has a gradient,
+    even when the caller froze the model's parameters."""
+    model.check_input(x)
     if torch.is_inference_mode_enabled():
         raise RuntimeError("Grad-CAM needs gradients, which torch.inference_mode() turns off for good: call it outside "
                            "inference_mode (inside torch.no_grad() it works: it turns gradients back on by itself)")
@@ -123,25 +123,22 @@ def _resolve(model: msdnet.MSDNet, site, exit: int) -> Site:
     if site.block > exit:
         raise ValueError(f"{site} does not influence exit B{exit}: block {site.block} runs after it; "
                          f"choose a block between 1 and {exit}")
-    n_modules = len(model.blocks[site.block - 1])
+    n_modules = model.block_length(site.block)
     if not -n_modules <= site.module < n_modules:
         raise ValueError(f"{site}: block {site.block} has {n_modules} modules (module 0..{n_modules - 1}, or -1)")
     return Site(site.block, site.module % n_modules, site.size)
 
 
 def _run(model: msdnet.MSDNet, x: Tensor, n_exits: int, keep: set[Site] = frozenset(), keep_all: bool = False):
-    """Blocks 1..n_exits module by module; returns the kept maps {Site: tensor} and the logits."""
-    xs = model.normalize(_differentiable(x))
+    """Exits 1..n_exits through model.walk; returns the kept maps {Site: tensor} and every exit's logits."""
     kept, logits = {}, []
-    for b in range(1, n_exits + 1):
-        def keep_maps(i: int, maps: list[Tensor], b: int = b) -> None:
+    for exit in model.walk(_differentiable(model, x), n_exits, intermediates=True):
+        for i, maps in enumerate(exit.intermediates):
             for t in maps:
-                site = Site(b, i, t.shape[-1])
+                site = Site(exit.number, i, t.shape[-1])
                 if keep_all or site in keep:
                     kept[site] = t
-
-        xs = model.run_block(b - 1, xs, keep_maps)
-        logits.append(model.classifiers[b - 1](xs[-1]))
+        logits.append(exit.logits)
     return kept, logits
 
 
@@ -336,6 +333,8 @@ def maps_for_split(model: msdnet.MSDNet, split, method: str = "gradcam", target=
     """
     # Resolve once for the whole split, so that a bad target fails before any work and per-image
     # targets can be sliced per batch; the logits are not needed for that, only their shape.
+    if len(split) == 0:
+        raise ValueError("the split holds no images; pass a data.Split with at least one image")
     fixed = None if target is None or (isinstance(target, str) and target == "predicted") else targets_for(
         target, torch.zeros(len(split), model.config.num_classes), split.labels)
 
@@ -399,7 +398,7 @@ def guided_backprop(model: msdnet.MSDNet, x: Tensor, exit: int | None = None, ta
     compute) to the pixels: [B, 3, H, W], the fine detail that Guided Grad-CAM multiplies by the coarse map."""
     exit = _check_exit(model, exit)
     with msdnet.eval_mode(model), torch.enable_grad(), _GuidedReLUs(model):
-        x = _differentiable(x)
+        x = _differentiable(model, x)
         z = model(x, exits=exit)[exit - 1]
         t = targets_for(target, z.detach(), labels)
         (grad,) = torch.autograd.grad(z.gather(1, t[:, None]).sum(), x)

@@ -15,6 +15,10 @@ Public API::
     logits = model(x, exits=3)                # only blocks 1..3 run
     logits, feats = model(x, return_features=True)  # feats[k]: the map classifier k reads
     exit_costs(model)                         # cumulative (params, MACs) at each exit
+
+    for exit in model.walk(x, upto=5):        # the one way through the network: exit.number 1..5,
+        exit.maps, exit.features, exit.logits #   the block's maps, the coarsest one, its classifier's logits
+    model.path_to(5)                          # [(name, module)] that exit B5 depends on
 """
 from __future__ import annotations
 
@@ -22,10 +26,12 @@ import math
 import operator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from .layers import Classifier, FirstLayer, MSDLayer, Transition
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -33,7 +39,9 @@ __all__ = [
     "PRESETS",
     "MSDNetConfig",
     "MSDNet",
+    "FirstLayer",
     "MSDLayer",
+    "Exit",
     "ExitCost",
     "build",
     "exit_costs",
@@ -121,125 +129,8 @@ def _scales_after_layer(layer: int, total_layers: int, n_scales: int) -> tuple[i
     return scales_in, scales_out
 
 
-class ConvBNReLU(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-        )
-
-
-class ConvPath(nn.Sequential):
-    """1x1 bottleneck (at most bn_width * c_out channels), then a 3x3 conv, strided or regular."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int, bottleneck: bool, bn_width: int) -> None:
-        layers: list[nn.Module] = []
-        c_inner = c_in
-        if bottleneck:
-            c_inner = min(c_in, bn_width * c_out)
-            layers.append(ConvBNReLU(c_in, c_inner, kernel=1))
-        layers.append(ConvBNReLU(c_inner, c_out, kernel=3, stride=stride))
-        super().__init__(*layers)
-
-
-class ScaleUnit(nn.Module):
-    """The output of one MSD layer at one scale: [x_s, strided(x_{s-1}), regular(x_s)] concatenated.
-    At the finest scale kept there is no finer map, so no strided path."""
-
-    def __init__(self, regular: ConvPath, strided: ConvPath | None) -> None:
-        super().__init__()
-        self.strided = strided
-        self.regular = regular
-
-    def forward(self, same: Tensor, finer: Tensor | None = None) -> Tensor:
-        parts = [same]
-        if self.strided is not None:
-            parts.append(self.strided(finer))
-        parts.append(self.regular(same))
-        return torch.cat(parts, dim=1)
-
-
-class MSDLayer(nn.Module):
-    """One MSD layer: takes `scales_in` maps (finest first), returns `scales_out` maps.
-
-    When a scale is pruned (scales_in = scales_out + 1) the finest input is used only through
-    the strided path of the next coarser scale, then dropped.
-    """
-
-    def __init__(self, c_in: int, growth: int, cfg: MSDNetConfig, scales_in: int, scales_out: int) -> None:
-        super().__init__()
-        self.scales_in, self.scales_out = scales_in, scales_out
-        first = cfg.n_scales - scales_out  # absolute index of the finest scale produced
-        pruning = scales_in > scales_out
-        gr, bn = cfg.gr_factor, cfg.bn_factor
-        self.units = nn.ModuleList()
-        for s in range(first, cfg.n_scales):
-            c_out = growth * gr[s]
-            if s == first and not pruning:
-                self.units.append(ScaleUnit(ConvPath(c_in * gr[s], c_out, 1, cfg.bottleneck, bn[s]), None))
-            else:  # half of the new channels from each path
-                regular = ConvPath(c_in * gr[s], c_out // 2, 1, cfg.bottleneck, bn[s])
-                strided = ConvPath(c_in * gr[s - 1], c_out // 2, 2, cfg.bottleneck, bn[s - 1])
-                self.units.append(ScaleUnit(regular, strided))
-
-    def forward(self, xs: list[Tensor]) -> list[Tensor]:
-        if len(xs) != self.scales_in:
-            raise ValueError(f"MSDLayer expects {self.scales_in} scales, got {len(xs)}")
-        shift = self.scales_in - self.scales_out  # 1 when the finest input is being pruned
-        out = []
-        for i, unit in enumerate(self.units):
-            j = i + shift  # index of this output's own scale among the inputs
-            out.append(unit(xs[j], xs[j - 1] if unit.strided is not None else None))
-        return out
-
-
-class FirstLayer(nn.Module):
-    """3x3 conv at full resolution, then each coarser scale a strided 3x3 conv of the previous one."""
-
-    def __init__(self, cfg: MSDNetConfig) -> None:
-        super().__init__()
-        widths = [cfg.n_channels * g for g in cfg.gr_factor]
-        self.convs = nn.ModuleList(
-            [ConvBNReLU(3, widths[0], stride=1)]
-            + [ConvBNReLU(widths[i - 1], widths[i], stride=2) for i in range(1, len(widths))]
-        )
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        out = []
-        for conv in self.convs:
-            x = conv(x)
-            out.append(x)
-        return out
-
-
-class Transition(nn.Module):
-    """1x1 conv per kept scale, shrinking every scale's channels by the same factor."""
-
-    def __init__(self, widths_in: list[int], widths_out: list[int]) -> None:
-        super().__init__()
-        self.convs = nn.ModuleList([ConvBNReLU(a, b, kernel=1) for a, b in zip(widths_in, widths_out)])
-
-    def forward(self, xs: list[Tensor]) -> list[Tensor]:
-        return [conv(x) for conv, x in zip(self.convs, xs)]
-
-
-class Classifier(nn.Module):
-    """The head of one exit: two strided 3x3 convs on the coarsest map, average pool, linear."""
-
-    def __init__(self, c_in: int, width: int, num_classes: int) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            ConvBNReLU(c_in, width, stride=2), ConvBNReLU(width, width, stride=2), nn.AvgPool2d(2)
-        )
-        self.linear = nn.Linear(width, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear(self.features(x).flatten(1))
-
-
 class MSDNet(nn.Module):
-    """MSD-Net with one classifier per block. Inputs are images in [0, 1]; the model normalizes them."""
+    """MSD-Net with one classifier per block. Inputs are images in [0, 1]; the model standardizes them."""
 
     def __init__(self, cfg: MSDNetConfig) -> None:
         super().__init__()
@@ -283,6 +174,11 @@ class MSDNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def check_input(self, x: Tensor) -> None:
+        """Raise one clear error unless `x` is a float tensor [B, 3, H, W] of images in [0, 1].
+
+        The value range is read only for tensors on the CPU and outside torch.compile: on a GPU that
+        reading would stall the forward pass until the device catches up.
+        """
         size = self.config.image_size
         if not isinstance(x, Tensor):
             raise TypeError(f"MSDNet expects a torch.Tensor of images, got {type(x).__name__}")
@@ -297,9 +193,10 @@ class MSDNet(nn.Module):
                 f"add a batch dimension with x[None], convert grayscale or RGBA to RGB, "
                 f"and resize to {size}x{size} (e.g. torchvision.transforms.Resize(({size}, {size})))"
             )
-        # One reduction, cheap beside the network: NaN fails both comparisons, so it is caught too.
-        # The small margin lets resampling overshoot (bilinear, antialias) through.
-        if x.numel() and not ((x >= -0.01) & (x <= 1.01)).all():
+        if x.device.type != "cpu" or torch.compiler.is_compiling() or not x.numel():
+            return
+        # NaN fails both comparisons, so one reduction catches it too; the margin lets resampling overshoot through.
+        if not ((x >= -0.01) & (x <= 1.01)).all():
             finite = x[torch.isfinite(x)]
             if finite.numel() < x.numel():
                 raise ValueError(
@@ -308,43 +205,128 @@ class MSDNet(nn.Module):
                 )
             raise ValueError(
                 f"MSDNet expects images in [0, 1], got values from {finite.min().item():.3g} to {finite.max().item():.3g}; "
-                "divide 0..255 images by 255, and undo any normalization (the model normalizes by itself)"
+                "divide 0..255 images by 255, and undo any normalization (the model standardizes by itself)"
             )
 
-    def normalize(self, x: Tensor) -> Tensor:
-        """Checked images [B, 3, H, W] in [0, 1] -> the first layer's input: in the model's dtype,
-        standardized with the dataset's mean and std. Every way into the network starts here."""
+    def standardize(self, x: Tensor) -> Tensor:
+        """Check images and standardize them with the dataset's mean and std.
+
+        Args:
+            x: float images [B, 3, H, W] in [0, 1].
+        Returns:
+            [B, 3, H, W] in the model's dtype: the input of block 1.
+        """
         self.check_input(x)
         return (x.to(self.mean.dtype) - self.mean) / self.std
+
+    def advance(self, block: int, maps: Tensor | list[Tensor]) -> list[Tensor]:
+        """Run block `block` (1..n_exits).
+
+        Args:
+            block: the block's number, as the exit after it is numbered.
+            maps: the standardized images [B, 3, H, W] for block 1, else the previous block's maps (finest first).
+        Returns:
+            the block's maps, one per scale it keeps, finest first.
+        """
+        return self.blocks[block - 1](maps)
+
+    def classify(self, exit: int, maps: list[Tensor]) -> Tensor:
+        """Classifier `exit` (1..n_exits) on the maps after block `exit`: logits [B, classes].
+        A classifier reads only the coarsest map, maps[-1]."""
+        return self.classifiers[exit - 1](maps[-1])
+
+    def walk(self, x: Tensor, upto: int | None = None, intermediates: bool = False) -> Iterator["Exit"]:
+        """Walk the network exit by exit; blocks after `upto` never run.
+
+        The caller may narrow `exit.maps` (drop images) before asking for the next exit: the walk goes
+        on from what it holds.
+
+        Args:
+            x: float images [B, 3, H, W] in [0, 1].
+            upto: the last exit to reach (default: all).
+            intermediates: keep every module's output maps of each block in `exit.intermediates`.
+        Yields:
+            Exit(number 1..upto) with its maps, features and (computed on demand) logits.
+        """
+        n = self.n_exits if upto is None else exit_number(upto, self.n_exits, "upto")
+        maps: Tensor | list[Tensor] = self.standardize(x)
+        for number in range(1, n + 1):
+            kept = None
+            if intermediates:
+                kept = []
+                for module in self.blocks[number - 1]:
+                    maps = module(maps)
+                    kept.append(maps)
+            else:
+                maps = self.advance(number, maps)
+            exit = Exit(self, number, maps, kept)
+            yield exit
+            maps = exit.maps
 
     def forward(
         self, x: Tensor, exits: int | None = None, return_features: bool = False
     ) -> list[Tensor] | tuple[list[Tensor], list[Tensor]]:
-        """Logits of exits B1..B`exits` (all by default). Blocks after the last exit asked for never run.
+        """Logits of exits B1..B`exits` (all by default); blocks after the last exit asked for never run.
 
-        With return_features, also the coarsest-scale map each classifier reads.
+        Args:
+            x: float images [B, 3, H, W] in [0, 1].
+            exits: how many exits to compute, 1..n_exits.
+            return_features: also return the coarsest map each classifier reads.
+        Returns:
+            a list of `exits` logits [B, classes] (and of features [B, C_k, 8, 8]).
         """
-        n = self.n_exits if exits is None else exit_number(exits, self.n_exits, "exits")
-        xs = self.normalize(x)
         logits, feats = [], []
-        for k in range(n):
-            xs = self.run_block(k, xs)
-            feats.append(xs[-1])
-            logits.append(self.classifiers[k](xs[-1]))
+        for exit in self.walk(x, exits):
+            feats.append(exit.features)
+            logits.append(exit.logits)
         return (logits, feats) if return_features else logits
 
-    def run_block(self, k: int, xs, on_module=None) -> list[Tensor]:
-        """Block k (0-based) on the maps xs (the normalized image for k = 0, else the previous block's
-        maps, finest first); returns its maps. on_module(i, maps), if given, sees the output of each of
-        the block's modules in turn (Grad-CAM keeps the maps it explains). Every way through the network
-        (forward, Grad-CAM, real early exit) runs its blocks here."""
-        block = self.blocks[k]
-        if on_module is None:
-            return block(xs)
-        for i, module in enumerate(block):
-            xs = module(xs)
-            on_module(i, xs)
-        return xs
+    def block_length(self, block: int) -> int:
+        """How many modules (first layer, MSD layers, transitions) block `block` (1..n_exits) runs in turn."""
+        return len(self.blocks[exit_number(block, self.n_exits, "block") - 1])
+
+    def site(self, block: int, module: int) -> nn.Module:
+        """The module at position `module` (from 0; -1: the last) of block `block` (1..n_exits)."""
+        return self.blocks[exit_number(block, self.n_exits, "block") - 1][module]
+
+    def path_to(self, exit: int) -> list[tuple[str, nn.Module]]:
+        """The modules exit `exit` depends on, from the input to its classifier.
+
+        Returns:
+            [("block 1", module), ..., ("block k", module), ("classifier k", module)].
+        """
+        k = exit_number(exit, self.n_exits)
+        return [(f"block {b}", self.blocks[b - 1]) for b in range(1, k + 1)] + [(f"classifier {k}", self.classifiers[k - 1])]
+
+
+class Exit:
+    """One step of MSDNet.walk: the state of the network after block `number`."""
+
+    def __init__(self, model: MSDNet, number: int, maps: list[Tensor], intermediates: list | None) -> None:
+        self.model, self.number = model, number
+        self.intermediates = intermediates  # per module of the block: its output maps (walk(intermediates=True))
+        self._maps, self._logits = maps, None
+
+    @property
+    def maps(self) -> list[Tensor]:
+        """The block's maps, finest first; assign a narrower batch to go on with fewer images."""
+        return self._maps
+
+    @maps.setter
+    def maps(self, value: list[Tensor]) -> None:
+        self._maps, self._logits = value, None
+
+    @property
+    def features(self) -> Tensor:
+        """The coarsest map [B, C, 8, 8]: what classifier `number` reads."""
+        return self._maps[-1]
+
+    @property
+    def logits(self) -> Tensor:
+        """Classifier `number`'s logits [B, classes], computed on first use."""
+        if self._logits is None:
+            self._logits = self.model.classify(self.number, self._maps)
+        return self._logits
 
 
 def build(preset: str | MSDNetConfig = "cifar10-anytime", **overrides) -> MSDNet:
@@ -383,21 +365,30 @@ def exit_number(value, n_exits: int, name: str = "exit") -> int:
 
 @contextmanager
 def eval_mode(model: nn.Module):
-    """Borrow `model` in eval mode (batch-norm statistics used, not updated) and give it back in the mode
-    it came in, however the block is left. Every function that borrows a caller's model uses it."""
-    if not model.training:  # already: nothing to switch (and no walk over the modules, which costs per call)
+    """Borrow `model` in eval mode and give it back exactly as it came, module by module.
+
+    Inside, batch-norm layers use their running statistics and never update them, whatever
+    mode each module was in; on leaving, however the block is left, each module's mode is restored.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    if not any(training for _, training in modes):
         yield model
         return
     model.eval()
     try:
         yield model
     finally:
-        model.train()
+        for m, training in modes:
+            m.training = training
 
 
 def exit_costs(model: MSDNet) -> list[ExitCost]:
-    """Cumulative parameters and multiply-accumulates at each exit, counted by torch.utils.flop_counter
-    (convolutions and linear layers; it counts 2 FLOPs per multiply-accumulate)."""
+    """Cumulative parameters and multiply-accumulates at each exit, counted by torch.utils.flop_counter.
+
+    Convolutions and linear layers are counted; flop_counter counts 2 FLOPs per multiply-accumulate.
+    Returns:
+        one ExitCost per exit, B1 first.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     size = model.config.image_size
@@ -405,13 +396,13 @@ def exit_costs(model: MSDNet) -> list[ExitCost]:
     x = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
     costs, params = [], 0
     with eval_mode(model), torch.no_grad():
-        feats = model(x, return_features=True)[1]  # the map each classifier reads
-        for k in range(1, model.n_exits + 1):
+        for exit in model.walk(x):
+            k = exit.number
             counter, alone = FlopCounterMode(display=False), FlopCounterMode(display=False)
             with counter:
                 model(x, exits=k)
             with alone:
-                model.classifiers[k - 1](feats[k - 1])
-            params += sum(p.numel() for m in (model.blocks[k - 1], model.classifiers[k - 1]) for p in m.parameters())
+                model.classify(k, exit.maps)
+            params += sum(p.numel() for _, m in model.path_to(k)[-2:] for p in m.parameters())
             costs.append(ExitCost(k, params, counter.get_total_flops() // 2, alone.get_total_flops() // 2))
     return costs

@@ -80,7 +80,7 @@ def test_a_class_whose_best_exit_really_differs_is_told_from_noise():
         rows.append([logit(0), logit(2)]); labels.append(2)
     preds = evaluate.Predictions(torch.tensor(rows), torch.tensor(labels))
     result = analysis.class_best_exits(preds)
-    assert result.overall == 1 and result.best.tolist() == [0, 0, 1]
+    assert result.overall == 2 and result.best.tolist() == [1, 1, 2]  # exit numbers: B1, B1, B2
     assert result.verdicts[0].word == "SUPPORTED" and result.verdicts[0].effect == pytest.approx(0.3)
     assert result.verdicts[1].word == "NOT SUPPORTED" and result.verdicts[1].effect == pytest.approx(1 / 400)
     assert result.verdicts[2].effect == 0.0
@@ -145,3 +145,11 @@ def test_two_groups_are_judged_by_their_difference_in_means():
     assert analysis.judge_groups(values, ~group).word == "CONTRADICTED"
     with pytest.raises(ValueError, match="at least 2 images"):
         analysis.judge_groups(values, torch.arange(800) < 1)
+
+
+def test_a_nan_gets_no_verdict():
+    values = torch.tensor([0.1, 0.2, float("nan"), 0.3])
+    with pytest.raises(ValueError, match="1 of 4 values are NaN or infinite"):
+        analysis.judge(values)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        analysis.judge_groups(values, torch.tensor([True, True, False, False]))

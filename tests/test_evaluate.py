@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from helpers import data, evaluate, msdnet
+from helpers import data, earlyexit, evaluate, msdnet, policies
 
 
 def hand_made() -> evaluate.Predictions:
@@ -51,10 +51,10 @@ def test_right_then_wrong_counts_what_a_later_exit_forgets():
 
 
 def test_exit_shares_follow_q_to_the_k():
-    s = evaluate.exit_shares(0.5, 4)
+    s = policies.exit_shares(0.5, 4)
     assert s.sum().item() == pytest.approx(1)
     assert (s[1:] / s[:-1]).tolist() == pytest.approx([0.5] * 3)
-    assert evaluate.exit_shares(1.0, 5).tolist() == pytest.approx([0.2] * 5)
+    assert policies.exit_shares(1.0, 5).tolist() == pytest.approx([0.2] * 5)
 
 
 @pytest.mark.parametrize("q", [0.5, 0.8, 1.0, 1.5])
@@ -66,9 +66,9 @@ def test_thresholds_reproduce_the_target_exit_shares_on_validation(q):
     logits = torch.randn(n, exits, 10, generator=g, dtype=torch.float64) * 3
     val = evaluate.Predictions(logits, torch.randint(0, 10, (n,), generator=g))
     assert all(val.confidence[:, k].unique().numel() == n for k in range(exits))
-    thresholds = evaluate.budget_thresholds(val, q)
-    counts = torch.bincount(evaluate.exit_points(val.confidence, thresholds), minlength=exits)
-    want = evaluate.exit_shares(q, exits) * n
+    thresholds = policies.budget_thresholds(val, q)
+    counts = torch.bincount(policies.exit_points(val.confidence, thresholds) - 1, minlength=exits)
+    want = policies.exit_shares(q, exits) * n
     assert counts[:-1].tolist() == [math.floor(w) for w in want[:-1].tolist()]
     assert counts.sum() == n
 
@@ -76,9 +76,9 @@ def test_thresholds_reproduce_the_target_exit_shares_on_validation(q):
 def test_budgeted_accuracy_and_cost():
     p = hand_made()  # all confidences are equal (softmax of [3, 0]); a threshold of 0 sends everyone out at B1
     costs = [msdnet.ExitCost(k + 1, 0, macs) for k, macs in enumerate([10, 20, 30])]
-    first = evaluate.budgeted(p, torch.tensor([0.0, 0.0, -math.inf]), costs)
+    first = policies.budgeted(p, torch.tensor([0.0, 0.0, -math.inf]), costs)
     assert (first.accuracy, first.average_macs, first.exit_counts) == (0.5, 10.0, [4, 0, 0])
-    last = evaluate.budgeted(p, torch.tensor([math.inf, math.inf, -math.inf]), costs)
+    last = policies.budgeted(p, torch.tensor([math.inf, math.inf, -math.inf]), costs)
     assert (last.accuracy, last.average_macs, last.exit_counts) == (0.75, 30.0, [0, 0, 4])
 
 
@@ -90,12 +90,12 @@ def test_a_skipped_exit_costs_no_classifier(kind):
     if kind == "macs":
         costs = [msdnet.ExitCost(k + 1, 0, total, 2) for k, total in enumerate([10, 20, 30])]
     else:
-        costs = [evaluate.ExitTime(k + 1, float(total), 2.0) for k, total in enumerate([10, 20, 30])]
-    everyone_at_b3 = evaluate.budgeted(p, torch.tensor([0.999, 0.999, -math.inf]), costs)
+        costs = [policies.ExitTime(k + 1, float(total), 2.0) for k, total in enumerate([10, 20, 30])]
+    everyone_at_b3 = policies.budgeted(p, torch.tensor([0.999, 0.999, -math.inf]), costs)
     assert (everyone_at_b3.average_cost, everyone_at_b3.exit_counts) == (30.0, [0, 0, 4])  # B1's and B2's classifiers ran
-    skip_b2 = evaluate.budgeted(p, torch.tensor([0.999, math.inf, -math.inf]), costs)
+    skip_b2 = policies.budgeted(p, torch.tensor([0.999, math.inf, -math.inf]), costs)
     assert (skip_b2.average_cost, skip_b2.exit_counts) == (28.0, [0, 0, 4])  # B2's classifier never ran
-    skip_both = evaluate.budgeted(p, torch.tensor([math.inf, math.inf, -math.inf]), costs)
+    skip_both = policies.budgeted(p, torch.tensor([math.inf, math.inf, -math.inf]), costs)
     assert skip_both.average_cost == 26.0  # every block, the last classifier only: the full network
 
 
@@ -106,13 +106,13 @@ def test_real_early_exit_runs_no_classifier_at_a_skipped_exit():
         clf.register_forward_hook(lambda m, i, o, k=k: ran.append(k))
     x = torch.rand(6, 3, 32, 32)
     skip_b2 = torch.tensor([0.99, math.inf, 0.0, -math.inf])  # B1 strict, B2 skipped, B3 takes everyone left
-    got_class, got_exit = evaluate.EarlyExit(model, skip_b2)(x)
+    got_class, got_exit = earlyexit.EarlyExit(model, skip_b2)(x)
     assert 1 not in ran and 0 in ran and 2 in ran
     with torch.no_grad():
         logits = torch.stack(model(x), 1)
-    want_exit = evaluate.exit_points(logits.softmax(-1).amax(-1), skip_b2)
-    assert got_exit.tolist() == want_exit.tolist() and 1 not in got_exit.tolist()
-    assert got_class.tolist() == logits.argmax(-1).gather(1, want_exit[:, None]).squeeze(1).tolist()
+    want_exit = policies.exit_points(logits.softmax(-1).amax(-1), skip_b2)
+    assert got_exit.tolist() == want_exit.tolist() and 2 not in got_exit.tolist()  # exit numbers: B2 skipped
+    assert got_class.tolist() == logits.argmax(-1).gather(1, want_exit[:, None] - 1).squeeze(1).tolist()
 
 
 def test_real_early_exit_gives_the_simulated_answers(tiny_folder):
@@ -120,11 +120,11 @@ def test_real_early_exit_gives_the_simulated_answers(tiny_folder):
     split = data.load("test", source=tiny_folder)
     preds = evaluate.predict(model, split, cache=False)
     thresholds = torch.quantile(preds.confidence, 0.6, dim=0)  # some images leave at each exit
-    want_exit = evaluate.exit_points(preds.confidence, thresholds)
-    got_class, got_exit = evaluate.EarlyExit(model, thresholds)(split.images.float() / 255)
+    want_exit = policies.exit_points(preds.confidence, thresholds)
+    got_class, got_exit = earlyexit.EarlyExit(model, thresholds)(split.images.float() / 255)
     assert len(set(want_exit.tolist())) > 1
     assert got_exit.tolist() == want_exit.tolist()
-    assert got_class.tolist() == preds.predicted.gather(1, want_exit[:, None]).squeeze(1).tolist()
+    assert got_class.tolist() == preds.predicted.gather(1, want_exit[:, None] - 1).squeeze(1).tolist()
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 16, 1000])
@@ -134,22 +134,22 @@ def test_streamed_early_exit_gives_the_same_answers_with_full_batches(tiny_folde
     preds = evaluate.predict(model, split, cache=False)
     # About as many images leave at every exit. Those thresholds are some image's own score: moved a
     # hair down, so that rounding (which depends on the batch an image runs in) cannot tip it.
-    thresholds = evaluate.budget_thresholds(preds, q=1.0) - 1e-5
-    want_exit = evaluate.exit_points(preds.confidence, thresholds)
-    early = evaluate.EarlyExit(model, thresholds)
+    thresholds = policies.budget_thresholds(preds, q=1.0) - 1e-5
+    want_exit = policies.exit_points(preds.confidence, thresholds)
+    early = earlyexit.EarlyExit(model, thresholds)
     sizes = {k: [] for k in range(model.n_exits)}  # the batch each block ran on
     for k, block in enumerate(model.blocks):
         block.register_forward_hook(lambda m, i, o, k=k: sizes[k].append(len(o[-1] if isinstance(o, list) else o)))
-    got_class, got_exit = evaluate.EarlyExitStream(early, batch_size)(split.images.float() / 255)
-    assert set(want_exit.tolist()) == set(range(model.n_exits))
+    got_class, got_exit = earlyexit.EarlyExitStream(early, batch_size)(split.images.float() / 255)
+    assert set(want_exit.tolist()) == set(range(1, model.n_exits + 1))
     assert got_exit.tolist() == want_exit.tolist()
-    assert got_class.tolist() == preds.predicted.gather(1, want_exit[:, None]).squeeze(1).tolist()
+    assert got_class.tolist() == preds.predicted.gather(1, want_exit[:, None] - 1).squeeze(1).tolist()
     for k in range(model.n_exits):  # every image reaching block k went through it once
-        assert sum(sizes[k]) == int((want_exit >= k).sum())
+        assert sum(sizes[k]) == int((want_exit >= k + 1).sum())
         # Each block's batches are full (at least batch_size images) but for the last, the stragglers.
         assert all(b >= min(batch_size, len(split)) for b in sizes[k][:-1])
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
-        evaluate.EarlyExitStream(early, 0)
+        earlyexit.EarlyExitStream(early, 0)
 
 
 def test_real_early_exit_skips_the_later_blocks():
@@ -158,8 +158,8 @@ def test_real_early_exit_skips_the_later_blocks():
     for b, block in enumerate(model.blocks):
         block.register_forward_hook(lambda m, i, o, b=b: ran.append(b))
     everyone_leaves = torch.zeros(model.n_exits)
-    _, exits = evaluate.EarlyExit(model, everyone_leaves)(torch.rand(5, 3, 32, 32))
-    assert exits.tolist() == [0] * 5 and ran == [0]
+    _, exits = earlyexit.EarlyExit(model, everyone_leaves)(torch.rand(5, 3, 32, 32))
+    assert exits.tolist() == [1] * 5 and ran == [0]  # everyone leaves at B1
 
 
 def test_predictions_are_cached_by_weights_and_images(tiny_folder, tmp_path, monkeypatch):
@@ -182,7 +182,7 @@ def test_last_exit_only_is_the_full_networks_last_exit():
     model = msdnet.build("tiny").eval()
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(evaluate.LastExitOnly(model)(x), model(x)[-1])
+        assert torch.allclose(earlyexit.LastExitOnly(model)(x), model(x)[-1])
 
 
 def test_cheapest_matching_reaches_the_target_at_the_lowest_cost():
@@ -194,13 +194,13 @@ def test_cheapest_matching_reaches_the_target_at_the_lowest_cost():
     val = evaluate.Predictions(logits, labels)
     costs = [msdnet.ExitCost(k + 1, 0, 10 * (k + 1)) for k in range(4)]
     target = val.correct[:, 2].double().mean().item()  # as good as exit 3, cheaper
-    q, thresholds = evaluate.cheapest_matching(val, costs, target)
-    chosen = evaluate.budgeted(val, thresholds, costs)
-    curve = evaluate.budget_curve(val, val, costs)
+    q, thresholds = policies.cheapest_matching(val, costs, target)
+    chosen = policies.budgeted(val, thresholds, costs)
+    curve = policies.budget_curve(val, val, costs)
     assert chosen.accuracy >= target
     assert chosen.average_macs == min(r.average_macs for _, r in curve if r.accuracy >= target)
     with pytest.raises(ValueError, match="no q reaches"):
-        evaluate.cheapest_matching(val, costs, 1.0)  # a valid target no q reaches
+        policies.cheapest_matching(val, costs, 1.0)  # a valid target no q reaches
 
 
 def test_flip_averages_each_exits_logits_for_the_image_and_its_mirror(tiny_folder, tmp_path):
@@ -263,41 +263,41 @@ def policy_case() -> tuple[evaluate.Predictions, list[msdnet.ExitCost]]:
 
 def test_one_threshold_is_the_lowest_that_keeps_the_accuracy():
     val, costs = policy_case()
-    t = evaluate.one_threshold(val, costs, target=1.0)
+    t = policies.one_threshold(val, costs, target=1.0)
     # Any threshold at or under 0.8 lets image 1 leave wrong at exit 1; 0.9 lets only image 0 leave early.
     assert t[0].item() == pytest.approx(0.9) and t[1].item() == pytest.approx(0.9) and t[2] == -math.inf
-    r = evaluate.budgeted(val, t, costs)
+    r = policies.budgeted(val, t, costs)
     assert (r.accuracy, r.average_macs, r.exit_counts) == (1.0, 2.5, [1, 0, 3])
     # A looser target lets everyone leave at exit 1 (3 of 4 right there).
-    assert evaluate.budgeted(val, evaluate.one_threshold(val, costs, target=0.75), costs).average_macs == 1.0
+    assert policies.budgeted(val, policies.one_threshold(val, costs, target=0.75), costs).average_macs == 1.0
 
 
 def test_a_safety_margin_refuses_thresholds_that_pass_by_a_hair():
     val, costs = policy_case()
     # Without a margin, 3 of 4 right meets a target of 0.75: everyone leaves at exit 1.
-    assert evaluate.budgeted(val, evaluate.one_threshold(val, costs, 0.75), costs).average_macs == 1.0
+    assert policies.budgeted(val, policies.one_threshold(val, costs, 0.75), costs).average_macs == 1.0
     # With one standard error of the paired difference from the last exit: one image of 4 that the
     # last exit gets right is lost, so the difference is -1/4 with standard error
     # sqrt((1/4 - 1/16) / 4) = 0.217, and 0.75 - 0.217 < 0.75. Only thresholds that lose nobody
     # (error 0) pass: 0.9, the lowest that keeps image 1 from leaving wrong.
-    for search in (evaluate.one_threshold, evaluate.per_exit_thresholds):
+    for search in (policies.one_threshold, policies.per_exit_thresholds):
         t = search(val, costs, 0.75, safety=1.0)
         assert t[0].item() == pytest.approx(0.9)
-        r = evaluate.budgeted(val, t, costs)
+        r = policies.budgeted(val, t, costs)
         assert r.accuracy == 1.0 and r.exit_counts[0] == 1
     # Half a standard error: 0.75 - 0.108 = 0.642 clears a target of 0.64 (everyone leaves at exit 1)
     # but not one of 0.65.
-    assert evaluate.budgeted(val, evaluate.one_threshold(val, costs, 0.64, safety=0.5), costs).average_macs == 1.0
-    assert evaluate.one_threshold(val, costs, 0.65, safety=0.5)[0].item() == pytest.approx(0.9)
+    assert policies.budgeted(val, policies.one_threshold(val, costs, 0.64, safety=0.5), costs).average_macs == 1.0
+    assert policies.one_threshold(val, costs, 0.65, safety=0.5)[0].item() == pytest.approx(0.9)
 
 
 def test_per_exit_thresholds_find_the_cheaper_split():
     val, costs = policy_case()
-    t = evaluate.per_exit_thresholds(val, costs, target=1.0)
-    r = evaluate.budgeted(val, t, costs)
+    t = policies.per_exit_thresholds(val, costs, target=1.0)
+    r = policies.budgeted(val, t, costs)
     # Exit 1 keeps 0.9 (image 1 is wrong there); exit 2 lets the other three leave: (1 + 2 + 2 + 2) / 4.
     assert (r.accuracy, r.average_macs, r.exit_counts) == (1.0, 1.75, [1, 3, 0])
-    assert r.average_macs < evaluate.budgeted(val, evaluate.one_threshold(val, costs, 1.0), costs).average_macs
+    assert r.average_macs < policies.budgeted(val, policies.one_threshold(val, costs, 1.0), costs).average_macs
 
 
 def test_per_exit_thresholds_also_start_from_every_exit_switched_off():
@@ -310,12 +310,12 @@ def test_per_exit_thresholds_also_start_from_every_exit_switched_off():
     costs = [msdnet.ExitCost(k + 1, 0, macs, 4) for k, macs in enumerate([10, 20, 30])]
     # One threshold, 0.88 at both exits: image 0 leaves at exit 1, images 2 and 3 at exit 2, image 1 at
     # the last: (10 + 20 + 20 + 30) / 4 = 20. No single move from there is cheaper while all stay right.
-    one = evaluate.one_threshold(val, costs, 1.0)
-    assert evaluate.budgeted(val, one, costs).average_macs == 20.0
+    one = policies.one_threshold(val, costs, 1.0)
+    assert policies.budgeted(val, one, costs).average_macs == 20.0
     # Exit 1 switched off and exit 2 at 0.73: images 0, 2 and 3 leave at exit 2 (6 + 6 + 4, no exit-1
     # classifier), image 1 at the last (6 * 3 + 4 + 4): (16 * 3 + 26) / 4 = 18.5, all right.
-    t = evaluate.per_exit_thresholds(val, costs, 1.0)
-    r = evaluate.budgeted(val, t, costs)
+    t = policies.per_exit_thresholds(val, costs, 1.0)
+    r = policies.budgeted(val, t, costs)
     assert t[0].item() == math.inf and t[1].item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
     assert (r.accuracy, r.average_macs, r.exit_counts) == (1.0, 18.5, [0, 3, 1])
 
@@ -327,11 +327,11 @@ def test_the_searches_minimize_seconds_as_they_minimize_multiply_accumulates():
     # switching exit 1 off saves its classifier for everyone, so all four leave at exit 2 for
     # 0.1 + 0.1 + 0.9 = 1.1 s. The search follows the costs it is given, in whichever unit.
     val, counted = policy_case()
-    measured = [evaluate.ExitTime(k, float(k), 0.9) for k in (1, 2, 3)]
-    by_count = evaluate.budgeted(val, evaluate.per_exit_thresholds(val, counted, 1.0), counted)
+    measured = [policies.ExitTime(k, float(k), 0.9) for k in (1, 2, 3)]
+    by_count = policies.budgeted(val, policies.per_exit_thresholds(val, counted, 1.0), counted)
     assert (by_count.accuracy, by_count.average_macs, by_count.exit_counts) == (1.0, 1.75, [1, 3, 0])
-    t = evaluate.per_exit_thresholds(val, measured, 1.0)
-    by_time = evaluate.budgeted(val, t, measured)
+    t = policies.per_exit_thresholds(val, measured, 1.0)
+    by_time = policies.budgeted(val, t, measured)
     assert t[0].item() == math.inf
     assert by_time.accuracy == 1.0 and by_time.exit_counts == [0, 4, 0]
     assert by_time.average_cost == pytest.approx(1.1)
@@ -346,7 +346,7 @@ def test_timed_costs_measure_each_block_and_classifier():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: a second, busy process on the machine cannot stall a parallel region
     try:
-        costs = evaluate.timed_costs(model, images, repeats=2)
+        costs = earlyexit.timed_costs(model, images, repeats=2)
     finally:
         torch.set_num_threads(threads)
     assert [c.exit for c in costs] == [1, 2, 3, 4]
@@ -361,9 +361,9 @@ def test_timed_costs_measure_each_block_and_classifier():
 
 def test_costs_of_two_kinds_are_refused():
     val, counted = policy_case()
-    mixed = [counted[0], evaluate.ExitTime(2, 2.0, 0.0), evaluate.ExitTime(3, 3.0, 0.0)]
-    with pytest.raises(TypeError, match="all msdnet.ExitCost or all evaluate.ExitTime"):
-        evaluate.budgeted(val, torch.tensor([0.5, 0.5, -math.inf]), mixed)
+    mixed = [counted[0], policies.ExitTime(2, 2.0, 0.0), policies.ExitTime(3, 3.0, 0.0)]
+    with pytest.raises(TypeError, match="all msdnet.ExitCost or all policies.ExitTime"):
+        policies.budgeted(val, torch.tensor([0.5, 0.5, -math.inf]), mixed)
 
 
 @pytest.mark.parametrize("score", ["margin", "entropy"])
@@ -373,25 +373,25 @@ def test_real_early_exit_follows_any_score(tiny_folder, score):
     preds = evaluate.predict(model, split, cache=False)
     s = preds.score(score)
     thresholds = torch.quantile(s, 0.6, dim=0)
-    want_exit = evaluate.exit_points(s, thresholds)
-    got_class, got_exit = evaluate.EarlyExit(model, thresholds, score=score)(split.images.float() / 255)
+    want_exit = policies.exit_points(s, thresholds)
+    got_class, got_exit = earlyexit.EarlyExit(model, thresholds, score=score)(split.images.float() / 255)
     assert got_exit.tolist() == want_exit.tolist()
-    assert got_class.tolist() == preds.predicted.gather(1, want_exit[:, None]).squeeze(1).tolist()
+    assert got_class.tolist() == preds.predicted.gather(1, want_exit[:, None] - 1).squeeze(1).tolist()
 
 
 def test_functions_that_borrow_the_model_give_it_back_in_its_mode(tiny_folder):
-    from helpers import analysis, faithfulness, gradcam, train
+    from helpers import analysis, faithfulness, gradcam
 
     model = msdnet.build("tiny").train()
     split = data.load("test", source=tiny_folder)
     x = split.images[:4].float() / 255
     stats = model.blocks[0][0].convs[0][1].running_mean.clone()
     rng = torch.get_rng_state()
-    evaluate.EarlyExit(model, torch.zeros(model.n_exits))(x)
-    evaluate.LastExitOnly(model)(x)
+    earlyexit.EarlyExit(model, torch.zeros(model.n_exits))(x)
+    earlyexit.LastExitOnly(model)(x)
     evaluate.predict(model, split, cache=False)
     evaluate.exit_logits(model, x, flip=True)
-    train.exit_accuracies(model, split)
+    evaluate.exit_accuracies(model, split)
     gradcam.gradcam(model, x, exit=2)
     analysis.cascading_randomization(model, x, exit=2)
     faithfulness.road(model, x, torch.rand(4, 32, 32, generator=torch.Generator().manual_seed(0)), exit=2, targets=split.labels[:4], percentiles=(50,))
@@ -405,18 +405,24 @@ def test_a_target_in_percent_and_thresholds_as_a_list_are_understood_or_refused_
     model = msdnet.build("tiny").eval()
     preds = evaluate.Predictions(torch.randn(50, model.n_exits, 10), torch.randint(0, 10, (50,)))
     costs = msdnet.exit_costs(model)
-    for search in (evaluate.per_exit_thresholds, evaluate.one_threshold, evaluate.cheapest_matching):
+    for search in (policies.per_exit_thresholds, policies.one_threshold, policies.cheapest_matching):
         for bad in (89.8, 0.0, -0.5):  # 89.8 meant 89.8%: no thresholds reach it, every exit would go dark
             with pytest.raises(ValueError, match=r"target is an accuracy between 0 and 1 \(0.898 for 89.8%\)"):
                 search(preds, costs, bad)
     x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     as_list = [0.5, float("inf"), 0.2, float("-inf")]
-    got = evaluate.EarlyExit(model, as_list)(x)
-    want = evaluate.EarlyExit(model, torch.tensor(as_list))(x)
+    got = earlyexit.EarlyExit(model, as_list)(x)
+    want = earlyexit.EarlyExit(model, torch.tensor(as_list))(x)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    for bad, shape in (([0.5, 0.5], r"\(2,\)"), (0.5, r"\(\)"), ([as_list], r"\(1, 4\)")):
-        with pytest.raises(ValueError, match=r"need one threshold per exit, shape \(4,\), got shape " + shape):
-            evaluate.EarlyExit(model, bad)
+    for bad, got in (([0.5, 0.5], 2), (0.5, 1), ([as_list, as_list], 8)):
+        with pytest.raises(ValueError, match=f"need one threshold per exit, 4 in all, got {got}"):
+            earlyexit.EarlyExit(model, bad)
+    # Thresholds in percent would send every image to the last exit: refused, by the runtime and the simulation.
+    for run in (lambda t: earlyexit.EarlyExit(model, t), lambda t: policies.budgeted(preds, t, costs)):
+        with pytest.raises(ValueError, match=r"confidence thresholds lie at or below 1 \(0.9 for 90%\), got 90"):
+            run([90, 90, 90, float("-inf")])
+    with pytest.raises(ValueError, match="must not be NaN"):
+        earlyexit.EarlyExit(model, [0.5, float("nan"), 0.5, float("-inf")])
 
 
 def test_the_cross_validated_safety_is_zero_when_nothing_can_be_lost_and_the_largest_when_all_is_luck():
@@ -427,7 +433,7 @@ def test_the_cross_validated_safety_is_zero_when_nothing_can_be_lost_and_the_lar
     same = torch.randn(n, 10, generator=g)
     same[torch.arange(n), labels] += 2.0
     clones = evaluate.Predictions(same[:, None].repeat(1, k, 1), labels)  # every exit answers as the last
-    assert evaluate.cross_validated_safety(clones, costs) == 0
+    assert policies.cross_validated_safety(clones, costs) == 0
     # Early exits right 80% of the time against the last exit's 90%, with confidences that say nothing
     # about it: every early answer costs accuracy, and thresholds that seem to keep it on one half do so
     # by luck. Only a wide margin shuts the early exits on the other half.
@@ -435,7 +441,25 @@ def test_the_cross_validated_safety_is_zero_when_nothing_can_be_lost_and_the_lar
     right = torch.rand(n, k, generator=g) < torch.tensor([0.8, 0.8, 0.8, 0.9])
     noisy[torch.arange(n)[:, None], torch.arange(k), torch.where(right, labels[:, None], (labels[:, None] + 1) % 10)] += 3.0
     luck = evaluate.Predictions(noisy, labels)
-    assert evaluate.cross_validated_safety(luck, costs) >= 1
-    assert evaluate.cross_validated_safety(luck, costs, safeties=(0, 0.5)) == 0.5  # none is enough: the largest
-    assert evaluate.cross_validated_safety(luck, costs, tolerance=1.0) == 0  # anything passes: the smallest
-    assert evaluate.cross_validated_safety(luck, costs, search=evaluate.one_threshold) > 0
+    assert policies.cross_validated_safety(luck, costs) >= 1
+    assert policies.cross_validated_safety(luck, costs, safeties=(0, 0.5)) == 0.5  # none is enough: the largest
+    assert policies.cross_validated_safety(luck, costs, tolerance=1.0) == 0  # anything passes: the smallest
+    assert policies.cross_validated_safety(luck, costs, search=policies.one_threshold) > 0
+
+
+def test_empty_inputs_and_bad_ratios_get_one_clear_message(tiny_folder):
+    from helpers import gradcam
+
+    model = msdnet.build("tiny").eval()
+    split = data.load("test", source=tiny_folder)
+    empty = data.Split(split.images[:0], split.labels[:0])
+    for run in (lambda: evaluate.exit_accuracies(model, empty), lambda: evaluate.predict(model, empty, cache=False),
+                lambda: gradcam.maps_for_split(model, empty, cache=False)):
+        with pytest.raises(ValueError, match="the split holds no images"):
+            run()
+    with pytest.raises(ValueError, match="needs at least one image"):
+        earlyexit.timed_costs(model, torch.rand(0, 3, 32, 32))
+    val = evaluate.Predictions(torch.randn(20, 4, 10), torch.randint(0, 10, (20,)))
+    for q in (0, -0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="q must be a positive number"):
+            policies.budget_thresholds(val, q)

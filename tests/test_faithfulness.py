@@ -5,16 +5,18 @@ import torch
 from helpers import faithfulness, msdnet
 
 
-class Recorder:
+class Recorder(torch.nn.Module):
     """Stands in for the model: remembers every batch it sees and answers with a fixed softmax."""
 
-    n_exits, training = 10, False
+    n_exits, config = 10, msdnet.MSDNetConfig()
 
     def __init__(self, mean):
+        super().__init__()
         self.mean = mean
         self.seen = []
+        self.eval()
 
-    def __call__(self, x, exits):
+    def forward(self, x, exits):
         self.seen.append(x.clone())
         logits = torch.zeros(len(x), 10)
         logits[:, 3] = x.mean(dim=(1, 2, 3)) * 10  # class 3's probability grows with brightness
@@ -93,3 +95,17 @@ def test_road_removes_the_most_or_least_relevant_pixels_first():
     assert changed(morf).tolist() == [False] * 12 + [True] * 4
     assert changed(lerf).tolist() == [True] * 4 + [False] * 12
     assert result.morf.shape == result.lerf.shape == (1, 1) and result.score().shape == (1,)
+
+
+def test_targets_must_be_one_per_image_or_one_for_all():
+    model = msdnet.build("tiny").eval()
+    images, saliency = torch.rand(4, 3, 32, 32), torch.rand(4, 32, 32)
+    for measure in (faithfulness.deletion_insertion, faithfulness.road):
+        kw = {"percentiles": (50,)} if measure is faithfulness.road else {"steps": 2}
+        with pytest.raises(ValueError, match=r"one class per image \(4\), or one class for all, got 3"):
+            measure(model, images, saliency, 2, torch.tensor([1, 2, 3]), **kw)
+        with pytest.raises(ValueError, match="between 0 and 9"):
+            measure(model, images, saliency, 2, 10, **kw)
+        one_for_all = measure(model, images, saliency, 2, 3, **kw)
+        each = measure(model, images, saliency, 2, torch.full((4,), 3), **kw)
+        assert all(torch.equal(a, b) for a, b in zip(one_for_all, each))

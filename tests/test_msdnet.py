@@ -237,3 +237,59 @@ def test_the_coarsest_size_comes_from_the_config_and_is_what_classifiers_read():
     # 64x64 images with four scales: the coarsest map is 64 / 2**3 = 8 too, the classifiers' size
     big = msdnet.MSDNetConfig(image_size=64, gr_factor=(1, 2, 4, 8), bn_factor=(1, 2, 4, 8))
     assert big.coarsest_size == 8
+
+
+def test_walk_yields_each_exit_and_goes_on_from_the_maps_it_is_handed_back():
+    model = msdnet.build("tiny").eval()
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(x)
+        numbers, kept = [], []
+        for exit in model.walk(x):
+            numbers.append(exit.number)
+            kept.append(exit.logits)
+            exit.maps = [t[1:] for t in exit.maps]  # drop the first image before the next block
+    assert numbers == [1, 2, 3, 4]
+    # Exit k saw k - 1 narrowings: the full run's logits for images k-1.. (each image is independent).
+    for k, logits in enumerate(kept, start=1):
+        torch.testing.assert_close(logits, full[k - 1][k - 1 :])
+    with torch.no_grad():
+        assert [e.number for e in model.walk(x, upto=2)] == [1, 2]
+
+
+def test_path_to_names_the_modules_an_exit_depends_on_in_order():
+    model = msdnet.build("tiny")
+    names = [name for name, _ in model.path_to(3)]
+    assert names == ["block 1", "block 2", "block 3", "classifier 3"]
+    (_, last), = model.path_to(3)[-1:]
+    assert last is dict(model.named_children())["classifiers"][2]
+    with pytest.raises(ValueError, match="between 1 and 4"):
+        model.path_to(5)
+
+
+def test_eval_mode_gives_the_model_back_module_by_module():
+    model = msdnet.build("tiny")
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    # Training, with the batch-norm layers frozen in eval mode (a common fine-tuning set-up).
+    model.train()
+    for bn in bns:
+        bn.eval()
+    with msdnet.eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and not any(bn.training for bn in bns)
+    # In eval mode with one batch-norm layer left in training mode: its statistics must not move.
+    model.eval()
+    bns[0].train()
+    before = bns[0].running_mean.clone()
+    with msdnet.eval_mode(model), torch.no_grad():
+        model(torch.rand(4, 3, 32, 32))
+    assert torch.equal(bns[0].running_mean, before)
+    assert bns[0].training and not model.training
+
+
+def test_the_value_check_runs_on_the_cpu_and_compiles_without_a_graph_break():
+    model = msdnet.build("tiny").eval()
+    with pytest.raises(ValueError, match=r"images in \[0, 1\]"):
+        model(torch.full((1, 3, 32, 32), 255.0))
+    explanation = torch._dynamo.explain(lambda x: model.standardize(x))(torch.rand(2, 3, 32, 32))
+    assert explanation.graph_break_count == 0

@@ -1,0 +1,181 @@
+"""Real early exit: images leave the network at their exit and stop computing.
+
+    EarlyExit(model, thresholds)(images)           # (predicted class [N], exit number 1..10 [N])
+    EarlyExitStream(EarlyExit(...))(images)        # the same, every block run on a full batch
+    LastExitOnly(model)(images)                    # the baseline: every block, the last classifier only
+    timed_costs(model, images)                     # each exit's cost in seconds, for policies' searches
+
+Thresholds come from `policies`; the blocks and classifiers are the model's own (through
+MSDNet.walk), so the answers equal the full network's exits at those points.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor, nn
+
+from . import msdnet
+from .evaluate import score as score_of
+from .policies import ExitTime, check_thresholds
+
+__all__ = ["EarlyExit", "EarlyExitStream", "LastExitOnly", "timed_costs"]
+
+
+class EarlyExit(nn.Module):
+    """Inference that stops: after each block the images confident enough leave; the rest go on.
+
+    Args:
+        model: an MSDNet (borrowed in eval mode on each call, given back as it came).
+        thresholds: one per exit (tensor, list or array; +inf switches an exit off), see policies.
+        score: one of evaluate.SCORES.
+    Call with float images [N, 3, H, W] in [0, 1]; returns (predicted class [N], exit number 1..n_exits [N]).
+    """
+
+    def __init__(self, model: msdnet.MSDNet, thresholds, score: str = "confidence") -> None:
+        super().__init__()
+        self.model, self.score = model, score
+        t = check_thresholds(thresholds, model.n_exits, score).float()
+        self.register_buffer("thresholds", t, persistent=False)
+        self._off = [math.isinf(v) and v > 0 for v in t.tolist()]  # read once: no host sync per block
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        with msdnet.eval_mode(self.model), torch.no_grad():
+            predicted = torch.empty(len(x), dtype=torch.long, device=x.device)
+            exit_of = torch.empty(len(x), dtype=torch.long, device=x.device)
+            alive = torch.arange(len(x), device=x.device)  # original index of each image still computing
+            for exit in self.model.walk(x):
+                leave, cls = self.decide(exit.number, exit.maps)
+                predicted[alive[leave]] = cls[leave]
+                exit_of[alive[leave]] = exit.number
+                if leave.all():
+                    break
+                if leave.any():  # only then does the batch shrink (indexing copies every scale's maps)
+                    stay = ~leave
+                    alive = alive[stay]
+                    exit.maps = [t[stay] for t in exit.maps]
+            return predicted, exit_of
+
+    def decide(self, exit: int, maps: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """After block `exit`: which images leave [B] bool, and each image's class [B].
+        An exit switched off lets nobody leave and does not run its classifier."""
+        n, device = len(maps[-1]), maps[-1].device
+        last = exit == self.model.n_exits
+        if not last and self._off[exit - 1]:
+            return torch.zeros(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.long, device=device)
+        logits = self.model.classify(exit, maps)
+        if last:
+            return torch.ones(n, dtype=torch.bool, device=device), logits.argmax(-1)
+        return score_of(logits, self.score) >= self.thresholds[exit - 1], logits.argmax(-1)
+
+
+def _select(maps, rows: Tensor):
+    """Rows of a block's input: one tensor (the image, for block 1) or a list of maps, one per scale."""
+    return maps[rows] if isinstance(maps, Tensor) else [t[rows] for t in maps]
+
+
+def _concat(states: list):
+    return torch.cat(states) if isinstance(states[0], Tensor) else [torch.cat(s) for s in zip(*states)]
+
+
+class EarlyExitStream:
+    """EarlyExit over many images with every block run on a full batch.
+
+    The images that stay after block k wait until `batch_size` of them have gathered, then go through
+    block k+1 together; the answers are EarlyExit's, only the grouping differs.
+    Args:
+        early: the EarlyExit whose model, thresholds and score are used.
+        batch_size: images per block call, >= 1.
+    Call with float images [N, 3, H, W] in [0, 1]; returns (predicted class [N], exit number [N]).
+    """
+
+    def __init__(self, early: EarlyExit, batch_size: int = 100) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.early, self.batch_size = early, batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        m, n = self.early.model, len(images)
+        predicted = torch.empty(n, dtype=torch.long, device=images.device)
+        exit_of = torch.empty(n, dtype=torch.long, device=images.device)
+        queues = [[] for _ in range(m.n_exits)]  # per block: (image indices, their input) waiting for it
+        with msdnet.eval_mode(m):
+            for start in range(0, n, self.batch_size):
+                x = images[start : start + self.batch_size]
+                idx = torch.arange(start, start + len(x), device=images.device)
+                queues[0].append((idx, m.standardize(x)))
+                self._drain(queues, predicted, exit_of, full_batches_only=True)
+            self._drain(queues, predicted, exit_of, full_batches_only=False)
+        return predicted, exit_of
+
+    def _drain(self, queues: list, predicted: Tensor, exit_of: Tensor, full_batches_only: bool) -> None:
+        # In block order, so the images that stay after block k join block k+1's queue before it is read.
+        m = self.early.model
+        for k in range(1, m.n_exits + 1):
+            waiting = sum(len(idx) for idx, _ in queues[k - 1])
+            if waiting == 0 or (full_batches_only and waiting < self.batch_size):
+                continue
+            idx = torch.cat([i for i, _ in queues[k - 1]])
+            maps = m.advance(k, _concat([state for _, state in queues[k - 1]]))
+            queues[k - 1] = []
+            leave, cls = self.early.decide(k, maps)
+            predicted[idx[leave]] = cls[leave]
+            exit_of[idx[leave]] = k
+            if not leave.all():
+                stay = ~leave
+                queues[k].append((idx[stay], _select(maps, stay)))
+
+
+class LastExitOnly(nn.Module):
+    """The network as an ordinary classifier: every block, then only the last classifier.
+
+    Call with float images [N, 3, H, W] in [0, 1]; returns logits [N, classes].
+    """
+
+    def __init__(self, model: msdnet.MSDNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        with msdnet.eval_mode(self.model), torch.no_grad():
+            for exit in self.model.walk(x):
+                pass
+            return exit.logits
+
+
+@torch.no_grad()
+def timed_costs(model: msdnet.MSDNet, images: Tensor, repeats: int = 3) -> list[ExitTime]:
+    """Each exit's cost in wall-clock seconds per image, every block and classifier timed alone.
+
+    Args:
+        images: float [B, 3, H, W] in [0, 1], at the batch size and memory format to be used.
+        repeats: timed runs per part after one warm-up; the best is kept.
+    Returns:
+        one policies.ExitTime per exit, cumulative like msdnet.exit_costs.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if len(images) == 0:
+        raise ValueError("timed_costs needs at least one image to time")
+
+    def seconds(fn) -> float:
+        fn()  # warm-up: the first call of a shape pays for allocation and kernel choice
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return best / len(images)
+
+    costs, total = [], 0.0
+    with msdnet.eval_mode(model):
+        maps = model.standardize(images)
+        for k in range(1, model.n_exits + 1):
+            block = seconds(lambda: model.advance(k, maps))
+            maps = model.advance(k, maps)
+            own = seconds(lambda: model.classify(k, maps))
+            total += block + own
+            costs.append(ExitTime(k, total, own))
+    return costs

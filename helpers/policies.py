@@ -1,0 +1,339 @@
+"""Exit policies: which exit each image leaves at, chosen on validation and simulated on predictions.
+
+    thresholds = budget_thresholds(val, q=0.6)     # the paper's budgeted batch classification
+    budgeted(test, thresholds, costs)               # accuracy, average cost, images leaving at each exit
+    one_threshold(val, costs, target)               # one confidence threshold for every exit
+    per_exit_thresholds(val, costs, target)         # the cheapest threshold per exit that keeps `target`
+    cross_validated_safety(val, costs)              # the searches' margin of safety, on validation alone
+
+An image leaves at the first exit whose score reaches that exit's threshold; the last exit takes the
+rest; a threshold of +inf switches its exit off (its classifier never runs). Costs are counted
+(msdnet.exit_costs, multiply-accumulates) or measured (earlyexit.timed_costs, seconds).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import msdnet
+from .evaluate import SCORES, Predictions
+
+__all__ = [
+    "ExitTime",
+    "Budgeted",
+    "check_thresholds",
+    "exit_shares",
+    "budget_thresholds",
+    "exit_points",
+    "budgeted",
+    "budget_curve",
+    "cheapest_matching",
+    "one_threshold",
+    "per_exit_thresholds",
+    "cross_validated_safety",
+]
+
+
+class ExitTime(NamedTuple):
+    """msdnet.ExitCost measured in seconds instead of counted in multiply-accumulates (earlyexit.timed_costs)."""
+
+    exit: int  # 1..n_exits
+    seconds: float  # per image, to reach this exit: blocks and classifiers up to it
+    classifier_seconds: float  # this exit's classifier alone (part of seconds)
+
+
+Costs = list[msdnet.ExitCost] | list[ExitTime]
+
+
+class Budgeted(NamedTuple):
+    """Early exit simulated on predictions.
+
+    Fields:
+        accuracy: in [0, 1].
+        average_cost: per image, in the costs' unit (multiply-accumulates or seconds).
+        exit_counts: images leaving at B1, B2, ..., in exit order.
+    """
+
+    accuracy: float
+    average_cost: float
+    exit_counts: list[int]
+
+    @property
+    def average_macs(self) -> float:
+        """average_cost, named for costs from msdnet.exit_costs."""
+        return self.average_cost
+
+
+def check_thresholds(thresholds, n_exits: int, score: str = "confidence") -> Tensor:
+    """Thresholds as a float64 tensor [n_exits], or one clear error.
+
+    Args:
+        thresholds: one per exit (tensor, list or array); +inf switches an exit off.
+        score: the score they apply to (evaluate.SCORES): confidence and margin lie in [0, 1], entropy <= 0.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    t = torch.as_tensor(thresholds, dtype=torch.float64).flatten().cpu()
+    if t.numel() != n_exits:
+        raise ValueError(f"need one threshold per exit, {n_exits} in all, got {t.numel()}")
+    if t.isnan().any():
+        raise ValueError("thresholds must not be NaN; use +inf to switch an exit off")
+    finite = t[:-1][t[:-1].isfinite()]
+    high = 0.0 if score == "entropy" else 1.0
+    if (finite > high).any():
+        hint = "0.9 for 90%" if score != "entropy" else "minus an entropy"
+        raise ValueError(f"{score} thresholds lie at or below {high:g} ({hint}), got {finite.max().item():g}: "
+                         "no image would ever leave early")
+    return t
+
+
+def exit_shares(q: float, n_exits: int) -> Tensor:
+    """The paper's exit distribution: the share leaving at exit k is proportional to q**k.
+
+    Args:
+        q: a positive ratio; below 1 most images leave early, above 1 most leave late.
+    Returns:
+        float64 [n_exits], summing to 1.
+    """
+    if isinstance(q, bool) or not (math.isfinite(q) and q > 0):
+        raise ValueError(f"q must be a positive number (the paper sweeps 0.05 .. 1.95), got {q!r}")
+    k = torch.arange(1, n_exits + 1, dtype=torch.float64)
+    shares = q**k
+    return shares / shares.sum()
+
+
+def budget_thresholds(val: Predictions, q: float) -> Tensor:
+    """Confidence thresholds chosen on validation so that the share leaving at exit k is proportional to q**k.
+
+    Returns:
+        float64 [exits]; the last is -inf (every image that gets there leaves).
+    """
+    conf = val.confidence.double()
+    n, n_exits = conf.shape
+    if n == 0:
+        raise ValueError("the validation predictions hold no images")
+    target = exit_shares(q, n_exits)
+    thresholds = torch.full((n_exits,), -math.inf, dtype=torch.float64)
+    remaining = torch.ones(n, dtype=torch.bool)
+    for k in range(n_exits - 1):
+        want = math.floor(n * target[k].item())
+        left = conf[remaining, k]
+        if want == 0 or len(left) == 0:
+            thresholds[k] = math.inf  # nobody leaves here
+            continue
+        thresholds[k] = left.sort(descending=True).values[min(want, len(left)) - 1]
+        remaining &= conf[:, k] < thresholds[k]
+    return thresholds
+
+
+def exit_points(scores: Tensor, thresholds: Tensor) -> Tensor:
+    """The exit each image leaves at: the first whose score reaches its threshold.
+
+    Args:
+        scores: [N, exits]; thresholds: [exits].
+    Returns:
+        int64 [N] of exit numbers 1..exits.
+    """
+    leaves = scores >= thresholds.to(scores.device)
+    leaves[:, -1] = True
+    return leaves.int().argmax(1) + 1  # argmax finds the first maximum
+
+
+def budgeted(preds: Predictions, thresholds: Tensor, costs: Costs, score: str = "confidence") -> Budgeted:
+    """Accuracy and average cost when every image leaves at its exit point.
+
+    An image leaving at exit k has paid for blocks 1..k and for the classifiers up to k that are
+    switched on (threshold below +inf), as earlyexit.EarlyExit runs them.
+    """
+    return _Table(preds, costs, score).budgeted(check_thresholds(thresholds, preds.n_exits, score))
+
+
+def _cost_columns(costs: Costs) -> tuple[Tensor, Tensor]:
+    """Cumulative cost to reach each exit and each classifier's own, from ExitCost or ExitTime."""
+    if all(isinstance(c, ExitTime) for c in costs):
+        total, own = [c.seconds for c in costs], [c.classifier_seconds for c in costs]
+    elif all(isinstance(c, msdnet.ExitCost) for c in costs):
+        total, own = [c.macs for c in costs], [c.classifier_macs for c in costs]
+    else:
+        kinds = sorted({type(c).__name__ for c in costs})
+        raise TypeError(f"costs must be all msdnet.ExitCost or all policies.ExitTime, got {', '.join(kinds)}")
+    return torch.tensor(total, dtype=torch.float64), torch.tensor(own, dtype=torch.float64)
+
+
+class _Table:
+    """What the searches need of some predictions, computed once: every score, which exits are right,
+    each exit's cost. The searches try thousands of thresholds; a softmax each would dominate."""
+
+    def __init__(self, preds: Predictions, costs: Costs, score: str) -> None:
+        if len(preds) == 0:
+            raise ValueError("the predictions hold no images")
+        if len(costs) != preds.n_exits:
+            raise ValueError(f"need one cost per exit, {preds.n_exits} in all, got {len(costs)}")
+        self.scores, self.correct = preds.score(score).double(), preds.correct
+        total, self.classifier_cost = _cost_columns(costs)
+        self.block_cost = total - self.classifier_cost.cumsum(0)  # reaching block k, no classifier run
+        self.n_exits = preds.n_exits
+
+    def budgeted(self, thresholds: Tensor) -> Budgeted:
+        return self._outcome(thresholds)[0]
+
+    def lower_bound(self, thresholds: Tensor, safety: float) -> tuple[float, Budgeted]:
+        """The accuracy minus `safety` standard errors of its paired difference from the last exit's."""
+        r, right = self._outcome(thresholds)
+        if not safety:
+            return r.accuracy, r
+        diff = right.double() - self.correct[:, -1].double()  # -1, 0 or 1 per image
+        se = ((diff.square().mean() - diff.mean().square()).clamp(min=0) / len(diff)).sqrt().item()
+        return r.accuracy - safety * se, r
+
+    def _outcome(self, thresholds: Tensor) -> tuple[Budgeted, Tensor]:
+        where = exit_points(self.scores, thresholds) - 1
+        right = self.correct.gather(1, where[:, None]).squeeze(1)
+        counts = torch.bincount(where, minlength=self.n_exits)
+        consulted = (thresholds < math.inf).double()  # a skipped exit's classifier costs nothing
+        consulted[-1] = 1.0
+        cost = self.block_cost + (self.classifier_cost * consulted).cumsum(0)
+        return Budgeted(right.double().mean().item(), cost[where].mean().item(), counts.tolist()), right
+
+
+def budget_curve(val: Predictions, test: Predictions, costs: Costs,
+                 qs: Tensor | None = None) -> list[tuple[float, Budgeted]]:
+    """Accuracy vs average cost on `test` for thresholds chosen on `val`, sweeping q (default 0.05 .. 1.95).
+
+    Returns:
+        [(q, Budgeted)] in the order of qs.
+    """
+    qs = torch.arange(1, 40) / 20 if qs is None else qs
+    return [(q, budgeted(test, budget_thresholds(val, q), costs)) for q in qs.tolist()]
+
+
+def cheapest_matching(val: Predictions, costs: Costs, target: float,
+                      qs: Tensor | None = None) -> tuple[float, Tensor]:
+    """The q whose thresholds cost least on `val` while keeping its accuracy at `target` or above.
+
+    Returns:
+        (q, thresholds [exits]).
+    """
+    _check_target(target)
+    curve = [(q, r) for q, r in budget_curve(val, val, costs, qs) if r.accuracy >= target]
+    if not curve:
+        raise ValueError(f"no q reaches accuracy {target:.4f} on the validation predictions")
+    q, _ = min(curve, key=lambda item: item[1].average_cost)
+    return q, budget_thresholds(val, q)
+
+
+def _check_target(target: float) -> None:
+    # A share, not a percentage: 89.8 could never be reached, and every exit would silently switch off.
+    if not 0 < target <= 1:  # NaN fails too
+        raise ValueError(f"target is an accuracy between 0 and 1 (0.898 for 89.8%), got {target!r}")
+
+
+def _candidates(scores: Tensor, n: int = 200) -> Tensor:
+    """Threshold values worth trying: quantiles of the scores (every distinct value when few)."""
+    flat = scores.flatten().double()
+    if flat.unique().numel() <= n:
+        return flat.unique()
+    return flat.quantile(torch.linspace(0, 1, n, dtype=torch.float64)).unique()
+
+
+def one_threshold(val: Predictions, costs: Costs, target: float,
+                  score: str = "confidence", safety: float = 0.0) -> Tensor:
+    """The lowest single threshold for every exit but the last whose validation accuracy reaches `target`.
+
+    Args:
+        target: an accuracy in (0, 1], e.g. the last exit's.
+        safety: ask the accuracy to reach `target` after subtracting this many standard errors of its
+            paired difference from the last exit.
+    Returns:
+        float64 thresholds [exits].
+    """
+    _check_target(target)
+    return _one_threshold(_Table(val, costs, score), target, safety)
+
+
+def _one_threshold(table: _Table, target: float, safety: float) -> Tensor:
+    for t in _candidates(table.scores[:, :-1]).tolist():  # ascending: the first that keeps the accuracy is the cheapest
+        thresholds = torch.full((table.n_exits,), t, dtype=torch.float64)
+        thresholds[-1] = -math.inf
+        if table.lower_bound(thresholds, safety)[0] >= target:
+            return thresholds
+    return _all_off(table.n_exits)
+
+
+def _all_off(n_exits: int) -> Tensor:
+    """Thresholds that switch every exit but the last off: the full network."""
+    thresholds = torch.full((n_exits,), math.inf, dtype=torch.float64)
+    thresholds[-1] = -math.inf
+    return thresholds
+
+
+def per_exit_thresholds(val: Predictions, costs: Costs, target: float,
+                        score: str = "confidence", rounds: int = 3, safety: float = 0.0) -> Tensor:
+    """A threshold per exit, by coordinate descent on the average cost while validation accuracy stays >= `target`.
+
+    The descent starts from one_threshold and from every exit switched off and keeps the cheaper end.
+    Args:
+        target, safety: as in one_threshold.
+        rounds: passes over the exits.
+    Returns:
+        float64 thresholds [exits] (+inf: exit off; the last is -inf).
+    """
+    _check_target(target)
+    table = _Table(val, costs, score)
+    starts = (_one_threshold(table, target, safety), _all_off(val.n_exits))
+    found = [_descend(table, start, target, rounds, safety) for start in starts]
+    feasible = [f for f in found if table.lower_bound(f[0], safety)[0] >= target] or found[:1]
+    return min(feasible, key=lambda f: f[1].average_cost)[0]
+
+
+def _descend(table: _Table, thresholds: Tensor, target: float, rounds: int, safety: float) -> tuple[Tensor, Budgeted]:
+    best = table.budgeted(thresholds)
+    grids = [torch.cat([_candidates(table.scores[:, k], 100), torch.tensor([math.inf], dtype=torch.float64)])
+             for k in range(table.n_exits - 1)]
+    for _ in range(rounds):
+        moved = False
+        for k in range(table.n_exits - 1):
+            for t in grids[k].tolist():
+                trial = thresholds.clone()
+                trial[k] = t
+                bound, r = table.lower_bound(trial, safety)
+                if bound >= target and r.average_cost < best.average_cost - 1e-9:
+                    thresholds, best, moved = trial, r, True
+        if not moved:
+            break
+    return thresholds, best
+
+
+def cross_validated_safety(val: Predictions, costs: Costs, score: str = "confidence", tolerance: float = 0.001,
+                           safeties: tuple[float, ...] = (0, 0.5, 1, 1.5, 2, 3), rounds: int = 3,
+                           seed: int = 0, search: Callable | None = None) -> float:
+    """The smallest margin of safety whose thresholds, tuned on half of `val`, hold on the other half.
+
+    Each of `rounds` seeded random halvings tunes on one half (target: its last exit's accuracy) and
+    checks on the other, both ways; a safety passes when the held-out shortfall averages <= `tolerance`.
+    Args:
+        search: per_exit_thresholds (default) or another search with its signature, e.g. one_threshold.
+    Returns:
+        the chosen safety; the largest tried when none passes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    trials = []
+    for _ in range(rounds):
+        order = torch.randperm(len(val), generator=g)
+        a, b = order[: len(val) // 2], order[len(val) // 2 :]
+        trials += [(a, b), (b, a)]
+    half = lambda idx: Predictions(val.logits[idx], val.labels[idx])  # noqa: E731
+    search = search or per_exit_thresholds
+    for safety in sorted(safeties):
+        shortfall = 0.0
+        for tune, check in trials:
+            tuned, held_out = half(tune), half(check)
+            thresholds = search(tuned, costs, tuned.correct[:, -1].double().mean().item(), score=score, safety=safety)
+            r = budgeted(held_out, thresholds, costs, score)
+            shortfall += (held_out.correct[:, -1].double().mean().item() - r.accuracy) / len(trials)
+        if shortfall <= tolerance:
+            return safety
+    return max(safeties)
