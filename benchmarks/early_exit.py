@@ -9,13 +9,13 @@ to 5,000 images fit their noise, and lose on test what they seemed to keep): the
 shares proportional to q^k), one confidence threshold for all exits, and a threshold per exit
 (coordinate descent) on the top-1 confidence, the margin between the top two, or the entropy. The per-exit thresholds are searched twice: for the fewest multiply-accumulates, and
 for the lowest time, by each block's and classifier's time measured here first
-(evaluate.timed_costs; on a CPU the first, full-resolution blocks cost far more time per
+(earlyexit.timed_costs; on a CPU the first, full-resolution blocks cost far more time per
 multiply-accumulate than the late ones). For each policy it prints the test accuracy, the simulated
 multiply-accumulates and the simulated time. Then, with the policy fastest on validation by the
 measured costs, it times on the test split the shipped MSD-Net used as an ordinary classifier (every
 block, last classifier only) against real early exit, batch against batch interleaved so a busy
 moment of the machine hits both alike: for batches of several sizes (images leave the batch as they
-exit), streamed (evaluate.EarlyExitStream: the images that stay wait for a full batch before the next
+exit), streamed (earlyexit.EarlyExitStream: the images that stay wait for a full batch before the next
 block), and for one image at a time (latency, the case early exit is for). On a CPU the full network
 is fastest at small batches and early exit at larger ones (fewer images reach the later blocks), so
 the last line compares each at its own fastest: the speed-up a user would get.
@@ -29,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
-from helpers import data, evaluate, msdnet, pretrained
+from helpers import data, earlyexit, evaluate, msdnet, policies, pretrained
 
 
 def as_input(images: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
@@ -70,9 +70,9 @@ def main() -> None:
                    help="run both networks in the channels_last memory format (faster on this CPU for both)")
     p.add_argument("--safety", default="auto", metavar="Z",
                    help="the threshold searches keep the target even Z standard errors below their validation "
-                        "accuracy (see evaluate.one_threshold); 0: the validation accuracy itself; auto (the default): "
+                        "accuracy (see policies.one_threshold); 0: the validation accuracy itself; auto (the default): "
                         "each search's Z chosen by cross-validation inside the validation hold-out "
-                        "(evaluate.cross_validated_safety), the smallest that keeps held-out halves within 0.1 point")
+                        "(policies.cross_validated_safety), the smallest that keeps held-out halves within 0.1 point")
     args = p.parse_args()
     if args.safety != "auto":
         try:
@@ -91,28 +91,28 @@ def main() -> None:
     model = model.to(memory_format=fmt)  # from here on, what is timed
     # Each block's and classifier's time on this machine, on validation images: the costs that wall
     # clock follows (multiply-accumulates overstate the late blocks and the classifiers).
-    seconds_per_exit = evaluate.timed_costs(model, as_input(val_split.images[: args.cost_batch], fmt))
+    seconds_per_exit = earlyexit.timed_costs(model, as_input(val_split.images[: args.cost_batch], fmt))
     target = val.correct[:, -1].double().mean().item()  # the full network's validation accuracy
-    q, paper = evaluate.cheapest_matching(val, costs, target)
+    q, paper = policies.cheapest_matching(val, costs, target)
 
     def safety_of(search, score: str = "confidence") -> float:
         """--safety, or (auto) the margin cross-validated for this search and score; it is about the noise
         of the validation accuracy, not the unit of cost, so the timed searches reuse it."""
         if args.safety != "auto":
             return args.safety
-        return evaluate.cross_validated_safety(val, costs, score=score, search=search)
+        return policies.cross_validated_safety(val, costs, score=score, search=search)
 
-    z_one = safety_of(evaluate.one_threshold)
-    policies = {  # name: (thresholds, the score they threshold, the safety they were searched with)
+    z_one = safety_of(policies.one_threshold)
+    choices = {  # name: (thresholds, the score they threshold, the safety they were searched with)
         f"paper (q^k shares, q = {q:.2f})": (paper, "confidence", 0.0),
-        "one confidence threshold": (evaluate.one_threshold(val, costs, target, safety=z_one), "confidence", z_one),
+        "one confidence threshold": (policies.one_threshold(val, costs, target, safety=z_one), "confidence", z_one),
     }
     for score in evaluate.SCORES:
-        z = safety_of(evaluate.per_exit_thresholds, score)
+        z = safety_of(policies.per_exit_thresholds, score)
         for unit, c in (("", costs), (", timed", seconds_per_exit)):
             policies[f"a threshold per exit ({score}{unit})"] = (
-                evaluate.per_exit_thresholds(val, c, target, score=score, safety=z), score, z)
-    baseline = evaluate.LastExitOnly(model)
+                policies.per_exit_thresholds(val, c, target, score=score, safety=z), score, z)
+    baseline = earlyexit.LastExitOnly(model)
     with FlopCounterMode(display=False) as counter:
         baseline(torch.zeros(1, 3, 32, 32))
     full_macs = counter.get_total_flops() // 2  # every block, the last classifier only
@@ -129,19 +129,19 @@ def main() -> None:
     print("'timed': thresholds searched for the lowest measured time instead of the fewest multiply-accumulates")
     print(f"{'policy':42s} {'z':>3s} {'val acc':>8s} {'test acc':>8s} {'M MACs':>7s} {'fewer':>6s} {'ms/im':>6s} {'faster':>6s}  exits used on test")
     chosen, best_val_seconds = None, float("inf")
-    for name, (thresholds, score, z) in policies.items():
-        v, t = evaluate.budgeted(val, thresholds, costs, score), evaluate.budgeted(test, thresholds, costs, score)
-        t_sec = evaluate.budgeted(test, thresholds, seconds_per_exit, score).average_cost
+    for name, (thresholds, score, z) in choices.items():
+        v, t = policies.budgeted(val, thresholds, costs, score), policies.budgeted(test, thresholds, costs, score)
+        t_sec = policies.budgeted(test, thresholds, seconds_per_exit, score).average_cost
         print(f"{name:42s} {z:3g} {v.accuracy:8.2%} {t.accuracy:8.2%} {t.average_macs / 1e6:7.1f} "
               f"{full_macs / t.average_macs:5.2f}x {t_sec * 1e3:6.3f} {full_seconds / t_sec:5.2f}x  "
               f"{t.exit_counts}{switched_off(thresholds)}")
-        v_sec = evaluate.budgeted(val, thresholds, seconds_per_exit, score).average_cost
+        v_sec = policies.budgeted(val, thresholds, seconds_per_exit, score).average_cost
         if v_sec < best_val_seconds:  # chosen on validation, like the thresholds, by the time it predicts
             chosen, best_val_seconds = name, v_sec
-    thresholds, score, _ = policies[chosen]
-    sim = evaluate.budgeted(test, thresholds, costs, score)
-    sim_seconds = evaluate.budgeted(test, thresholds, seconds_per_exit, score).average_cost
-    early = evaluate.EarlyExit(model, thresholds, score=score)
+    thresholds, score, _ = choices[chosen]
+    sim = policies.budgeted(test, thresholds, costs, score)
+    sim_seconds = policies.budgeted(test, thresholds, seconds_per_exit, score).average_cost
+    early = earlyexit.EarlyExit(model, thresholds, score=score)
 
     split = data.subset(full_split, args.images) if args.images < len(full_split) else full_split
     one = data.subset(full_split, args.latency_images)
@@ -154,7 +154,7 @@ def main() -> None:
         for b in args.batch_sizes:
             full_s[b], early_s[b], full_out, early_out = interleaved(baseline, early, split.images, b, fmt)
             start = time.perf_counter()
-            streamed, _ = evaluate.EarlyExitStream(early, b)(as_input(split.images, fmt))
+            streamed, _ = earlyexit.EarlyExitStream(early, b)(as_input(split.images, fmt))
             stream_s[b] = time.perf_counter() - start
             print(f"{b:6d} {len(split) / full_s[b]:9.0f} im/s {len(split) / early_s[b]:7.0f} im/s {full_s[b] / early_s[b]:8.2f}x "
                   f"{len(split) / stream_s[b]:5.0f} im/s {full_s[b] / stream_s[b]:8.2f}x")

@@ -45,10 +45,10 @@ class OneExit(nn.Module):
         self.model, self.k, self.tap = model, k, nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xs = self.model.normalize(x)
-        for block in self.model.blocks[: self.k]:
-            xs = block(xs)
-        return self.model.classifiers[self.k - 1](self.tap(xs[-1]))
+        xs = self.model.standardize(x)
+        for block in range(1, self.k + 1):
+            xs = self.model.advance(block, xs)
+        return self.model.classify(self.k, [*xs[:-1], self.tap(xs[-1])])
 
 
 def pytorch_grad_cam(model, x: torch.Tensor) -> torch.Tensor:

@@ -7,16 +7,25 @@ Nothing is executed (the notebooks are committed executed), so it builds in seco
 import shutil
 from pathlib import Path
 
-# The README and the notebooks live at the repository's top; Sphinx reads only its own folder, and their
-# links (README -> notebooks/..., notebook -> notebook) must resolve inside it. So each build copies them
-# in (docs/README.md and docs/notebooks/ are ignored by git): the site always shows what is committed.
 _here = Path(__file__).resolve().parent
-(_here / "notebooks").mkdir(exist_ok=True)
-for _nb in sorted((_here.parent / "notebooks").glob("*.ipynb")):
-    # On the site the README is the front page (index.md includes it), so a notebook's link to a README
-    # section points there; on GitHub the same link opens README.md.
-    (_here / "notebooks" / _nb.name).write_text(_nb.read_text().replace("../README.md#", "../index.md#"))
-shutil.copy2(_here.parent / "README.md", _here / "README.md")
+
+
+def _copy_sources(app) -> None:
+    """Copy the README and the notebooks in when a build starts (Sphinx reads only its own folder).
+
+    Their links (README -> notebooks/..., notebook -> README) must resolve inside docs/; the copies are
+    ignored by git, so the site always shows what is committed. Reading this file writes nothing.
+    """
+    (_here / "notebooks").mkdir(exist_ok=True)
+    for nb in sorted((_here.parent / "notebooks").glob("*.ipynb")):
+        # On the site the README is the front page (index.md includes it).
+        (_here / "notebooks" / nb.name).write_text(nb.read_text().replace("../README.md#", "../index.md#"))
+    shutil.copy2(_here.parent / "README.md", _here / "README.md")
+
+
+def setup(app) -> None:
+    app.connect("builder-inited", _copy_sources)
+
 
 project = "Visualizing MSD-Net with Grad-CAM"
 author = "the series' authors"

@@ -17,6 +17,8 @@ __all__ = ["ConvBNReLU", "ConvPath", "ScaleUnit", "MSDLayer", "FirstLayer", "Tra
 
 
 class ConvBNReLU(nn.Sequential):
+    """Convolution (no bias), batch norm, ReLU: the unit every path of the network is made of."""
+
     def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> None:
         super().__init__(
             nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),

@@ -85,6 +85,7 @@ class MSDNetConfig:
 
     @property
     def n_scales(self) -> int:
+        """How many scales the first layer makes (3 on CIFAR: 32x32, 16x16, 8x8)."""
         return len(self.gr_factor)
 
     @property
@@ -94,6 +95,7 @@ class MSDNetConfig:
 
     @property
     def layers_per_block(self) -> list[int]:
+        """MSD layers in each block, block 1 first (4, 2, 2, ... for the CIFAR presets)."""
         later = [self.step if self.step_mode == "even" else self.step * i + 1 for i in range(1, self.n_blocks)]
         return [self.base, *later]
 
@@ -103,6 +105,7 @@ class MSDNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MSDNetConfig":
+        """The config saved by to_dict; unknown fields are refused."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -160,6 +163,7 @@ class MSDNet(nn.Module):
 
     @property
     def n_exits(self) -> int:
+        """How many exits (blocks, each with its classifier) the network has."""
         return len(self.blocks)
 
     def _init_weights(self) -> None:

@@ -23,6 +23,19 @@ def site(tmp_path_factory) -> Path:
     return out
 
 
+def test_reading_the_sites_configuration_writes_nothing(tmp_path):
+    import runpy
+
+    (tmp_path / "docs").mkdir()
+    shutil.copy2(ROOT / "docs" / "conf.py", tmp_path / "docs" / "conf.py")
+    (tmp_path / "README.md").write_text("# a readme\n")
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "01_a.ipynb").write_text("{}")
+    runpy.run_path(str(tmp_path / "docs" / "conf.py"))
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["conf.py"]
+
+
+@pytest.mark.slow
 def test_the_site_has_the_readme_as_front_page_and_every_notebook(site):
     index = (site / "index.html").read_text()
     assert "Visualizing MSD-Net with Grad-CAM" in index and "The two commands" in index
