@@ -1,7 +1,13 @@
-"""Checkpoints that hold tensors and plain types only, written atomically, read with weights_only=True."""
+"""Checkpoints: tensors and plain types only, stamped with their format, written atomically, read with
+weights_only=True.
+
+    python -m helpers.checkpoint compact runs/X/last.pt small.pt   # half precision, no optimizer
+    python -m helpers.checkpoint upgrade old.pt new.pt             # weights of an older format, re-saved
+"""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -9,22 +15,54 @@ import torch
 from . import atomic
 from .msdnet import MSDNet, MSDNetConfig
 
-__all__ = ["CheckpointError", "save", "read", "check_config", "load_weights", "half", "compact"]
+__all__ = ["FORMAT", "CheckpointError", "save", "write", "read", "check_config", "load_weights", "half", "compact",
+           "upgrade"]
+
+FORMAT = 2  # the "format" every checkpoint carries; read() refuses any other
+
+_PLAIN = (torch.Tensor, str, int, float, bool, type(None))
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable, or made for another network; the message says which."""
+    """A checkpoint that is missing, unreadable, of another format or made for another network."""
+
+
+def write(payload: dict, path: str | os.PathLike) -> None:
+    """Write a checkpoint atomically, stamped with FORMAT.
+
+    Args:
+        payload: tensors, str, int, float, bool, None, and lists, tuples and dicts of them.
+        path: where to write it.
+    """
+    _check_plain(payload, "checkpoint")
+    atomic.save({**payload, "format": FORMAT}, path)
 
 
 def save(model: MSDNet, path: str | os.PathLike) -> None:
-    """The weights of `model` with its config, written atomically, in the format read() and
-    pretrained.load(path, verify=False) take: tensors and plain types only."""
-    atomic.save({"format": "msdnet-weights/1", "config": model.config.to_dict(), "model": model.state_dict()}, path)
+    """Write the weights of `model` with its config; pretrained.load(path, verify=False) reads them back."""
+    write({"config": model.config.to_dict(), "model": model.state_dict()}, path)
+
+
+def _check_plain(obj, where: str) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_plain(k, where)
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN):
+        raise TypeError(f"{where} is a {type(obj).__name__}: a checkpoint holds tensors and plain types only")
 
 
 def read(path: str | os.PathLike, map_location="cpu") -> dict:
-    """The checkpoint at `path` as a dict holding at least 'model' (a state dict) and 'config' (plain
-    types), loaded with weights_only=True; one CheckpointError that says what is wrong otherwise."""
+    """Read a checkpoint of this FORMAT with weights_only=True.
+
+    Returns:
+        a dict holding at least 'model' (a state dict) and 'config' (plain types).
+    Raises:
+        CheckpointError: the file is missing, unreadable, of another format, or no MSD-Net checkpoint.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -42,7 +80,30 @@ def read(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} holds no MSD-Net checkpoint (expected a dict with 'model' and 'config', "
                               "as checkpoint.save writes)")
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is a checkpoint of format {ckpt.get('format')!r}, these helpers read format {FORMAT} only. "
+            f"Weights: convert them with `python -m helpers.checkpoint upgrade {path} NEW.pt`; a run's last.pt: "
+            "finish it with the helpers that started it, or train again")
     return ckpt
+
+
+def upgrade(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Re-save the weights and config of a checkpoint of an older format in this FORMAT.
+
+    Everything else the old file held (a run's settings, its optimizer) is left behind.
+    """
+    try:
+        old = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{src} is not a readable checkpoint ({e})") from e
+    if not isinstance(old, dict) or "model" not in old or "config" not in old:
+        raise CheckpointError(f"{src} holds no MSD-Net weights (a dict with 'model' and 'config') to upgrade")
+    try:
+        MSDNetConfig.from_dict(old["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{src} has an invalid MSD-Net config: {e}") from e
+    write({"config": old["config"], "model": old["model"]}, dst)
 
 
 def check_config(ckpt_config: dict, model_config: MSDNetConfig, path: str | os.PathLike = "checkpoint") -> None:
@@ -63,8 +124,11 @@ def check_config(ckpt_config: dict, model_config: MSDNetConfig, path: str | os.P
 
 
 def load_weights(model: MSDNet, ckpt: dict, path: str | os.PathLike = "checkpoint") -> None:
-    """Put a read() checkpoint's weights into `model`, after checking it was made for this network
-    (`path` only names the file in the errors)."""
+    """Put a read() checkpoint's weights into `model` after checking they fit it.
+
+    Args:
+        path: names the file in the errors only.
+    """
     check_config(ckpt["config"], model.config, path)
     try:
         model.load_state_dict(ckpt["model"])
@@ -73,33 +137,40 @@ def load_weights(model: MSDNet, ckpt: dict, path: str | os.PathLike = "checkpoin
 
 
 def half(state: dict) -> dict:
-    """A state dict with its floating-point tensors in half precision (what ships and travels)."""
+    """A state dict with its floating-point tensors in half precision."""
     return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def compact(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """A training checkpoint made small enough to carry between machines (git, a GPU's output folder):
-    the weights and their moving average in half precision, the optimizer's state dropped. `--resume`
-    continues from it with the momentum starting again from zero, so not bit for bit, but at the
-    same step of the same schedule, data order and random state."""
+    """A training checkpoint small enough to carry: weights and average in half precision, no optimizer.
+
+    `--resume` continues from it at the same step, with the momentum starting again from zero.
+    """
     ckpt = read(src)
     small = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scaler")}
     small["model"] = half(ckpt["model"])
     if "ema" in ckpt:
         small["ema"] = half(ckpt["ema"])
-    atomic.save(small, dst)  # a temporary name, then a rename: never half a checkpoint
+    write(small, dst)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m helpers.checkpoint")
+    p.add_argument("command", choices=["compact", "upgrade"],
+                   help="compact: half precision, no optimizer; upgrade: weights of an older format re-saved")
+    p.add_argument("src")
+    p.add_argument("dst")
+    args = p.parse_args(argv)
+    try:
+        (compact if args.command == "compact" else upgrade)(args.src, args.dst)
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.dst}: {Path(args.dst).stat().st_size / 1e6:.1f} MB")
+    return 0
 
 
 if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m helpers.checkpoint", description="compact SRC DST: " + compact.__doc__.split(":")[0])
-    p.add_argument("command", choices=["compact"])
-    p.add_argument("src")
-    p.add_argument("dst")
-    args = p.parse_args()
-    try:
-        compact(args.src, args.dst)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}")
-    print(f"{args.dst}: {Path(args.dst).stat().st_size / 1e6:.1f} MB")
+    sys.exit(main())

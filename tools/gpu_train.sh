@@ -15,7 +15,7 @@
 # chosen on validation (best.pt) and the last epoch's trained weights (last.pt, without the optimizer
 # and the average), both in half precision: about 10 MB each, small enough to bring back. That last.pt
 # is for the export to compare, not to resume (it lacks the optimizer and the average).
-# `python -m helpers.pretrained export --run <that folder> --command "..."` turns them into a card
+# `python -m helpers.export --run <that folder> --command "..."` turns them into a card
 # naming the GPU. The run itself (full precision, resumable) stays in $RUN (default $OUT/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
