@@ -39,6 +39,7 @@ def read(spec: str, folder: Path) -> torch.nn.Module:
             raise checkpoint.CheckpointError(f"{spec!r} is neither a weights file nor a commit of this repository "
                                              f"that holds {SHIPPED} (git: {shown.stderr.decode().strip()})")
         path.write_bytes(shown.stdout)
+        checkpoint.upgrade(path, path)  # a commit's weights may predate the current checkpoint format
     return pretrained.load(path, verify=False)
 
 
