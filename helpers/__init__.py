@@ -1,6 +1,6 @@
 """The reusable code of the notebooks, one idea a module (see the README's Python block):
 
-msdnet and layers (the model), pretrained (the shipped weights), data (CIFAR-10), evaluate (every
+msdnet and layers (the model), pretrained (loading the shipped weights), export (a run into a shipped card), data (CIFAR-10), evaluate (every
 exit's predictions and their accuracy), policies (which exit an image leaves at), earlyexit (the
 real early-exit runtime), gradcam (Grad-CAM and its relatives), analysis and faithfulness (judging
 the maps), explorer (the app), train (the training command), checkpoint (saving and reading weights).
@@ -11,7 +11,7 @@ the maps), explorer (the app), train (the training command), checkpoint (saving 
 import importlib
 
 __all__ = ["analysis", "app", "atomic", "cache", "checkpoint", "data", "earlyexit", "evaluate", "explorer",
-           "faithfulness", "gradcam", "layers", "msdnet", "policies", "pretrained", "reference", "runs", "train", "viz"]
+           "export", "faithfulness", "gradcam", "layers", "msdnet", "policies", "pretrained", "reference", "runs", "train", "viz"]
 
 
 def __getattr__(name: str):
