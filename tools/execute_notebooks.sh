@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Re-execute the notebooks in full mode, in place, as they are committed; then drop the stored
 # progress bars. Two lanes of one thread each, so every notebook's stated run time is "on one
-# thread while another notebook ran on the second core". Order: 04 and 06 read the predictions
-# notebook 03 caches, 07 the maps notebook 05 caches.
+# thread while another notebook ran on the second core". Order: 04, 05 and 07 read the predictions
+# notebook 03 caches, 08 the maps notebook 06 caches.
 #
 #   CIFAR10_SOURCE=path/to/cifar10-jpeg.tar.gz bash tools/execute_notebooks.sh [NN ...]
 #
@@ -36,7 +36,7 @@ side_by_side() {  # side_by_side "NN ..." "NN ...": two lanes at once, each runn
 if [ $# -gt 0 ]; then
     for n in "$@"; do run "$n"; done
 else
-    side_by_side "03" "01 02"     # 03 caches the predictions that 04 and 06 read
-    side_by_side "05 07" "04 06"  # 05 caches the maps that 07 reads
+    side_by_side "03" "01 02"        # 03 caches the predictions that 04, 05 and 07 read
+    side_by_side "06 08" "04 05 07"  # 06 caches the maps that 08 reads
 fi
 python tools/drop_progress_bars.py notebooks/*.ipynb
