@@ -18,8 +18,10 @@ def _copy_sources(app) -> None:
     """
     (_here / "notebooks").mkdir(exist_ok=True)
     for nb in sorted((_here.parent / "notebooks").glob("*.ipynb")):
-        # On the site the README is the front page (index.md includes it).
-        (_here / "notebooks" / nb.name).write_text(nb.read_text().replace("../README.md#", "../index.md#"))
+        # On GitHub a notebook links the README and the site's pages as ../README.md and ../docs/<page>.md;
+        # on the site the front page is index.md and the pages sit one folder up from the notebooks.
+        text = nb.read_text().replace("../README.md#", "../index.md#").replace("../docs/", "../")
+        (_here / "notebooks" / nb.name).write_text(text)
     shutil.copy2(_here.parent / "README.md", _here / "README.md")
 
 
