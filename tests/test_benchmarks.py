@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+pytestmark = pytest.mark.slow  # each runs a benchmark script in a process of its own: the slow lane
 
 
 @pytest.mark.parametrize("script", ["early_exit.py", "gradcam.py", "explorer.py", "train_speed.py",
