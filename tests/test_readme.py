@@ -4,6 +4,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 CI = (ROOT / ".ci" / "run").read_text()
@@ -24,6 +26,58 @@ def test_ci_runs_exactly_the_readmes_setup_and_test_commands():
     setup, tests = bash_blocks(README)[0][0], bash_blocks(README)[1]
     assert len(tests) == 1
     assert ci_commands() == [setup, tests[0]]
+
+
+def test_the_test_command_is_the_one_any_user_types_and_ci_only_adds_the_data_source():
+    """A user's machine has no ../shared: the README's command takes CIFAR-10 from torchvision (or the user's
+    CIFAR10_SOURCE); CI exports its offline copy on a line of its own before running that same command."""
+    command = bash_blocks(README)[1][0]
+    assert command == "MSDNET_QUICK=1 python -m pytest --nbval-lax tests notebooks"
+    assert "../shared" not in README
+    lines = CI.splitlines()
+    test_line = lines.index(command)
+    assert any(line.startswith("export CIFAR10_SOURCE=") for line in lines[:test_line]), "CI must export CIFAR10_SOURCE first"
+    assert "`CIFAR10_SOURCE`" in README and "exports `CIFAR10_SOURCE`" in README
+    assert '`python -m pytest -m "not slow" tests`' in README  # the contributors' fast lane
+
+
+def test_the_readme_is_a_front_page():
+    """At most 200 lines, and no making-of: the training chronicle and the day's measurements live on the site."""
+    assert len(README.splitlines()) <= 200
+    for word in ("cycle", "issue", "half-pace", "half its usual pace"):
+        assert word not in README.lower(), word
+    assert not re.search(r"\b20\d\d-\d\d-\d\d\b", README), "no dates of runs in the README"
+
+
+def test_the_readmes_links_point_at_files_that_exist():
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README)
+    local = [link for link in links if "://" not in link]
+    assert any(link.startswith("docs/") for link in local) and any(link.startswith("notebooks/") for link in local)
+    for link in local:
+        assert (ROOT / link).exists(), link
+
+
+def test_the_site_includes_the_readmes_set_up_section():
+    """docs/index.md includes the README between two markers; the notebooks link its offline notes."""
+    start, end = README.index("<!-- site: start -->"), README.index("<!-- site: end -->")
+    included = README[start:end]
+    assert "## The two commands" in included and "### On a laptop without a GPU, or offline" in included
+    assert bash_blocks(included)[:2] == bash_blocks(README)[:2]
+    assert "](docs/" not in included  # a link that resolves on GitHub would not inside docs/
+
+
+def slug(heading: str) -> str:
+    """A heading's anchor, as GitHub and MyST (myst_heading_anchors) make it."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_notebooks_links_into_the_readme_land_on_its_headings():
+    """Notebooks link ../README.md#<heading>; on the site that heading must sit in the part index.md includes."""
+    included = README[README.index("<!-- site: start -->"):README.index("<!-- site: end -->")]
+    anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", included, flags=re.M)}
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for anchor in re.findall(r"\.\./README\.md#([\w-]+)", nb.read_text()):
+            assert anchor in anchors, f"{nb.name} links README.md#{anchor}, not a heading of the site's part"
 
 
 def table_row(label: str) -> list[float]:
@@ -66,21 +120,23 @@ def test_the_readmes_reference_rows_are_the_reference_module():
     assert table_row("blog's model") == list(reference.BLOG_SEED)
 
 
+@pytest.mark.slow
 def test_the_api_block_runs_as_written(real_cifar, tmp_path, monkeypatch):
     """The README's Python block is what a user copies first: every name it uses is defined in it, and it
-    runs from top to bottom (on the real CIFAR-10; the explorer is only asked for, notebook 06 runs it)."""
+    runs from top to bottom (on the real CIFAR-10; the explorer is only asked for, notebook 07 runs it)."""
     from helpers import data, explorer
 
     real_cifar("test")  # in CI a missing dataset fails here, never skips
     monkeypatch.setenv(data.ENV_SOURCE, str(real_cifar.source))  # found as a user's shell finds it
     monkeypatch.setattr(data, "DATA_DIR", real_cifar.data_dir)  # decoded once per test session
     block = re.search(r"```python\n(.*?)```", README, flags=re.S).group(1)
+    assert len(block.strip().splitlines()) <= 15, "the API glance stays a glance"
     asked = []
     monkeypatch.setattr(explorer, "explore", lambda model, *a, **kw: asked.append(model))
-    monkeypatch.chdir(tmp_path)  # it saves my-weights.pt where it runs
+    monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)
     assert scope["saliency"].shape == (8, 32, 32) and scope["fine"].shape == (8, 3, 32, 32)
-    assert scope["predicted"].shape == scope["exit_index"].shape == (8,) and len(scope["tta"]) == 10
+    assert scope["predicted"].shape == scope["exits"].shape == (8,)
+    assert 1 <= int(scope["exits"].min()) and int(scope["exits"].max()) <= 10  # exit numbers, B1..B10
     assert 0.8 < scope["target"] < 1 and asked == [scope["model"]]
-    assert (tmp_path / "my-weights.pt").is_file()

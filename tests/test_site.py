@@ -1,10 +1,14 @@
-"""The series as a website: Sphinx builds it from the README and the committed notebooks with warnings as
-errors, and every page opens in a real chromium with its figures drawn. In CI a missing chromium or
-Playwright is a failure, never a skip."""
+"""The series as a website: Sphinx builds it from the committed notebooks, the README's set-up section and the
+pages in docs/ with warnings as errors; its math is drawn by MathJax, every notebook can be downloaded, and
+every page opens in a real chromium with its figures drawn. In CI a missing chromium or Playwright is a
+failure, never a skip."""
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -36,12 +40,89 @@ def test_reading_the_sites_configuration_writes_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_site_has_the_readme_as_front_page_and_every_notebook(site):
+def test_the_site_has_a_front_page_every_notebook_and_the_reference_pages(site):
     index = (site / "index.html").read_text()
-    assert "Visualizing MSD-Net with Grad-CAM" in index and "The two commands" in index
+    assert "Visualizing MSD-Net with Grad-CAM" in index and "The two commands" in index  # the README's set-up
     for name in NOTEBOOKS:
         assert (site / "notebooks" / f"{name}.html").is_file(), name
         assert f'href="notebooks/{name}.html"' in index, f"the front page does not link {name}"
+    for page in PAGES:
+        assert (site / f"{page}.html").is_file(), page
+        assert f'href="{page}.html"' in index, f"the front page does not link {page}"
+
+
+PAGES = ["appendix", "benchmarks", "api", "glossary"]
+
+
+@pytest.mark.slow
+def test_the_reference_pages_have_their_content(site):
+    api = (site / "api.html").read_text()
+    for module in ("msdnet", "data", "evaluate", "policies", "earlyexit", "gradcam"):
+        assert f'id="module-helpers.{module}"' in api, f"api.html lacks helpers.{module}"
+    glossary = (site / "glossary.html").read_text()
+    for term in ("term-exit", "term-Grad-CAM", "term-ROAD", "term-overthinking"):
+        assert f'id="{term}"' in glossary, term
+    appendix = (site / "appendix.html").read_text()
+    assert "How the checkpoint was made" in appendix and "tools/gpu_train.sh" in appendix
+
+
+@pytest.mark.slow
+def test_every_notebook_page_offers_its_notebook_for_download(site):
+    for name in NOTEBOOKS:
+        html = (site / "notebooks" / f"{name}.html").read_text()
+        assert f'href="../_sources/notebooks/{name}.ipynb"' in html, f"{name}: no download link"
+        downloaded = json.loads((site / "_sources" / "notebooks" / f"{name}.ipynb").read_text())
+        assert downloaded["cells"], name
+
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class _TextOutsideMath(HTMLParser):
+    """The page's text outside code, scripts and the math elements MathJax typesets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: list[bool] = []  # per open element: is its content left out?
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in VOID:
+            return
+        classes = (dict(attrs).get("class") or "").split()
+        self.open.append(tag in ("script", "style", "code", "pre") or "math" in classes)
+
+    def handle_endtag(self, tag):
+        if tag not in VOID and self.open:
+            self.open.pop()
+
+    def handle_data(self, data):
+        if not any(self.open):
+            self.text.append(data)
+
+
+def notebook_math(name: str) -> list[str]:
+    """The $...$ and $$...$$ spans of a notebook's markdown cells."""
+    cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+    text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    text = re.sub(r"`[^`]*`", "", text)  # code spans are not math
+    return re.findall(r"\$\$.+?\$\$|\$[^$\n]+\$", text, flags=re.S)
+
+
+@pytest.mark.slow
+def test_the_notebooks_math_is_typeset_not_shown_raw(site):
+    with_math = [name for name in NOTEBOOKS if notebook_math(name)]
+    assert with_math, "no notebook writes math: this test checks nothing"
+    for name in NOTEBOOKS:
+        html = (site / "notebooks" / f"{name}.html").read_text()
+        parser = _TextOutsideMath()
+        parser.feed(html)
+        raw = re.findall(r"\$[^$\s][^$]*?\$", "".join(parser.text))
+        assert not raw, f"{name}: math left as text: {raw[:3]}"
+        if name in with_math:
+            assert re.search(r'<script[^>]+src="[^"]*mathjax[^"]*"', html), f"{name}: MathJax is not loaded"
+            typeset = re.findall(r'<(?:span|div) class="math[^"]*">\s*(\\\(|\\\[|\$\$)', html)
+            assert len(typeset) >= len(notebook_math(name)), f"{name}: {len(typeset)} math elements for {len(notebook_math(name))} formulas"
 
 
 @pytest.mark.slow
