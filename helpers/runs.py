@@ -1,6 +1,7 @@
 """The machinery that keeps a long training run safe, apart from what it computes: one process or
 several (torchrun), the device and its number format, a lock on the output folder, stop requests
-(Ctrl-C, SIGTERM, a time limit), a loss that stops being finite, and the log file's lines."""
+(Ctrl-C, SIGTERM, a time limit), a loss that stops being finite, the log file's lines, and the resume
+state: where a run stands, and the check that a resume continues the same run."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 try:
@@ -21,9 +23,17 @@ except ImportError:  # Windows
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
-__all__ = ["Dist", "device_for", "autocast_dtype", "hardware_name", "OutFolderBusy", "exclusive", "Diverged",
-           "TimeUp", "StopRequest", "append_record", "last_logged_epoch"]
+from .checkpoint import CheckpointError
+
+__all__ = ["SetupError", "Dist", "device_for", "autocast_dtype", "hardware_name", "OutFolderBusy", "exclusive",
+           "Diverged", "TimeUp", "StopRequest", "append_record", "last_logged_epoch", "TRAIN_STATE", "RUN_DEFINING",
+           "run_settings", "resolved", "Progress", "check_resume", "check_data"]
+
+
+class SetupError(ValueError):
+    """A setting that cannot work on this machine (a device it lacks, a folder it cannot write)."""
 
 
 class Dist:
@@ -44,12 +54,41 @@ class Dist:
             dist.barrier()
 
 
-def device_for(args: argparse.Namespace) -> torch.device:
-    if args.device:
-        return torch.device(args.device)
+def _devices_here() -> str:
+    names = ["cpu"]
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return ", ".join(names)
+
+
+def device_for(spec: str | None) -> torch.device:
+    """The device `--device` names, checked to exist on this machine.
+
+    Args:
+        spec: a device name ("cpu", "cuda", "cuda:1", "mps"); None picks CUDA (this process's
+            LOCAL_RANK under torchrun) when there is one, else the CPU.
+    Raises:
+        SetupError: no such device here; the message lists the devices there are.
+    """
+    if not spec:
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise SetupError(f"--device {spec}: not a device name; devices here: {_devices_here()}") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = (
+        (device.type == "cuda" and (count == 0 or (device.index or 0) >= count))
+        or (device.type == "mps" and not torch.backends.mps.is_available())
+        or device.type not in ("cpu", "cuda", "mps")
+    )
+    if missing:
+        raise SetupError(f"--device {spec}: this machine has no such device; use one of: {_devices_here()}")
+    return device
 
 
 def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
@@ -75,16 +114,27 @@ class OutFolderBusy(RuntimeError):
 def exclusive(out: Path):
     """Hold <out>/.lock while training, so a second run into the same folder is refused instead of
     interleaving its checkpoints and log with ours. The operating system releases the lock when the
-    process ends, however it ends, so a killed run never leaves the folder locked."""
-    if fcntl is None or int(os.environ.get("RANK", 0)) != 0:  # Windows: no lock; DDP: rank 0 holds it
+    process ends, however it ends, so a killed run never leaves the folder locked.
+
+    Raises:
+        SetupError: the folder cannot be made or written.
+        OutFolderBusy: another run holds it.
+    """
+    out = Path(out)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun rank 0 holds the lock
         yield
         return
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutFolderBusy(f"another training run is writing to {out}; wait for it to end, or choose another --out") from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "w")
+    except OSError as e:
+        raise SetupError(f"--out {out}: cannot write there ({e.strerror or e}); choose a folder you can write to") from None
+    with lock:
+        if fcntl is not None:  # Windows: no lock
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutFolderBusy(f"another training run is writing to {out}; wait for it to end, or choose another --out") from None
         try:
             yield
         finally:
@@ -138,3 +188,87 @@ class StopRequest:
     def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- the resume state
+
+TRAIN_STATE = 1  # the version of what last.pt holds for --resume; a resume refuses any other
+
+# Settings that define what a run computes; --resume refuses to change them.
+RUN_DEFINING = (
+    "preset", "epochs", "batch_size", "accumulate", "lr", "momentum", "weight_decay", "schedule",
+    "warmup_epochs", "label_smoothing", "distill", "distill_temperature", "ema", "swa", "seed", "val_size",
+    "train_subset", "init_from", "channels_last", "amp", "cutout", "fit_to",
+)  # fmt: skip
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The settings of RUN_DEFINING, as the command gave them."""
+    return {k: getattr(args, k) for k in RUN_DEFINING}
+
+
+def resolved(path: str | os.PathLike | None) -> str | None:
+    """A path written any way (relative, with .., through a link) as one absolute spelling."""
+    return str(Path(path).resolve()) if path else None
+
+
+@dataclass
+class Progress:
+    """Where a run stands: all that --resume needs besides the weights, the optimizer and the random
+    state. The checkpoint's keys are these fields' names."""
+
+    epoch: int = 0  # epochs finished
+    batch_in_epoch: int = 0  # steps done in the current epoch
+    perm: Tensor | None = None  # the current epoch's order of the training images
+    elapsed_s: float = 0.0  # seconds of training (validation excluded), earlier processes included
+    epoch_images: int = 0  # images trained on in the current epoch
+    epoch_loss_sum: float = 0.0  # the current epoch's batch losses, summed
+    epoch_time_s: float = 0.0  # the current epoch's training seconds before an interruption
+    best_score: float = -1.0  # mean validation accuracy over the exits of the weights in best.pt
+    fitted_epochs: int = 0  # the schedule's length --fit-to chose after the first epoch (0: not yet, or off)
+    epoch_record: dict = field(default_factory=dict)  # the last finished epoch's log record
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, ckpt: dict) -> "Progress":
+        return cls(**{f.name: ckpt[f.name] for f in fields(cls)})
+
+
+def check_resume(ckpt: dict, args: argparse.Namespace, path: Path) -> None:
+    """Refuse to resume `ckpt`, read from `path`, unless it is this version's resume state of the run
+    `args` describe.
+
+    Raises:
+        CheckpointError: an older resume state, or other settings (--init-from compared as a resolved path).
+    """
+    if ckpt.get("train_state") != TRAIN_STATE:
+        raise CheckpointError(
+            f"cannot resume {path}: it holds the resume state of another version of helpers.train "
+            f"({ckpt.get('train_state')!r}, this one reads {TRAIN_STATE}). Finish that run with the helpers that "
+            f"began it, or start a new run from its weights: --init-from {path} with another --out")
+    saved, asked = ckpt["run"], run_settings(args)
+    same = {k: saved.get(k) == v for k, v in asked.items()}
+    same["init_from"] = ckpt.get("init_path") == resolved(args.init_from)
+    diff = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {asked[k]!r}" for k in RUN_DEFINING if not same[k]]
+    if diff:
+        raise CheckpointError(
+            f"cannot resume {path}: the command differs from the run that made it ({'; '.join(diff)}). "
+            "Resume with the same settings, or start a new run with another --out.")
+
+
+def check_data(ckpt: dict, path: Path, trained_on: dict) -> None:
+    """Refuse to resume `ckpt` on other training images than it was trained on.
+
+    Args:
+        trained_on: the training images now: {"train_images": count, "train_fingerprint": content hash}.
+    Raises:
+        CheckpointError: other images (the same ones read from another spelling of the source are fine).
+    """
+    if ckpt["data"] != trained_on:
+        was, now = ckpt["data"], trained_on
+        raise CheckpointError(
+            f"cannot resume {path}: it was trained on other images ({was['train_images']} training images, "
+            f"content {was['train_fingerprint']}; now {now['train_images']}, content {now['train_fingerprint']}). "
+            "Point --source (or $CIFAR10_SOURCE) at the data the run began with, or start a new run with another --out.")
