@@ -1,13 +1,18 @@
-"""Files written whole or not at all: write to a temporary name beside the target, then rename.
-A crash or a full disk never leaves half a checkpoint, cache or card behind."""
+"""Files written whole or not at all: written under a temporary name beside the target, then renamed.
+
+A crash, a full disk or a second writer never leaves half a checkpoint, cache or card behind.
+"""
 from __future__ import annotations
 
 import os
+import secrets
+import threading
+import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["save", "write_text"]
+__all__ = ["save", "write_text", "load_or_discard", "save_or_warn"]
 
 
 def _alive(pid: int) -> bool:
@@ -21,29 +26,124 @@ def _alive(pid: int) -> bool:
 
 
 def _remove_stale(path: Path) -> None:
-    """Temporary files of writers that were killed (SIGKILL runs no cleanup) are removed by the next writer."""
+    """Remove the temporary files of writers that were killed: SIGKILL runs no cleanup."""
     for tmp in path.parent.glob(f".{path.name}.tmp*"):
-        pid = tmp.name.rsplit(".tmp", 1)[1]
+        pid = tmp.name.rsplit(".tmp", 1)[1].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # a folder we may not write to: nothing of ours to clean there
+
+
+def _temporary_name(path: Path) -> Path:
+    # The pid comes first, so _remove_stale can tell a dead writer's file; the thread and a random
+    # suffix keep two threads, or two calls, of one process from writing to the same file.
+    return path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}")
 
 
 def _replace(path: str | os.PathLike, write) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary_name(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path)
+        # Created here, before torch.save opens it: an unwritable folder then fails with an OSError
+        # naming the file, rather than a RuntimeError from torch's C++ writer naming none.
+        with open(tmp, "xb"):
+            pass
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the bytes are on disk before the name points at them
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise _naming(e, path) from e
+        raise
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """The same kind of error, naming the target rather than the temporary file."""
+    message = f"could not write {path}: {e.strerror or e}"
+    try:
+        return type(e)(e.errno, message) if e.errno is not None else type(e)(message)
+    except Exception:  # a subclass with a constructor of its own
+        return OSError(e.errno, message)
 
 
 def save(obj, path: str | os.PathLike) -> None:
-    """torch.save(obj, path), atomically."""
+    """``torch.save(obj, path)``, atomically.
+
+    Args:
+        obj: anything torch.save accepts.
+        path: the target file; its folder is created when missing.
+
+    Raises:
+        OSError: the file could not be created or renamed (a read-only folder, say); it names ``path``.
+            Whatever fails, torch.save's own errors too, the previous file at ``path`` is left as it was.
+    """
     _replace(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    _replace(path, lambda tmp: Path(tmp).write_text(text))
+    """``Path(path).write_text(text)`` in UTF-8, atomically; raises OSError as :func:`save` does."""
+    _replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def load_or_discard(path: Path) -> tuple[object | None, str | None]:
+    """Read a cache file written by :func:`save`; remove it when it cannot be read.
+
+    Args:
+        path: the file.
+
+    Returns:
+        (its content, None); (None, None) when there is no file; (None, what is wrong) when it is
+        damaged, e.g. "is damaged or unreadable (RuntimeError)", removed where the folder allows.
+    """
+    if not path.is_file():
+        return None, None
+    try:
+        return torch.load(path, weights_only=True), None
+    except Exception as e:  # truncated (a full disk, a killed writer of an older version) or not ours
+        problem = f"is damaged or unreadable ({type(e).__name__})"
+    try:
+        path.unlink(missing_ok=True)  # so the next save puts a whole file in its place
+    except OSError as e:
+        problem += f" and could not be removed ({e.strerror or e})"
+    return None, problem
+
+
+def save_or_warn(obj, path: Path, problem: str | None = None, then: str = "", stacklevel: int = 2) -> bool:
+    """:func:`save` for a cache: a file that cannot be written costs one warning, not the result.
+
+    Args:
+        obj, path: as in :func:`save`.
+        problem: what :func:`load_or_discard` found wrong with the file there, told in the same line.
+        then: what follows for the user, e.g. "it will be computed again next time".
+        stacklevel: as in warnings.warn, counted from the caller of this function.
+
+    Returns:
+        True when written; False, with one warning naming the file and its folder, when not.
+    """
+    try:
+        save(obj, path)
+        return True
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch's writer on a full disk
+        if isinstance(e.__cause__, OSError):
+            e = e.__cause__
+        reason = (e.strerror if isinstance(e, OSError) else None) or str(e).strip().splitlines()[-1]
+        before = f"the cache file {path} {problem}, and " if problem else ""
+        warnings.warn(
+            f"{before}could not write the cache {path.name} in {path.parent} ({reason})"
+            + (f"; {then}" if then else ""),
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
+        return False

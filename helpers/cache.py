@@ -1,9 +1,14 @@
-"""Results computed from a model and images, stored on disk under a name made of their hashes, so the
-same weights meeting the same images are computed once (predictions, Grad-CAM maps)."""
+"""Results computed from a model and images (predictions, Grad-CAM maps), stored on disk.
+
+A result is named after hashes of the weights and the images, so the same weights meeting the same
+images compute it once. The cache is an optimization: a folder that cannot be written, or a damaged
+file, costs a recomputation and a one-line warning, never the result.
+"""
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -14,9 +19,18 @@ from . import atomic, data
 
 __all__ = ["fingerprint", "cached", "lookup", "store"]
 
+_AGAIN = "the result is returned but not kept, so it will be computed again next time"
+
 
 def fingerprint(tensors: Iterable[Tensor]) -> str:
-    """A short hash of tensors' dtypes, shapes and bytes."""
+    """A short hash of tensors' dtypes, shapes and bytes.
+
+    Args:
+        tensors: any tensors, on any device.
+
+    Returns:
+        16 hexadecimal characters; equal for equal tensors, in the same order.
+    """
     h = hashlib.sha256()
     for t in tensors:
         h.update(str((t.dtype, tuple(t.shape))).encode())
@@ -30,28 +44,54 @@ def _path(kind: str, model: nn.Module, images: Tensor, labels: Tensor, cache_dir
 
 
 def lookup(kind: str, model: nn.Module, images: Tensor, labels: Tensor, cache_dir=None) -> dict | None:
-    """The stored result, or None when there is none (or it is damaged: it is then removed)."""
+    """The stored result for these weights and images, or None; never computes.
+
+    A damaged file is removed (and counts as none); one that cannot be removed is named in a warning.
+
+    Args:
+        kind: the kind of result, the first part of the file's name ("predictions", ...).
+        model: the weights the result was computed with.
+        images, labels: the inputs it was computed from (uint8 [N, 3, 32, 32], int64 [N]).
+        cache_dir: the folder; data.DATA_DIR / "cache" when None.
+    """
     path = _path(kind, model, images, labels, cache_dir)
-    if path.is_file():
-        try:
-            return torch.load(path, weights_only=True)
-        except Exception:  # truncated or damaged (a killed write of an older version, a full disk): recompute
-            path.unlink(missing_ok=True)
-    return None
+    result, problem = atomic.load_or_discard(path)
+    if problem and path.exists():
+        warnings.warn(f"the cache file {path} {problem}; it is ignored", RuntimeWarning, stacklevel=3)
+    return result
 
 
-def store(kind: str, model: nn.Module, images: Tensor, labels: Tensor, result: dict, cache_dir=None) -> None:
-    atomic.save(result, _path(kind, model, images, labels, cache_dir))
+def store(kind: str, model: nn.Module, images: Tensor, labels: Tensor, result: dict, cache_dir=None) -> bool:
+    """Write a result for :func:`lookup` to find, atomically.
+
+    Args:
+        result: a dict of tensors (and plain types).
+        the others: as in :func:`lookup`.
+
+    Returns:
+        True when written; False, with a warning naming the folder, when it could not be.
+    """
+    return atomic.save_or_warn(result, _path(kind, model, images, labels, cache_dir),
+                               then="it will be computed again next time", stacklevel=3)
 
 
 def cached(kind: str, model: nn.Module, images: Tensor, labels: Tensor, compute: Callable[[], dict],
            cache_dir: str | os.PathLike | None, enabled: bool = True) -> dict:
-    """compute() -> dict of tensors, read from cache_dir/<kind>-<weights>-<images>.pt when present,
-    else computed and written atomically."""
+    """``compute()``'s result, read from ``cache_dir/<kind>-<weights>-<images>.pt`` when present.
+
+    Otherwise it is computed and written atomically. A folder that cannot be written (read-only, full)
+    or a damaged file there still returns the computed result, with one warning naming the folder.
+
+    Args:
+        compute: () -> dict of tensors, called only when nothing usable is stored.
+        enabled: False computes and neither reads nor writes the cache.
+        the others: as in :func:`lookup`.
+    """
     if not enabled:
         return compute()
-    result = lookup(kind, model, images, labels, cache_dir)
+    path = _path(kind, model, images, labels, cache_dir)
+    result, problem = atomic.load_or_discard(path)
     if result is None:
         result = compute()
-        store(kind, model, images, labels, result, cache_dir)
+        atomic.save_or_warn(result, path, problem, then=_AGAIN, stacklevel=3)
     return result

@@ -1,14 +1,9 @@
 """CIFAR-10 as uint8 tensors, decoded once and cached, plus batch augmentation on tensors.
 
-Sources (the first that is set wins):
-  1. the `source` argument,
-  2. the environment variable CIFAR10_SOURCE,
-  3. "torchvision": the canonical files under data/, downloaded by torchvision when online.
-A source is "torchvision" or a path to a folder or .tar.gz laid out one folder per class
-(train/<class>/*.png|jpg, test/<class>/*), such as ../shared/data/cifar10-jpeg.tar.gz.
-
-Whatever the source, the decoded arrays are cached under data/cache/, so later loads take
-seconds. Images are uint8 [N, 3, 32, 32]; the model normalizes them itself.
+Sources (the first that is set wins): the ``source`` argument, the environment variable
+CIFAR10_SOURCE, then "torchvision" (the canonical files under data/, downloaded when online).
+A path source is a folder or .tar.gz holding ``train/<class>/<image>`` and ``test/<class>/<image>``,
+directly or under one top folder. The decoded arrays are cached under data/cache/.
 """
 from __future__ import annotations
 
@@ -16,6 +11,7 @@ import hashlib
 import io
 import os
 import tarfile
+import warnings
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -33,9 +29,12 @@ __all__ = [
     "ENV_SOURCE",
     "DataNotFoundError",
     "Split",
+    "cutout",
     "load",
     "random_crop_flip",
+    "resolve_source",
     "subset",
+    "validation_indices",
 ]
 
 # CIFAR-10's label order (also alphabetical).
@@ -45,37 +44,21 @@ ENV_SOURCE = "CIFAR10_SOURCE"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("MSDNET_DATA_DIR", PROJECT_ROOT / "data"))
 SPLITS = ("train", "val", "test", "trainval")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+# The note of skipped files names a few of each kind: it stays one readable line.
+_SHOWN_ENTRIES, _SHOWN_FILES = 10, 3
 
 
 class DataNotFoundError(RuntimeError):
-    pass
-
-
-def _short_error_in_notebooks() -> None:
-    """In Jupyter, a missing dataset shows its message alone, not behind a long traceback through
-    torchvision and this module: the message already says what to do."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return
-    shell = get_ipython()
-    if shell is None:
-        return
-
-    def show(shell, etype, value, tb, tb_offset=None):
-        # _showtraceback is the hook the kernel overrides to send an error output: one entry, the message
-        shell._showtraceback(etype, value, [f"{etype.__name__}: {value}"])
-
-    shell.set_custom_exc((DataNotFoundError,), show)
-
-
-_short_error_in_notebooks()
+    """CIFAR-10 could not be found or read; the message says how to provide it."""
 
 
 class Split(NamedTuple):
-    """Images (uint8 [N, 3, 32, 32], 0..255) and their labels (int64 [N]); the splits are sorted by
-    class, so take spread-out samples with data.subset. The model wants images.float() / 255."""
+    """Images and their labels, sorted by class (take spread-out samples with :func:`subset`).
+
+    Attributes:
+        images: uint8 [N, 3, 32, 32] in 0..255; the model takes ``images.float() / 255``.
+        labels: int64 [N] in 0..9, indices into CLASSES.
+    """
 
     images: Tensor  # uint8 [N, 3, 32, 32]
     labels: Tensor  # int64 [N]
@@ -97,12 +80,26 @@ def _no_data_message(detail: str, data_dir: Path | None = None) -> str:
 
 
 def resolve_source(source: str | os.PathLike | None) -> str:
-    source = str(source if source is not None else os.environ.get(ENV_SOURCE) or "torchvision")
+    """The source load() reads: "torchvision" or a path.
+
+    Args:
+        source: "torchvision", a path, or None for the environment variable CIFAR10_SOURCE (when
+            set and not empty), else "torchvision". A relative path is read from the current folder,
+            else from the project's root.
+
+    Raises:
+        ValueError: ``source`` is empty (it would read the current folder).
+    """
+    if source is not None and not str(source).strip():
+        raise ValueError(
+            f"source is empty; pass a folder or .tar.gz of CIFAR-10, 'torchvision', or None "
+            f"(then {ENV_SOURCE}, else torchvision)"
+        )
+    source = str(source if source is not None else os.environ.get(ENV_SOURCE, "").strip() or "torchvision")
     if source == "torchvision":
         return source
     path = Path(source).expanduser()
-    # A relative path is read from the current folder, else from the project's root, where the README's
-    # commands run: a notebook's kernel starts in notebooks/ but sees the same CIFAR10_SOURCE.
+    # A notebook's kernel starts in notebooks/ but sees the CIFAR10_SOURCE written for the root.
     if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
         path = PROJECT_ROOT / path
     return str(path)
@@ -123,6 +120,14 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _image_suffixes() -> frozenset[str]:
+    """The file endings this Pillow can open (.png, .jpg, .webp where built with it, ...)."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
 def _decode(data: bytes, name: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
@@ -135,44 +140,101 @@ def _decode(data: bytes, name: str) -> np.ndarray:
     return np.asarray(img)
 
 
-def _split_and_class(relpath: str) -> tuple[str, str] | None:
-    """('train', 'dog') for '.../train/dog/0001.jpg'; None for files outside the layout."""
-    parts = relpath.replace("\\", "/").split("/")
-    if len(parts) < 3 or not parts[-1].lower().endswith(IMAGE_SUFFIXES):
-        return None
-    split, cls = parts[-3], parts[-2]
-    return (split, cls) if split in ("train", "test") else None
+def _parts(name: str) -> tuple[str, ...]:
+    # Tarballs made with `tar -C dir .` name their members ./train/...
+    return tuple(p for p in name.replace("\\", "/").split("/") if p not in ("", "."))
 
 
-def _iter_files(path: Path, data_dir: Path | None = None):
-    """(relative path, bytes) of every file in a folder or tarball, in sorted order."""
+def _layout(names: list[str], source: Path, data_dir: Path | None) -> tuple[dict[str, tuple[str, int]], list[str]]:
+    """Sort a source's file names into images of the layout and files skipped.
+
+    The layout is ``train/<class>/<image>`` and ``test/<class>/<image>`` at the top of the source, or
+    under one top folder (``cifar10/train/...``, as archives are made). Anything else, such as a
+    ``backup/train/`` copy, a deeper folder or a file Pillow cannot open, is skipped, never guessed at.
+
+    Returns:
+        ({name: (split, label)} of the images, the names of the files skipped).
+    """
+    parts = {n: _parts(n) for n in names}
+    has_split = lambda p, i: len(p) > i + 1 and p[i] in ("train", "test")  # noqa: E731
+    if any(has_split(p, 0) for p in parts.values()):
+        top = ()
+    else:
+        tops = sorted({p[0] for p in parts.values() if has_split(p, 1)})
+        if len(tops) > 1:  # two datasets: taking both would mix them, taking one would be a guess
+            raise DataNotFoundError(_no_data_message(
+                f"{source} holds more than one train/ or test/ tree (under {', '.join(t + '/' for t in tops)}); "
+                "keep one, or point the source at the one to use", data_dir))
+        if not tops:
+            raise DataNotFoundError(_no_data_message(f"{source} has no train/<class>/ or test/<class>/ folders", data_dir))
+        top = (tops[0],)
+    suffixes = _image_suffixes()
+    images, skipped = {}, []
+    for name, p in parts.items():
+        rel = p[len(top):]
+        if (p[: len(top)] == top and len(rel) == 3 and rel[0] in ("train", "test") and not rel[2].startswith(".")
+                and os.path.splitext(rel[2])[1].lower() in suffixes):
+            if rel[1] not in CLASSES:
+                raise ValueError(f"{source}: folder {rel[0]}/{rel[1]} is not a CIFAR-10 class; expected one of {CLASSES}")
+            images[name] = (rel[0], CLASSES.index(rel[1]))
+        else:
+            skipped.append(name)
+    return images, skipped
+
+
+def _skipped_note(source: Path, skipped: list[str], kept: list[str]) -> str:
+    """One line naming the skipped files: a folder holding no kept image is named once, as a whole."""
+    kept_dirs = {_parts(name)[:i] for name in kept for i in range(len(_parts(name)))}
+    wholes: dict[str, list[str]] = {}
+    loose: dict[str, list[str]] = {}
+    for name in sorted(skipped):
+        p = _parts(name)
+        whole = next((p[:i] for i in range(1, len(p)) if p[:i] not in kept_dirs), None)
+        if whole:
+            wholes.setdefault("/".join(whole) + "/", []).append("/".join(p))
+        else:
+            loose.setdefault("".join(f"{d}/" for d in p[:-1]), []).append(p[-1])
+    shown = [names[0] if len(names) == 1 else f"{folder} ({len(names)} files)" for folder, names in wholes.items()]
+    for folder, files in loose.items():
+        more = f" and {len(files) - _SHOWN_FILES} more" if len(files) > _SHOWN_FILES else ""
+        shown.append(f"{folder}{files[0]}" if len(files) == 1 else f"{folder}{{{', '.join(files[:_SHOWN_FILES])}{more}}}")
+    if len(shown) > _SHOWN_ENTRIES:
+        shown[_SHOWN_ENTRIES:] = [f"and {len(shown) - _SHOWN_ENTRIES} more places"]
+    return (
+        f"{source}: skipped {len(skipped)} file(s) that are not train/<class>/<image> or test/<class>/<image> "
+        f"(with an image type Pillow opens): {'; '.join(shown)}"
+    )
+
+
+def _read_files(path: Path, data_dir: Path | None) -> tuple[list[tuple[str, str, int, bytes]], list[str]]:
+    """(name, split, label, bytes) of the layout's images in a folder or tarball, sorted by name, and
+    the names of the files skipped."""
     if path.is_dir():
-        for p in sorted(path.rglob("*")):
-            if p.is_file():
-                yield p.relative_to(path).as_posix(), p.read_bytes()
-        return
-    try:
-        with tarfile.open(path) as tar:
-            members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
-            for m in members:
-                yield m.name, tar.extractfile(m).read()
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # not a tarball, or cut short
-        raise DataNotFoundError(_no_data_message(f"{path} is not a readable .tar.gz, or is truncated ({e!r})", data_dir)) from e
+        files = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
+        images, skipped = _layout(list(files), path, data_dir)
+        read = {name: files[name].read_bytes() for name in images}
+    else:
+        try:
+            with tarfile.open(path) as tar:
+                members = [m for m in tar.getmembers() if m.isfile()]
+                images, skipped = _layout([m.name for m in members], path, data_dir)
+                # In the archive's order: going back in a .tar.gz decompresses it again from the start.
+                read = {m.name: tar.extractfile(m).read() for m in members if m.name in images}
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # not a tarball, or cut short
+            raise DataNotFoundError(_no_data_message(f"{path} is not a readable .tar.gz, or is truncated ({e!r})", data_dir)) from e
+    return [(name, *images[name], read[name]) for name in sorted(read)], skipped
 
 
 def _from_class_folders(path: Path, data_dir: Path | None = None) -> dict[str, Split]:
     from tqdm.auto import tqdm
 
+    files, skipped = _read_files(path, data_dir)
+    if skipped:
+        warnings.warn(_skipped_note(path, skipped, [name for name, *_ in files]), stacklevel=4)  # at load()'s caller
     found: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
-    for rel, data in tqdm(_iter_files(path, data_dir), desc=f"decoding {path.name}", unit=" files", mininterval=1):
-        where = _split_and_class(rel)
-        if where is None:
-            continue
-        split, cls = where
-        if cls not in CLASSES:
-            raise ValueError(f"{path}: folder {split}/{cls} is not a CIFAR-10 class; expected one of {CLASSES}")
-        found[split][0].append(_decode(data, f"{path}/{rel}"))
-        found[split][1].append(CLASSES.index(cls))
+    for name, split, label, raw in tqdm(files, desc=f"decoding {path.name}", unit=" files", mininterval=1):
+        found[split][0].append(_decode(raw, f"{path}/{name}"))
+        found[split][1].append(label)
     for split, (images, labels) in found.items():
         if not images:
             raise DataNotFoundError(_no_data_message(f"{path} has no images under {split}/<class>/", data_dir))
@@ -207,19 +269,30 @@ def _load_decoded(source: str, data_dir: Path) -> dict[str, Split]:
             raise DataNotFoundError(_no_data_message(f"the source {path} does not exist", data_dir))
         key = f"{path.name.split('.')[0]}-{_fingerprint(path)}"
     cache = data_dir / "cache" / f"cifar10-{key}.pt"
-    if cache.exists():
+    saved, problem = atomic.load_or_discard(cache)
+    if saved is not None:
         try:
-            d = torch.load(cache, weights_only=True)
-            return {s: Split(d[s]["images"], d[s]["labels"]) for s in ("train", "test")}
-        except Exception:  # a damaged cache is rebuilt, not trusted
-            cache.unlink()
+            return {s: Split(saved[s]["images"], saved[s]["labels"]) for s in ("train", "test")}
+        except (KeyError, TypeError):  # a file of another shape under this name: decode anew
+            problem = "holds something else"
     decoded = _from_torchvision(data_dir) if source == "torchvision" else _from_class_folders(path, data_dir)
-    atomic.save({s: {"images": v.images, "labels": v.labels} for s, v in decoded.items()}, cache)
+    # A read-only data folder still gets its data: the cache only saves decoding it again.
+    atomic.save_or_warn({s: {"images": v.images, "labels": v.labels} for s, v in decoded.items()}, cache, problem,
+                        then="the data is returned but will be decoded again next time", stacklevel=3)
     return decoded
 
 
 def validation_indices(n_train: int, val_size: int, seed: int) -> Tensor:
-    """The seeded hold-out: `val_size` indices of the training set, sorted."""
+    """The seeded validation hold-out: ``val_size`` indices into the training set.
+
+    Args:
+        n_train: the training set's size.
+        val_size: how many to hold out, 0..n_train.
+        seed: the same seed gives the same indices.
+
+    Returns:
+        int64 [val_size], sorted, distinct, in 0..n_train-1.
+    """
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(n_train, generator=g)[:val_size].sort().values
 
@@ -231,10 +304,25 @@ def load(
     seed: int = 0,
     data_dir: str | os.PathLike | None = None,
 ) -> Split:
-    """One split of CIFAR-10 as uint8 images [N,3,32,32] and int64 labels.
+    """One split of CIFAR-10, decoded once per source and cached under ``data_dir/cache``.
 
-    split: "train" (the training set minus the validation hold-out), "val" (the hold-out:
-    `val_size` training images chosen with `seed`), "trainval" (all 50,000) or "test".
+    Args:
+        split: "train" (the training set minus the validation hold-out), "val" (the hold-out),
+            "trainval" (the whole training set, 50,000) or "test" (10,000).
+        source: see :func:`resolve_source`.
+        val_size: the hold-out's size, 0..len(trainval)-1 (at least 1 for "val").
+        seed: chooses the hold-out (see :func:`validation_indices`).
+        data_dir: where caches and torchvision's downloads go; DATA_DIR when None.
+
+    Returns:
+        A :class:`Split`: uint8 images [N, 3, 32, 32] in 0..255, int64 labels [N], sorted by class.
+
+    Raises:
+        DataNotFoundError: no source could be read; the message says how to provide one.
+        ValueError: a bad argument, or a source with files that are no CIFAR-10 image.
+
+    A data folder that cannot be written still returns the data, with one warning; so does a
+    source with files outside the layout, which names them.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -253,8 +341,13 @@ def load(
 
 
 def subset(split: Split, n: int, name: str = "subset size") -> Split:
-    """n images spread evenly over the split (splits are ordered by class, so every class keeps its share).
-    `name` is what the error calls n (a command-line flag, say)."""
+    """``n`` images spread evenly over a split, so every class keeps its share.
+
+    Args:
+        split: a :class:`Split` (sorted by class, as load() returns it).
+        n: how many, 1..len(split).
+        name: what the error calls ``n`` (a command-line flag, say).
+    """
     if not 0 < n <= len(split):
         raise ValueError(f"{name} must be between 1 and {len(split)} (the split's images), got {n}")
     idx = torch.linspace(0, len(split) - 1, n).round().long()
@@ -262,11 +355,16 @@ def subset(split: Split, n: int, name: str = "subset size") -> Split:
 
 
 def random_crop_flip(images: Tensor, padding: int = 4, generator: torch.Generator | None = None) -> Tensor:
-    """The paper's augmentation on a whole batch at once, on the batch's own device: a random
-    crop of the zero-padded image and a horizontal flip with probability 1/2.
+    """The paper's augmentation on a whole batch, on its own device: a random crop of the
+    zero-padded image, then a horizontal flip with probability 1/2.
 
-    images: [B, C, H, W] of any dtype. Random numbers come from `generator` (on the CPU), so
-    a seeded generator gives the same crops on every device.
+    Args:
+        images: [B, C, H, W] of any dtype.
+        padding: pixels of zeros added on each side before cropping back to H x W.
+        generator: a CPU generator for the random numbers, so a seed gives the same crops on every device.
+
+    Returns:
+        [B, C, H, W], the dtype and device of ``images``.
     """
     b, _, h, w = images.shape
     padded = F.pad(images, (padding,) * 4)
@@ -283,12 +381,18 @@ def random_crop_flip(images: Tensor, padding: int = 4, generator: torch.Generato
 
 
 def cutout(images: Tensor, size: int, fill: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Cutout (DeVries and Taylor, 2017) on a whole batch: one `size` x `size` square per image, centred
-    on a uniformly random pixel (so near the border only part of it falls inside), painted `fill`.
+    """Cutout (DeVries and Taylor, 2017) on a whole batch: one ``size`` x ``size`` square per image,
+    centred on a uniformly random pixel (so near the border only part of it falls inside), painted ``fill``.
 
-    images: [B, C, H, W]; fill: one value per channel, in the images' units. Painting the dataset's mean
-    colour makes the square zero after normalization, as in the paper, which cuts after normalizing.
-    Random numbers come from `generator` (on the CPU), as in random_crop_flip.
+    Args:
+        images: [B, C, H, W] of any dtype.
+        size: the square's side in pixels; 0 or less returns ``images`` unchanged.
+        fill: [C], one value per channel in the images' units. The dataset's mean colour makes the
+            square zero after standardization, as in the paper, which cuts after standardizing.
+        generator: a CPU generator for the random numbers, as in :func:`random_crop_flip`.
+
+    Returns:
+        [B, C, H, W], the dtype and device of ``images``.
     """
     b, c, h, w = images.shape
     if size <= 0:

@@ -1,5 +1,11 @@
 """CIFAR-10 sources (folder, tarball, torchvision, the real mirror), cache, hold-out, augmentation."""
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +14,21 @@ import torch
 from PIL import Image
 
 from helpers import data
-from conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, class_image
+from conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, class_image, write_class_folders
+
+
+def as_tarball(folder: Path, path: Path, top: str | None = "cifar10") -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname=top or ".")
+    return path
+
+
+def warnings_of(run) -> tuple[object, list[str]]:
+    """run()'s result and the messages of every warning it gave, each time it gave it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run()
+    return result, [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
 
 
 def expected_split(per_class: int) -> data.Split:
@@ -134,35 +154,29 @@ def test_an_image_edited_in_place_is_decoded_anew(tiny_folder):
     assert path.stat().st_size == other.stat().st_size  # so the edit keeps the file's size: only its content changes
     mtime = path.stat().st_mtime_ns
     path.write_bytes(other.read_bytes())
-    import os
-
     os.utime(path, ns=(mtime + 1_000_000_000, mtime + 1_000_000_000))  # saved a second later
     after = data.load("test", source=tiny_folder)
     assert len(after) == len(before) and (after.images[0, 1] == 1).all()  # image 0 now shows index 1
 
 
 def test_a_missing_class_folder_is_refused(tiny_folder):
-    import shutil
-
     shutil.rmtree(tiny_folder / "test" / "truck")
     with pytest.raises(data.DataNotFoundError, match="has no test images of class truck"):
         data.load("test", source=tiny_folder)
 
 
 def test_a_killed_cache_write_leaves_no_temporary_file_for_long(tiny_folder, isolated_data_dir):
-    import subprocess
-    import sys
-
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # a process that has ended, as a SIGKILLed writer has
     cache_dir = isolated_data_dir / "cache"
     data.load("test", source=tiny_folder)
     (cache_file,) = cache_dir.glob("cifar10-*.pt")
-    stale = cache_file.with_name(f".{cache_file.name}.tmp{pid}")
-    stale.write_bytes(b"half of a cache")
-    cache_file.unlink()  # the next load writes the cache again, and sweeps the dead writer's file
+    stale = [cache_file.with_name(f".{cache_file.name}.tmp{pid}{tail}") for tail in ("", "-140213-9f2c61ab")]
+    for file in stale:
+        file.write_bytes(b"half of a cache")
+    cache_file.unlink()  # the next load writes the cache again, and sweeps the dead writer's files
     data.load("test", source=tiny_folder)
-    assert not stale.exists() and cache_file.exists()
+    assert not any(file.exists() for file in stale) and cache_file.exists()
 
 
 def test_a_folder_without_the_layout_is_refused(tmp_path):
@@ -229,6 +243,91 @@ def test_real_mirror_has_cifar10s_splits(real_cifar):
     assert len(train) == 45_000 and len(val) == 5_000
     # Real photos, not blank files: every image has some contrast.
     assert (test.images.flatten(1).float().std(1) > 5).all()
+
+
+# ----------------------------------------------------------------------------- the layout of a source
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["folder", "tarball"])
+def test_a_backup_copy_beside_the_layout_is_skipped_and_named(packed, tiny_folder, tmp_path):
+    want = data.load("trainval", source=tiny_folder)
+    shutil.copytree(tiny_folder / "train", tiny_folder / "backup" / "train")  # would count each image twice
+    shutil.copytree(tiny_folder / "test", tiny_folder / "backup" / "test")
+    source = as_tarball(tiny_folder, tmp_path / "with-backup.tar.gz") if packed else tiny_folder
+    got, said = warnings_of(lambda: data.load("trainval", source=source))
+    assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
+    assert len(said) == 1 and f"skipped {10 * (TRAIN_PER_CLASS + TEST_PER_CLASS)} file(s)" in said[0]
+    assert said[0].endswith(("): backup/ (80 files)", "): cifar10/backup/ (80 files)")) and "\n" not in said[0]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["folder", "tarball"])
+def test_files_one_folder_deeper_or_not_images_are_named(packed, tiny_folder, tmp_path):
+    (tiny_folder / "train" / "cat" / "extra").mkdir()
+    Image.fromarray(class_image(3, 0)).save(tiny_folder / "train" / "cat" / "extra" / "x.png")
+    for i in range(5):
+        (tiny_folder / "test" / "dog" / f"notes{i}.txt").write_text("not an image")
+    (tiny_folder / "README.md").write_text("about")
+    (tiny_folder / "train" / "dog" / "._0000.png").write_bytes(b"macOS metadata, not an image")
+    source = as_tarball(tiny_folder, tmp_path / "deep.tar.gz", top=None) if packed else tiny_folder
+    got, said = warnings_of(lambda: data.load("trainval", source=source))
+    assert len(got) == 10 * TRAIN_PER_CLASS and len(said) == 1
+    assert "skipped 8 file(s)" in said[0] and said[0].endswith(
+        ": train/cat/extra/x.png; README.md; test/dog/{notes0.txt, notes1.txt, notes2.txt and 2 more}; train/dog/._0000.png")
+
+
+def test_webp_images_are_decoded_where_pillow_reads_them(tiny_folder):
+    from PIL import features
+
+    Image.fromarray(np.full((32, 32, 3), 201, np.uint8)).save(tiny_folder / "test" / "cat" / "extra.webp", lossless=True)
+    got, said = warnings_of(lambda: data.load("test", source=tiny_folder))
+    if features.check("webp"):
+        assert len(got) == 10 * TEST_PER_CLASS + 1 and not said
+        assert (got.images == 201).all(dim=(1, 2, 3)).sum() == 1 and got.labels[(got.images == 201).all(dim=(1, 2, 3))] == 3
+    else:  # a Pillow built without WebP: the file is named, not dropped in silence
+        assert len(got) == 10 * TEST_PER_CLASS and "test/cat/{extra.webp}" in said[0]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["folder", "tarball"])
+def test_two_dataset_trees_are_refused_as_ambiguous(packed, tmp_path):
+    write_class_folders(tmp_path / "two" / "cifar10")
+    write_class_folders(tmp_path / "two" / "old-copy", train_per_class=1, test_per_class=1)
+    source = as_tarball(tmp_path / "two", tmp_path / "two.tar.gz", top=None) if packed else tmp_path / "two"
+    with pytest.raises(data.DataNotFoundError, match=r"more than one train/ or test/ tree \(under cifar10/, old-copy/\)"):
+        data.load("test", source=source)
+
+
+def test_one_top_folder_without_the_layout_is_refused(tmp_path):
+    write_class_folders(tmp_path / "deep" / "a" / "b")  # two folders down: not the layout
+    with pytest.raises(data.DataNotFoundError, match="has no train/<class>/ or test/<class>/ folders"):
+        data.load("test", source=tmp_path / "deep")
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_source_is_refused(empty, tiny_folder, monkeypatch):
+    monkeypatch.chdir(tiny_folder)  # would otherwise be read as the source
+    with pytest.raises(ValueError, match="source is empty; pass a folder or .tar.gz"):
+        data.load("test", source=empty)
+    monkeypatch.setenv(data.ENV_SOURCE, empty)  # an empty variable is no variable: the default, torchvision
+    assert data.resolve_source(None) == "torchvision"
+
+
+def test_importing_data_installs_nothing_in_ipython(tmp_path):
+    fake = tmp_path / "IPython"  # records every use of the shell a notebook would have
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "used = []\n"
+        "class _Shell:\n"
+        "    def __getattr__(self, name):\n"
+        "        used.append(name)\n"
+        "        return lambda *args, **kwargs: None\n"
+        "def get_ipython():\n"
+        "    return _Shell()\n"
+    )
+    root = Path(data.__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)]), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", "import IPython, helpers.data; print(IPython.used)"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "[]", run.stderr
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -302,25 +401,8 @@ def test_cutout_with_the_mean_colour_is_zero_after_normalization_and_reproducibl
     a = data.cutout(x, 16, fill, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, data.cutout(x, 16, fill, generator=torch.Generator().manual_seed(4)))
     painted = (a != x).any(1)
-    z = model.normalize(a.float() / 255)
+    z = model.standardize(a.float() / 255)
     assert z.permute(0, 2, 3, 1)[painted].abs().max() < 0.01  # within rounding to whole 0..255 levels
     assert torch.equal(data.cutout(x, 0, fill), x)
     with pytest.raises(ValueError, match="fill has 1 values, the images have 3 channels"):
         data.cutout(x, 16, torch.zeros(1))
-
-
-def test_a_notebook_shows_a_missing_dataset_as_its_message_alone(tmp_path):
-    """In Jupyter the reader sees the message (what to do), not a long traceback before it."""
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.v4.new_notebook()
-    nb.cells.append(nbformat.v4.new_code_cell(
-        f"import sys; sys.path.insert(0, {str(Path(data.__file__).parent.parent)!r})\n"
-        f"from helpers import data\ndata.load('test', source={str(tmp_path / 'missing.tar.gz')!r})"))
-    NotebookClient(nb, timeout=120, allow_errors=True, kernel_name="python3").execute()
-    error = [o for o in nb.cells[0].outputs if o.output_type == "error"]
-    assert len(error) == 1, nb.cells[0].outputs
-    shown = "\n".join(error[0].traceback)
-    assert shown.startswith("DataNotFoundError: CIFAR-10 could not be loaded: ") and "missing.tar.gz does not exist" in shown
-    assert f"{data.ENV_SOURCE}=PATH" in shown and "Traceback" not in shown and len(shown) < 1500
