@@ -34,6 +34,8 @@ class Run:
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
         self.args, self.device = args, device
         self.init_record = None  # the card and log of the --init-from weights, as they were when the run began
+        self.settings = run_settings(args)  # as the command that began the run wrote them
+        self.init_path = resolved(args.init_from)  # how --resume compares --init-from
         if args.threads:
             torch.set_num_threads(args.threads)
         self.ddp = Dist(device)
@@ -133,6 +135,7 @@ class Run:
             self.average.load_state_dict(ckpt["average"])
         self.gen.set_state(ckpt["generator"])
         self.init_record = ckpt.get("init_record")
+        self.settings = ckpt["run"]
         self.progress = p = Progress.from_dict(ckpt)
         if not (self.out / "best.pt").is_file():  # carried without it: the next validated epoch writes one
             p.best_score = -1.0
@@ -144,7 +147,7 @@ class Run:
     def _about(self) -> dict:
         """What every saved file says of the run: its settings, the schedule's length, hardware and data."""
         init_record = self.init_record
-        return {"run": run_settings(self.args), "schedule_epochs": self.epochs, "hardware": hardware_name(self.device),
+        return {"run": self.settings, "schedule_epochs": self.epochs, "hardware": hardware_name(self.device),
                 "torch": str(torch.__version__), "data": self.trained_on, "data_source": data.resolve_source(self.args.source),
                 **({"init_record": init_record} if init_record else {})}  # fmt: skip
 
@@ -155,7 +158,7 @@ class Run:
                 "train_state": TRAIN_STATE, "config": self.model.config.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "generator": self.gen.get_state(), **self.progress.to_dict(), **self._about(),
-                **({"init_path": resolved(self.args.init_from)} if self.args.init_from else {}),
+                **({"init_path": self.init_path} if self.init_path else {}),
                 **({"average": self.average.state_dict()} if self.average is not None else {}),
             }, self.ckpt_path)  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""Training: schedule, loss, learning, exact resume, DistributedDataParallel, and the errors a user can hit."""
+"""Training: schedule, loss, the step, weight averages, exact resume, DistributedDataParallel, and the errors a
+user can hit."""
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import atomic, checkpoint, msdnet, train
+from helpers import atomic, checkpoint, evaluate, msdnet, run, runs, train
 
 
 def tiny_args(out: Path, source: Path, *extra: str):
@@ -85,25 +86,6 @@ def test_distillation_teaches_the_earlier_exits_only():
     assert all(z.grad.abs().sum() > 0 for z in logits[:-1])
 
 
-def test_exit_accuracies_counts_right_answers_per_exit(tiny_folder):
-    from helpers import data
-
-    split = data.load("test", source=tiny_folder)
-
-    class Oracle(torch.nn.Module):  # exit 1 always says class 0, exit 2 is always right
-        def forward(self, x):
-            first = torch.zeros(len(x), 10)
-            first[:, 0] = 1
-            right = F.one_hot(self.labels[: len(x)], 10).float()
-            self.labels = self.labels[len(x) :]
-            return [first, right]
-
-    oracle = Oracle()
-    oracle.labels = split.labels.clone()
-    oracle.dummy = torch.nn.Parameter(torch.zeros(1))
-    assert train.exit_accuracies(oracle, split, batch_size=7) == [0.1, 1.0]
-
-
 def test_a_few_epochs_lower_the_loss_and_log_every_exit(tmp_path, tiny_folder):
     args = tiny_args(tmp_path / "run", tiny_folder, "--epochs", "8", "--lr", "0.1", "--schedule", "paper", "--label-smoothing", "0")
     train.train(args)
@@ -115,6 +97,7 @@ def test_a_few_epochs_lower_the_loss_and_log_every_exit(tmp_path, tiny_folder):
     # The checkpoint holds tensors and plain types only.
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 8 and ckpt["config"] == msdnet.PRESETS["tiny"].to_dict()
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["weights"] == "trained"
 
 
 def state(path: Path) -> dict:
@@ -127,11 +110,12 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(tensor, sb["model"][name]), name
     for key, buf in sa["optimizer"]["state"].items():
         assert torch.equal(buf["momentum_buffer"], sb["optimizer"]["state"][key]["momentum_buffer"])
-    if "ema" in sa:
-        assert sa["ema"].keys() == sb["ema"].keys()
-        assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
+    assert ("average" in sa) == ("average" in sb)
+    if "average" in sa:
+        assert sa["average"].keys() == sb["average"].keys()
+        assert all(torch.equal(sa["average"][k], sb["average"][k]) for k in sa["average"])
     assert [r["acc"] for r in log_records(a)] == [r["acc"] for r in log_records(b)]
-    assert [r.get("acc_ema") for r in log_records(a)] == [r.get("acc_ema") for r in log_records(b)]
+    assert [r.get("acc_average") for r in log_records(a)] == [r.get("acc_average") for r in log_records(b)]
     assert [r["train_loss"] for r in log_records(a)] == [r["train_loss"] for r in log_records(b)]
 
 
@@ -208,55 +192,146 @@ def test_the_moving_average_is_evaluated_and_the_best_validation_epoch_kept(tmp_
 
     train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "4", "--lr", "0.1", "--ema", "0.5"))
     records = log_records(tmp_path / "run")
-    assert all(len(r["acc_ema"]) == 4 for r in records)
-    means = [sum(r["acc_ema"]) / 4 for r in records]
+    assert all(len(r["acc_average"]) == 4 and r["average"] == "ema" for r in records)
+    means = [sum(r["acc_average"]) / 4 for r in records]
     best = state(tmp_path / "run" / "best.pt")
     assert best["epoch"] == 1 + means.index(max(means)) and best["weights"] == "ema"
-    assert best["val_accuracy_per_exit"] == records[best["epoch"] - 1]["acc_ema"]
+    assert best["val_accuracy_per_exit"] == records[best["epoch"] - 1]["acc_average"]
     # The kept weights are the averaged ones: evaluated again, they give the logged validation accuracy.
     model = msdnet.build("tiny")
     model.load_state_dict(best["model"])
     val = data.load("val", tiny_folder, val_size=12)
-    assert train.exit_accuracies(model, val) == pytest.approx(best["val_accuracy_per_exit"], abs=1e-5)
+    assert evaluate.exit_accuracies(model, val) == pytest.approx(best["val_accuracy_per_exit"], abs=1e-5)
     # With the test split as the per-epoch measure nothing is chosen: choosing on test would leak it.
     train.train(tiny_args(tmp_path / "on-test", tiny_folder, "--epochs", "1", "--eval-split", "test", "--ema", "0.5"))
     assert not (tmp_path / "on-test" / "best.pt").exists()
 
 
 def test_swa_keeps_the_equal_weight_mean_of_the_weights_after_every_step(tmp_path, tiny_folder, monkeypatch):
-    from torch.optim.swa_utils import AveragedModel
+    from helpers.averaging import WeightAverage
 
     seen = []  # the trained weights the average is given after each step
-    update = AveragedModel.update_parameters
+    update = WeightAverage.update
 
     def record(self, model):
         seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         update(self, model)
 
-    monkeypatch.setattr(AveragedModel, "update_parameters", record)
+    monkeypatch.setattr(WeightAverage, "update", record)
     train.train(tiny_args(tmp_path / "run", tiny_folder, "--epochs", "2", "--schedule", "constant", "--swa"))
     assert len(seen) == 6  # 2 epochs of 3 steps (48 training images, batch 16)
-    average = state(tmp_path / "run" / "last.pt")["ema"]
+    average = state(tmp_path / "run" / "last.pt")["average"]
     floats = [k for k, v in seen[0].items() if v.is_floating_point()]  # weights and batch-norm statistics
     assert len(floats) > 100
     for key in floats:
         assert torch.allclose(average["module." + key], sum(w[key] for w in seen) / len(seen), atol=1e-6), key
-    assert [r["epoch"] for r in log_records(tmp_path / "run")] == [1, 2] and "acc_ema" in log_records(tmp_path / "run")[0]
+    records = log_records(tmp_path / "run")
+    assert [r["epoch"] for r in records] == [1, 2] and all(r["average"] == "swa" for r in records)
+    assert "acc_ema" not in records[0] and len(records[0]["acc_average"]) == 4
+    assert state(tmp_path / "run" / "best.pt")["weights"] == "swa"
 
 
-def test_a_checkpoint_from_before_distillation_and_averaging_resumes(tmp_path, tiny_folder):
+def test_weight_averages_have_their_known_values():
+    from helpers.averaging import WeightAverage
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema, swa = WeightAverage(model, "ema", decay=0.5), WeightAverage(model, "swa")
+    for w in (4.0, 8.0, 2.0):
+        model.weight.data.fill_(w)
+        ema.update(model)
+        swa.update(model)
+    assert ema.module.weight.item() == pytest.approx((4 * 0.5 + 8 * 0.5) * 0.5 + 2 * 0.5)  # the first copies
+    assert swa.module.weight.item() == pytest.approx((4 + 8 + 2) / 3)
+    assert int(swa.n_averaged) == 3 and set(swa.state_dict()) == {"module.weight", "n_averaged"}
+
+
+def test_the_weight_average_updates_without_reading_back_from_the_device():
+    """Any data-dependent branch (a read back to the host, a stall on a GPU) breaks a full graph."""
+    from helpers.averaging import WeightAverage
+
+    model = msdnet.build("tiny")
+    for kind in ("ema", "swa"):
+        average = WeightAverage(model, kind, decay=0.9)
+        step = torch.compile(average.update, backend="eager", fullgraph=True)
+        step(model)
+        step(model)
+        assert int(average.n_averaged) == 2
+    torch._dynamo.reset()
+
+
+def test_the_train_step_takes_the_step_of_the_loop_notebook_02_teaches():
+    torch.manual_seed(1)
+    a, b = msdnet.build("tiny"), msdnet.build("tiny")
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True) for m in (a, b))
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    loss = train.train_step(a, opt_a, x, y)
+    want = train.multi_exit_loss(b(x), y)
+    opt_b.zero_grad()
+    want.backward()
+    opt_b.step()
+    assert loss == pytest.approx(want.item())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    # Two micro-batches of 4 sum to the gradient of the batch of 8: the same step, to rounding (in eval
+    # mode, so that batch norm does not normalize each micro-batch by its own statistics).
+    c = msdnet.build("tiny")
+    c.load_state_dict(a.state_dict())
+    a.eval(), c.eval()
+    opt_c = torch.optim.SGD(c.parameters(), lr=0.1)
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.1)
+    train.train_step(a, opt_a, x, y, micro_batches=1)
+    train.train_step(c, opt_c, x, y, micro_batches=2)
+    assert all(torch.allclose(p, q, atol=1e-3) for p, q in zip(a.parameters(), c.parameters()))
+
+
+def test_the_train_step_refuses_a_loss_that_is_not_finite_before_stepping():
+    model = msdnet.build("tiny")
+    model.classifiers[-1].linear.bias.data[0] = float("inf")  # the last exit's loss is not finite
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(runs.Diverged, match="the loss became nan"):
+        train.train_step(model, optimizer, torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())  # no step was taken
+
+
+def test_the_compiled_step_compiles_once_and_updates_the_average(tmp_path, tiny_folder, monkeypatch):
+    """--compile with static shapes: batch 20 of 48 images drops the last 8 of every epoch, so every
+    step has the same shape and nothing compiles again; the average is updated after every step."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a recompile fails the run
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    out = tmp_path / "run"
+    train.train(tiny_args(out, tiny_folder, "--compile", "--swa", "--schedule", "constant", "--batch-size", "20",
+                          "--epochs", "2"))
+    assert counters["stats"]["unique_graphs"] >= 1  # the step ran compiled
+    last = state(out / "last.pt")
+    assert last["epoch"] == 2 and int(last["average"]["n_averaged"]) == 4  # 2 steps an epoch, 8 images dropped
+    assert [r["compiled"] for r in log_records(out)] == [True, True]
+    torch._dynamo.reset()
+
+
+def test_an_older_resume_state_is_refused_with_one_message(tmp_path, tiny_folder, capsys):
     def interrupt(step):
         if step == 2:
             raise KeyboardInterrupt
 
+    out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train.train(tiny_args(tmp_path / "run", tiny_folder), on_step=interrupt)
-    old = state(tmp_path / "run" / "last.pt")
-    for key in ("distill", "distill_temperature", "ema"):
-        del old["run"][key]  # as written before these settings existed
-    torch.save(old, tmp_path / "run" / "last.pt")
-    train.train(tiny_args(tmp_path / "run", tiny_folder, "--resume"))
-    assert [r["epoch"] for r in log_records(tmp_path / "run")] == [1, 2, 3]
+        train.train(tiny_args(out, tiny_folder), on_step=interrupt)
+    argv = ["--preset", "tiny", "--source", str(tiny_folder), "--out", str(out), "--val-size", "12", "--batch-size", "16",
+            "--epochs", "3", "--lr", "0.05", "--schedule", "cosine", "--warmup-epochs", "0.5", "--label-smoothing", "0.1",
+            "--weight-decay", "5e-4", "--resume"]  # fmt: skip
+    saved = state(out / "last.pt")
+    for older in ({k: v for k, v in saved.items() if k != "train_state"}, {**saved, "format": "msdnet-train/1"}):
+        torch.save(older, out / "last.pt")
+        capsys.readouterr()
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+        assert ("another version of helpers.train" in err) or ("format 'msdnet-train/1'" in err)
+    torch.save(saved, out / "last.pt")
+    assert train.main(argv) == 0
 
 
 class StepClock:
@@ -277,10 +352,17 @@ class StepClock:
         return on_step
 
 
-@pytest.mark.parametrize("stop_at", [None, 2, 5])  # straight, mid-epoch 1, mid-epoch 2
-def test_an_epoch_split_by_a_resume_is_timed_whole(tmp_path, tiny_folder, monkeypatch, stop_at):
+def use_clock(monkeypatch) -> StepClock:
+    """The training loop and the run read this clock instead of the real one."""
     clock = StepClock()
     monkeypatch.setattr(train, "time", clock)
+    monkeypatch.setattr(run, "time", clock)
+    return clock
+
+
+@pytest.mark.parametrize("stop_at", [None, 2, 5])  # straight, mid-epoch 1, mid-epoch 2
+def test_an_epoch_split_by_a_resume_is_timed_whole(tmp_path, tiny_folder, monkeypatch, stop_at):
+    clock = use_clock(monkeypatch)
     if stop_at is not None:
         with pytest.raises(KeyboardInterrupt):
             train.train(tiny_args(tmp_path / "run", tiny_folder), on_step=clock.step(stop_at))
@@ -293,50 +375,47 @@ def test_an_epoch_split_by_a_resume_is_timed_whole(tmp_path, tiny_folder, monkey
     assert [r["elapsed_s"] for r in records] == [3.0, 6.0, 9.0]
 
 
-def test_a_checkpoint_from_before_epoch_timing_resumes_timing_only_the_rest(tmp_path, tiny_folder, monkeypatch):
-    clock = StepClock()
-    monkeypatch.setattr(train, "time", clock)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(tiny_args(tmp_path / "run", tiny_folder), on_step=clock.step(2))
-    old = state(tmp_path / "run" / "last.pt")
-    del old["epoch_time_s"]  # as written before the checkpoint kept it
-    torch.save(old, tmp_path / "run" / "last.pt")
-    train.train(tiny_args(tmp_path / "run", tiny_folder, "--resume"), on_step=clock.step())
-    records = log_records(tmp_path / "run")
-    # Epoch 1's first two seconds are unknown to the resumed run: it times (and counts) only its last step,
-    # while elapsed_s, kept in every checkpoint, stays whole.
-    assert [r["epoch_time_s"] for r in records] == [1.0, 3.0, 3.0]
-    assert [r["train_images_per_s"] for r in records] == [16.0, 16.0, 16.0]
-    assert [r["elapsed_s"] for r in records] == [3.0, 6.0, 9.0]
-
-
 @pytest.mark.parametrize("budget, cap, want", [(10, 20, 3), (11.9, 20, 3), (12, 20, 4), (100, 5, 5), (2, 20, 2)])
 def test_fit_to_gives_the_schedule_the_epochs_that_fit_the_budget(tmp_path, tiny_folder, monkeypatch, budget, cap, want):
     # 3 steps an epoch at one second each, validation free: the first epoch spends 3 of the budget and
     # each further epoch 3 more, so 10 s fit 1 + 2 epochs, 12 s fit 1 + 3; --epochs caps it; 2 s fit only
     # the warm-up epoch, and the schedule still gets one more, so that the rate decays.
-    clock = StepClock()
-    monkeypatch.setattr(train, "time", clock)
+    clock = use_clock(monkeypatch)
     out = tmp_path / "run"
-    train.train(tiny_args(out, tiny_folder, "--epochs", str(cap), "--warmup-epochs", "1", "--fit-to", str(budget)),
-                on_step=clock.step())
+    args = tiny_args(out, tiny_folder, "--epochs", str(cap), "--warmup-epochs", "1", "--fit-to", str(budget))
+    train.train(args, on_step=clock.step())
+    assert args.epochs == cap  # the settings are left as given
     records = log_records(out)
     assert [r["epoch"] for r in records] == list(range(1, want + 1))
-    assert state(out / "last.pt")["fitted_epochs"] == want and state(out / "last.pt")["run"]["epochs"] == want
+    last = state(out / "last.pt")
+    assert last["fitted_epochs"] == last["schedule_epochs"] == want and last["run"]["epochs"] == cap
     if want > 1:  # the cosine decays over the fitted epochs, to nearly zero at the last step
         assert records[-1]["lr"] == pytest.approx(train.learning_rate(3 * want - 1, 3, train.parse_args(
             ["--epochs", str(want), "--lr", "0.05", "--schedule", "cosine", "--warmup-epochs", "1"])))
         assert records[-1]["lr"] < 0.05 / 3  # well below the peak: it decayed
 
 
+def test_budget_fit_counts_the_timed_steps_and_the_validation():
+    from helpers.schedule import BudgetFit
+
+    fit = BudgetFit(budget_s=100, cap=50, warmup_epochs=1, steps_per_epoch=8, whole_first_epoch=True)
+    for batch, now in enumerate([0, 30, 31, 32, 33, 34, 35, 36]):  # when each step starts: the first takes 30 s
+        fit.before_step(batch, now)
+    assert fit.start == (31, 2)  # timing begins at the first quarter
+    # Steps 2..7 take 6 s: 1 s a step, an epoch 8 s + 2 s of validation; the 60 s left fit 6 more.
+    assert fit.epochs(train_end=37, epoch_time=37, eval_s=2, spent_s=40, done=1) == (7, 7, 10.0)
+    assert fit.epochs(train_end=37, epoch_time=37, eval_s=2, spent_s=99, done=1)[0] == 2  # one epoch to decay
+    split = BudgetFit(budget_s=100, cap=50, warmup_epochs=1, steps_per_epoch=8, whole_first_epoch=False)
+    split.before_step(4, 0.0)  # a resumed first epoch is not timed in part: its whole time counts
+    assert split.start is None and split.epochs(train_end=0, epoch_time=16, eval_s=0, spent_s=16, done=1)[2] == 16
+
+
 @pytest.mark.parametrize("stop_at", [4, 3, 1])  # in epoch 2, after the fit; after epoch 1's steps, before it; in epoch 1
 def test_a_fitted_run_resumes_with_its_fitted_length_and_the_same_weights(tmp_path, tiny_folder, monkeypatch, stop_at):
     flags = ("--epochs", "20", "--warmup-epochs", "1", "--fit-to", "10")
-    clock = StepClock()
-    monkeypatch.setattr(train, "time", clock)
+    clock = use_clock(monkeypatch)
     train.train(tiny_args(tmp_path / "straight", tiny_folder, *flags), on_step=clock.step())
-    clock = StepClock()
-    monkeypatch.setattr(train, "time", clock)
+    clock = use_clock(monkeypatch)
     with pytest.raises(KeyboardInterrupt):  # a resumed first epoch is timed whole: 3 steps of 1 s, as straight
         train.train(tiny_args(tmp_path / "split", tiny_folder, *flags), on_step=clock.step(stop_at))
     train.train(tiny_args(tmp_path / "split", tiny_folder, *flags, "--resume"), on_step=clock.step())
@@ -350,15 +429,14 @@ def test_fit_to_times_the_steps_after_the_first_quarter_and_both_validations(tmp
     # the moving average an epoch has two. The first epoch spends 15 s of training, 2 s of validation and
     # a 1 s timing pass; a later epoch costs 6 + 2 = 8 s, so a 48 s budget fits 1 + floor(30 / 8) = 4 epochs
     # (5 if the average's pass were left out, 6 without validation, 2 with the warm-up step counted).
-    clock = StepClock()
-    monkeypatch.setattr(train, "time", clock)
-    validate = train.exit_accuracies
+    clock = use_clock(monkeypatch)
+    validate = evaluate.exit_accuracies
 
     def slow_validation(*args, **kwargs):
         clock.now += 1.0
         return validate(*args, **kwargs)
 
-    monkeypatch.setattr(train, "exit_accuracies", slow_validation)
+    monkeypatch.setattr(evaluate, "exit_accuracies", slow_validation)
 
     def on_step(step):
         clock.now += 10.0 if step == 1 else 1.0
@@ -395,7 +473,7 @@ def test_a_corrupt_checkpoint_is_refused_clearly(tmp_path, tiny_folder, damage):
 def test_weights_for_another_config_are_refused_by_name(tmp_path):
     other = msdnet.build("tiny", growth_rate=6)
     path = tmp_path / "other.pt"
-    atomic.save({"config": other.config.to_dict(), "model": other.state_dict()}, path)
+    checkpoint.save(other, path)
     with pytest.raises(checkpoint.CheckpointError, match="growth_rate: checkpoint 6 vs model 4"):
         checkpoint.load_weights(msdnet.build("tiny"), checkpoint.read(path), path)
 
@@ -406,6 +484,32 @@ def test_init_from_starts_from_given_weights(tmp_path, tiny_folder):
     train.train(args)  # lr 0: the weights stay those it started from
     a, b = state(tmp_path / "first" / "last.pt")["model"], state(tmp_path / "second" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a if "running" not in k and "num_batches" not in k)
+
+
+def test_resume_compares_init_from_as_a_resolved_path(tmp_path, tiny_folder, monkeypatch):
+    start = tmp_path / "weights" / "start.pt"
+    checkpoint.save(msdnet.build("tiny"), start)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link.pt").symlink_to(start)
+
+    def interrupt(step):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.chdir(tmp_path / "weights")
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_args(out, tiny_folder, "--init-from", "start.pt"), on_step=interrupt)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the same file, spelled another way from another folder
+    for spelling in ("../weights/./start.pt", str(tmp_path / "link.pt")):
+        args = tiny_args(out, tiny_folder, "--init-from", spelling, "--resume", "--time-limit", "1e-9")
+        with pytest.raises(runs.TimeUp):  # resumed: stopped after one step, resumable again
+            train.train(args)
+    (tmp_path / "other.pt").write_bytes(start.read_bytes())  # the same weights in another file: another run
+    with pytest.raises(checkpoint.CheckpointError, match="--init-from: checkpoint 'start.pt', now"):
+        train.train(tiny_args(out, tiny_folder, "--init-from", str(tmp_path / "other.pt"), "--resume"))
+    train.train(tiny_args(out, tiny_folder, "--init-from", "../weights/start.pt", "--resume"))
+    assert state(out / "last.pt")["epoch"] == 3
 
 
 def test_atomic_save_leaves_nothing_half_written(tmp_path, monkeypatch):
@@ -442,11 +546,11 @@ def test_a_broken_card_beside_the_starting_weights_is_named(tmp_path, tiny_folde
     start = tmp_path / "start.pt"
     checkpoint.save(msdnet.build("tiny"), start)
     start.with_suffix(".json").write_text("[1, 2]")
-    argv = ["--preset", "tiny", "--source", str(tiny_folder), "--out", str(tmp_path / "run"), "--val-size", "12",
+    argv = ["--preset", "tiny", "--source", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--val-size", "12",
             "--batch-size", "16", "--init-from", str(start)]
-    assert train.main(argv) == 2
-    assert f"error: {start.with_suffix('.json')}, the card beside the --init-from weights, is not a JSON object" in (
-        capsys.readouterr().err)
+    assert train.main(argv) == 2  # before the data: the source does not exist
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(start.with_suffix(".json")) in err and err.count("\n") == 1
 
 
 def test_cli_reports_missing_data_in_one_clear_message(tmp_path, capsys):
@@ -517,28 +621,78 @@ def test_a_compact_checkpoint_resumes_at_the_same_step(tmp_path, tiny_folder, ca
     assert state(tmp_path / "run" / "best.pt")["epoch"] >= 2  # chosen again among the epochs run since
 
 
-def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, tiny_folder, capsys):
+def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, tiny_folder, capsys,
+                                                                                           monkeypatch):
+    """Epoch 1 is saved; in epoch 2 a batch makes the loss infinite: the run ends with one line, and last.pt
+    still holds epoch 1's state, not one the bad step touched."""
+    real, calls = train.multi_exit_loss, []
+
+    def poisoned(*args, **kwargs):  # the 5th batch's (epoch 2, step 2) loss is infinite
+        calls.append(1)
+        return real(*args, **kwargs) * (float("inf") if len(calls) == 5 else 1.0)
+
+    monkeypatch.setattr(train, "multi_exit_loss", poisoned)
     out = tmp_path / "run"
-    train.train(tiny_args(out, tiny_folder, "--epochs", "1"))
-    good = state(out / "last.pt")
-    args = ["--preset", "tiny", "--source", str(tiny_folder), "--out", str(out), "--val-size", "12", "--batch-size", "16",
-            "--epochs", "3", "--lr", "1e12", "--schedule", "paper", "--init-from", str(out / "last.pt")]
-    (out / "last.pt").rename(tmp_path / "start.pt")
-    args[args.index(str(out / "last.pt"))] = str(tmp_path / "start.pt")
-    assert train.main(args) == 2
+    argv = ["--preset", "tiny", "--source", str(tiny_folder), "--out", str(out), "--val-size", "12", "--batch-size", "16",
+            "--epochs", "3", "--lr", "0.05", "--schedule", "cosine", "--ema", "0.5"]  # fmt: skip
+    assert train.main(argv) == 2
     err = capsys.readouterr().err
-    assert "the run diverged" in err and "lower --lr" in err and "Traceback" not in err
-    assert not (out / "last.pt").exists() or all(torch.isfinite(v).all() for v in state(out / "last.pt")["model"].values()
-                                               if v.is_floating_point())
-    assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+    assert "the loss became inf at epoch 2, step 2" in err and f"{out / 'last.pt'} still holds the last good state" in err
+    assert "lower --lr" in err and "Traceback" not in err
+    saved = state(out / "last.pt")
+    assert (saved["epoch"], saved["batch_in_epoch"]) == (1, 0)  # the state epoch 1 ended with
+    for part in (saved["model"], saved["average"]):
+        assert all(torch.isfinite(v).all() for v in part.values() if v.is_floating_point())
+    assert [r["epoch"] for r in log_records(out)] == [1]
 
 
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path, tiny_folder):
     out = tmp_path / "run"
-    with train.exclusive(out):  # as a run in another process holds it
-        with pytest.raises(train.OutFolderBusy, match="another training run is writing to"):
+    with runs.exclusive(out):  # as a run in another process holds it
+        with pytest.raises(runs.OutFolderBusy, match="another training run is writing to"):
             train.train(tiny_args(out, tiny_folder, "--epochs", "1"))
     train.train(tiny_args(out, tiny_folder, "--epochs", "1"))  # free again once it ended
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3", "mps", "foo"])
+def test_a_device_this_machine_lacks_is_named_before_the_data_loads(tmp_path, device, capsys):
+    if device == "cuda" and torch.cuda.is_available() or device == "cuda:3" and torch.cuda.device_count() > 3:
+        pytest.skip(f"this machine has {device}")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has mps")
+    # The source does not exist: an error about the data would mean it was read first.
+    argv = ["--preset", "tiny", "--source", str(tmp_path / "none"), "--out", str(tmp_path / "run"), "--device", device]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --device {device}: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "cpu" in err and "CIFAR-10" not in err  # what to use instead
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_line_names_a_missing_device_in_one_line(tmp_path):
+    done = run_cli(["--preset", "tiny", "--source", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
+                    "--device", "foo"])
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith("error: --device foo: not a device name; devices here: cpu")
+
+
+def test_an_out_folder_that_cannot_be_written_is_named_in_one_line(tmp_path, tiny_folder, capsys):
+    argv = ["--preset", "tiny", "--source", str(tiny_folder), "--val-size", "12", "--batch-size", "16"]
+    (tmp_path / "a-file").write_text("")
+    places = [tmp_path / "a-file" / "run"]  # under a file
+    if os.geteuid() != 0:  # a folder without write permission (root writes anywhere)
+        (tmp_path / "locked").mkdir(mode=0o500)
+        places.append(tmp_path / "locked" / "run")
+    else:
+        try:
+            Path("/sys/msdnet-test").mkdir()
+        except OSError:
+            places.append(Path("/sys/msdnet-test"))  # a read-only file system
+    for place in places:
+        assert train.main([*argv, "--out", str(place)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {place}: cannot write there (") and err.count("\n") == 1, err
+        assert "Traceback" not in err
 
 
 def test_a_run_that_fails_to_start_leaves_no_folder(tmp_path):
