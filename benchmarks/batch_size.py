@@ -31,10 +31,7 @@ def main() -> None:
         for b in args.batch_sizes:
             x, y = torch.rand(b, 3, 32, 32), torch.randint(0, 10, (b,))
             start = time.perf_counter()
-            loss = train.multi_exit_loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            train.train_step(model, optimizer, x, y)
             if r:  # the first round warms up
                 rates[b].append(b / (time.perf_counter() - start))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} timed steps each (median)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The recipe's choices, one at a time (issue 15): short runs from the shipped weights that differ in
-# one setting only (same seed, same 12,800 training images, 1 epoch, cosine from the peak rate to 0),
-# judged on the 5,000-image validation hold-out. About 25 minutes on 2 CPU cores.
+# The recipe's choices, one at a time: short runs from the shipped weights that differ in one setting
+# only (same seed, same 12,800 training images, 1 epoch, cosine from the peak rate to 0), judged on the
+# 5,000-image validation hold-out.
 #
 #   CIFAR10_SOURCE=../shared/data/cifar10-jpeg.tar.gz bash benchmarks/recipe.sh [runs/recipe]
 #

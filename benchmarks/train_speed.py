@@ -19,7 +19,7 @@ from contextlib import nullcontext
 import torch
 
 import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
-from helpers import data, msdnet, pretrained, train
+from helpers import data, evaluate, msdnet, pretrained, train
 
 VARIANTS = {  # name: (channels_last, autocast dtype)
     "float32": (False, None),
@@ -30,14 +30,11 @@ VARIANTS = {  # name: (channels_last, autocast dtype)
 
 
 def step_time(model, optimizer, x, y, channels_last: bool, dtype) -> float:
+    """Seconds of one `train.train_step` (the step `python -m helpers.train` takes)."""
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=dtype) if dtype else nullcontext():
-        loss = train.multi_exit_loss(model(x), y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
+    train.train_step(model, optimizer, x, y, amp=dtype)
     return time.perf_counter() - start
 
 
@@ -84,7 +81,7 @@ def main() -> None:
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=dtype) if dtype else nullcontext():
-                accuracy[name] = train.exit_accuracies(model, test)
+                accuracy[name] = evaluate.exit_accuracies(model, test)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU: {cpu_flags()}")
     print(f"batch {args.batch_size}, {args.rounds} timed training steps per variant (median)")

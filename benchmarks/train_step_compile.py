@@ -4,33 +4,32 @@
     python benchmarks/train_step_compile.py --preset tiny --batch-size 8 --steps 3 --modes default   # CPU check
 
 MSD-Net is many small layers: on a GPU its training step launches hundreds of short kernels, and the
-GPU waits on Python between them (about 4,100 images/s on an H200 at batch 512, far from its arithmetic
-peak). torch.compile fuses the elementwise work (BatchNorm, ReLU, concatenation) into fewer kernels, and
-mode "reduce-overhead" also replays the step's kernels as one CUDA graph. The step timed is the recipe's:
-random images, bf16 autocast on CUDA, channels_last, the multi-exit loss with label smoothing 0.2 and
-distillation 0.8, SGD with momentum. Each mode prints its line as soon as it is measured, and a mode is
-skipped once --budget seconds have passed, so a short lease still returns what it measured.
+GPU waits on Python between them. torch.compile fuses the elementwise work (BatchNorm, ReLU,
+concatenation) into fewer kernels, and mode "reduce-overhead" also replays the step's kernels as one
+CUDA graph. The step timed is `helpers.train.train_step` with the recipe's settings: random images,
+bf16 autocast on CUDA, channels_last, label smoothing 0.2 and distillation 0.8, SGD with momentum, and
+with --average the SWA average of the weights updated after every step. Each mode prints its line as
+soon as it is measured, and a mode is skipped once --budget seconds have passed, so a short lease still
+returns what it measured.
 """
 import argparse
 import time
 
 import torch
 
-from helpers import msdnet
-from helpers.train import multi_exit_loss
+from helpers import msdnet, train
+from helpers.averaging import WeightAverage
 
 
-def measure(model: torch.nn.Module, step_model, x, y, steps: int, amp: torch.dtype | None) -> tuple[float, float]:
+def measure(model: torch.nn.Module, step_model, x, y, steps: int, amp: torch.dtype | None,
+            average: bool) -> tuple[float, float]:
     """(seconds for the first step, which includes any compilation; images per second after warm-up)."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    avg = WeightAverage(model, "swa") if average else None
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def one():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = multi_exit_loss(step_model(x), y, 0.2, 0.8)
-        loss.backward()
-        opt.step()
+        train.train_step(step_model, opt, x, y, label_smoothing=0.2, distill=0.8, amp=amp, average=avg)
 
     t = time.perf_counter()
     one()
@@ -53,12 +52,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--modes", nargs="+", default=["eager", "default", "reduce-overhead"])
     p.add_argument("--contiguous", action="store_true", help="the default memory format instead of channels_last")
+    p.add_argument("--average", action="store_true", help="update an SWA average of the weights after every step")
     p.add_argument("--budget", type=float, default=200, help="skip the modes left after this many seconds")
     args = p.parse_args()
     t0 = time.perf_counter()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    torch.backends.cudnn.benchmark = dev.type == "cuda"  # as helpers.train sets it: the same convolution choices
+    torch.backends.cudnn.benchmark = dev.type == "cuda"  # as helpers.train sets it
     torch.manual_seed(0)
     fmt = torch.contiguous_format if args.contiguous else torch.channels_last
     x = torch.rand(args.batch_size, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
@@ -66,7 +66,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, preset {args.preset}, batch {args.batch_size}, "
           f"{'bf16 autocast' if amp else 'float32'}, {'contiguous' if args.contiguous else 'channels_last'}, "
-          f"{torch.get_num_threads()} CPU threads", flush=True)
+          f"{torch.get_num_threads()} CPU threads{', SWA average' if args.average else ''}", flush=True)
     for mode in args.modes:
         if time.perf_counter() - t0 > args.budget:
             print(f"{mode}: skipped (budget of {args.budget:.0f} s spent)", flush=True)
@@ -74,8 +74,8 @@ def main() -> None:
         torch._dynamo.reset()
         model = msdnet.build(args.preset).to(dev).to(memory_format=fmt).train()
         try:
-            step_model = model if mode == "eager" else torch.compile(model, mode=mode)
-            first, rate = measure(model, step_model, x, y, args.steps, amp)
+            step_model = model if mode == "eager" else train.compiled(model, mode=None if mode == "default" else mode)
+            first, rate = measure(model, step_model, x, y, args.steps, amp, args.average)
         except Exception as e:  # a mode that fails here must not hide the others' numbers
             print(f"{mode}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})", flush=True)
             continue

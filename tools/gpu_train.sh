@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The recipe on one CUDA GPU in under 9 minutes (issue 15), ready for a lent GPU machine.
+# The recipe on one CUDA GPU within a time budget, ready for a lent GPU machine.
 #
 #   bash tools/gpu_train.sh                    # on the GPU machine, in the repository root
 #   bash tools/gpu_train.sh --preset tiny --epochs 1 --device cpu --amp bf16   # the same path on a CPU
 #   bash tools/gpu_train.sh --init-from data/pretrained/msdnet-cifar10-anytime.pt --batch-size 512 --lr 0.05 \
-#     --schedule constant --warmup-epochs 0.5 --swa --ema 0 --fit-to 0 --time-limit 440   # weight averaging, as cycle 13 (full command: README)
+#     --schedule constant --warmup-epochs 0.5 --swa --ema 0 --fit-to 0 --time-limit 440   # SWA (docs/appendix.md)
 #
 # Arguments are passed on to `python -m helpers.train` after the recipe's own (the last one wins).
 # bf16 autocast and channels_last on CUDA, the training images held on the GPU and augmented there
@@ -13,7 +13,7 @@
 # --time-limit stops it cleanly (resumable) should the later epochs run slower than the first.
 # Writes to $OUT (default runs/gpu): train.log, and in $OUT/export the run's log.jsonl, the weights
 # chosen on validation (best.pt) and the last epoch's trained weights (last.pt, without the optimizer
-# and the average), both in half precision: about 10 MB each, small enough to bring back. That last.pt
+# and the average), both in half precision, small enough to bring back. That last.pt
 # is for the export to compare, not to resume (it lacks the optimizer and the average).
 # `python -m helpers.export --run <that folder> --command "..."` turns them into a card
 # naming the GPU. The run itself (full precision, resumable) stays in $RUN (default $OUT/run).
@@ -34,17 +34,17 @@ cp "$RUN/log.jsonl" "$OUT/export/log.jsonl"
 $PY - "$RUN" "$OUT/export" <<'PY'
 import sys
 from pathlib import Path
-from helpers import atomic, checkpoint
+from helpers import checkpoint
 run, export = Path(sys.argv[1]), Path(sys.argv[2])
 half = checkpoint.half
 best = checkpoint.read(run / "best.pt")
 best["model"] = half(best["model"])
-atomic.save(best, export / "best.pt")
+checkpoint.write(best, export / "best.pt")
 print(f"{export / 'best.pt'}: epoch {best['epoch']}, {best['weights']} weights, val per exit {best['val_accuracy_per_exit']}")
 # The last epoch's trained weights: at the end of the schedule they can beat their lagging average,
 # and the export compares the two on validation. The optimizer and the average stay behind (size).
-last = {k: v for k, v in checkpoint.read(run / "last.pt").items() if k not in ("optimizer", "scaler", "ema")}
+last = {k: v for k, v in checkpoint.read(run / "last.pt").items() if k not in ("optimizer", "scaler", "average")}
 last["model"] = half(last["model"])
-atomic.save(last, export / "last.pt")
+checkpoint.write(last, export / "last.pt")
 print(f"{export / 'last.pt'}: epoch {last['epoch']}, batch {last['batch_in_epoch']}")
 PY
