@@ -146,10 +146,9 @@ class Run:
 
     def _about(self) -> dict:
         """What every saved file says of the run: its settings, the schedule's length, hardware and data."""
-        init_record = self.init_record
         return {"run": self.settings, "schedule_epochs": self.epochs, "hardware": hardware_name(self.device),
                 "torch": str(torch.__version__), "data": self.trained_on, "data_source": data.resolve_source(self.args.source),
-                **({"init_record": init_record} if init_record else {})}  # fmt: skip
+                **({"init_record": self.init_record} if self.init_record else {})}  # fmt: skip
 
     def save(self) -> None:
         """Write last.pt: all that --resume needs."""

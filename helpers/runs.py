@@ -37,7 +37,7 @@ class SetupError(ValueError):
 
 
 class Dist:
-    """torchrun's environment, or a single process."""
+    """This process's place among torchrun's (world size, rank), or a single process; starts the process group."""
 
     def __init__(self, device: torch.device) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
@@ -92,6 +92,7 @@ def device_for(spec: str | None) -> torch.device:
 
 
 def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype `--amp` asks for on `device`; None: float32 throughout."""
     if args.amp == "off" or (args.amp == "auto" and device.type != "cuda"):
         return None
     if args.amp == "fp16" or (args.amp == "auto" and not torch.cuda.is_bf16_supported()):
@@ -144,12 +145,14 @@ def exclusive(out: Path):
 
 
 def append_record(log_path: Path, record: dict) -> None:
+    """Append one JSON line to the log."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def last_logged_epoch(log_path: Path) -> int:
+    """The epoch of the log's last line; 0 for no log."""
     lines = log_path.read_text().splitlines() if log_path.is_file() else []
     return json.loads(lines[-1])["epoch"] if lines else 0
 

@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     From Python: ``train(parse_args(["--preset", "tiny", "--epochs", "1", "--out", "runs/try"]))``.
     """
-    p = argparse.ArgumentParser(prog="python -m helpers.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m helpers.train", description=(
+        "Train MSD-Net on CIFAR-10: every exit's accuracy is logged after every epoch to <out>/log.jsonl, the "
+        "run saved to <out>/last.pt (resumable with --resume) and the best weights on validation to <out>/best.pt."))
     a = p.add_argument_group("the model and the optimizer").add_argument
     a("--preset", default="cifar10-anytime", choices=sorted(msdnet.PRESETS))
     a("--epochs", type=int, default=300, help="the schedule's length (with --fit-to: the most it may get)")
@@ -78,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--resume", action="store_true", help="continue <out>/last.pt exactly where it stopped")
     a("--time-limit", type=float, default=0.0, metavar="SECONDS",
       help="stop as Ctrl-C does (saved, resumable) after this much training in this process")
-    a = p.add_argument_group("the machine (speed, not results)").add_argument
+    a = p.add_argument_group("the machine").add_argument
     a("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when there is one, else cpu)")
     a("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
       help="autocast; auto: bf16 (or fp16) on CUDA, float32 elsewhere")
