@@ -3,15 +3,18 @@
 msdnet and layers (the model), pretrained (loading the shipped weights), export (a run into a shipped card), data (CIFAR-10), evaluate (every
 exit's predictions and their accuracy), policies (which exit an image leaves at), earlyexit (the
 real early-exit runtime), gradcam (Grad-CAM and its relatives), analysis and faithfulness (judging
-the maps), explorer (the app), train (the training command), checkpoint (saving and reading weights).
+the maps), images (a person's picture as the model's input), explorer (the app), train (the training
+core and command; run, runs, schedule, averaging and distill are its pieces), checkpoint (saving
+and reading weights).
 
 `import helpers` alone is cheap: each module is imported the first time it is named
 (helpers.msdnet), or with `from helpers import msdnet`.
 """
 import importlib
 
-__all__ = ["analysis", "app", "atomic", "cache", "checkpoint", "data", "earlyexit", "evaluate", "explorer",
-           "export", "faithfulness", "gradcam", "layers", "msdnet", "policies", "pretrained", "reference", "runs", "train", "viz"]
+__all__ = ["analysis", "app", "atomic", "averaging", "cache", "checkpoint", "data", "distill", "earlyexit", "evaluate",
+           "explorer", "export", "faithfulness", "gradcam", "images", "layers", "msdnet", "policies", "pretrained",
+           "reference", "run", "runs", "schedule", "train", "viz"]
 
 
 def __getattr__(name: str):

@@ -149,8 +149,8 @@ def compact(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     ckpt = read(src)
     small = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scaler")}
     small["model"] = half(ckpt["model"])
-    if "ema" in ckpt:
-        small["ema"] = half(ckpt["ema"])
+    if "average" in ckpt:
+        small["average"] = half(ckpt["average"])
     write(small, dst)
 
 

@@ -84,8 +84,8 @@ def _kind(weights: str, run: dict) -> str:
 def _last_weights(last: dict, average: bool) -> dict:
     """last.pt's trained weights, or its weight average, as a checkpoint to ship."""
     model = last["model"]
-    if average:  # AveragedModel's state: the model's under "module.", and a step count
-        model = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    if average:  # the average's state: the model's under "module.", and a step count
+        model = {k.removeprefix("module."): v for k, v in last["average"].items() if k.startswith("module.")}
     return {"config": last["config"], "model": model, "weights": _kind("ema" if average else "trained", last["run"]),
             "epoch": last["epoch"], "elapsed_s": last["elapsed_s"], "hardware": last["hardware"],
             "torch": last["torch"], "val_accuracy_per_exit": None}
@@ -119,10 +119,10 @@ def _chosen_weights(run_dir: Path, records: list[dict]) -> tuple[dict, dict, Pat
         raise CheckpointError(
             f"{last_file} was saved in the middle of epoch {last['epoch'] + 1} (batch {last['batch_in_epoch']}), "
             "so its weights were never validated: finish the epoch with --resume, then export")
-    chosen = _last_weights(last, average="ema" in last)
+    chosen = _last_weights(last, average="average" in last)
     record = _val_record(records, last["epoch"])
     if record:
-        chosen["val_accuracy_per_exit"] = record["acc_ema" if chosen["weights"] in AVERAGES else "acc"]
+        chosen["val_accuracy_per_exit"] = record["acc_average" if chosen["weights"] in AVERAGES else "acc"]
     return chosen, last, last_file
 
 
@@ -334,8 +334,7 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, command: str,
     new.mkdir()
     try:
         weights = new / name
-        checkpoint.write({"config": chosen["config"], "model": checkpoint.half(model.state_dict())}, weights)
-        _sync(weights)
+        checkpoint.write({"config": chosen["config"], "model": checkpoint.half(model.state_dict())}, weights)  # fsynced
         acc32 = exit_accuracies(model.to(dev).eval(), test)
         shipped = pretrained.load(weights, device=dev, verify=False)  # what users get: fp16 back in float32
         acc16 = exit_accuracies(shipped, test)

@@ -217,12 +217,10 @@ def test_flip_averages_each_exits_logits_for_the_image_and_its_mirror(tiny_folde
 
 
 def test_exit_accuracies_with_flip_agree_with_flipped_predictions(tiny_folder):
-    from helpers import train
-
     model = msdnet.build("tiny").eval()
     split = data.load("test", source=tiny_folder)
     preds = evaluate.predict(model, split, cache=False, flip=True)
-    assert train.exit_accuracies(model, split, batch_size=7, flip=True) == pytest.approx(
+    assert evaluate.exit_accuracies(model, split, batch_size=7, flip=True) == pytest.approx(
         preds.correct.double().mean(0).tolist())
 
 

@@ -14,6 +14,7 @@ import torch
 from conftest import write_class_folders
 
 from helpers import checkpoint, data, export, msdnet, pretrained, train
+from helpers.runs import hardware_name
 from helpers.evaluate import exit_accuracies
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def test_export_writes_half_weights_a_card_and_a_log_that_load_back(tmp_path, ru
     out = tmp_path / "shipped"
     card = export.export(run, out, command="python -m helpers.train ...", source=runs.source)
     assert card["format"] == pretrained.CARD_FORMAT and card["training_log"] == TINY_LOG
-    assert card["training"]["hardware"] == train.hardware_name(torch.device("cpu"))  # as the run recorded it
+    assert card["training"]["hardware"] == hardware_name(torch.device("cpu"))  # as the run recorded it
     assert card["macs_per_exit_flip_tta"] == [2 * m for m in card["macs_per_exit"]]
     saved = torch.load(out / TINY, weights_only=True)
     assert saved["format"] == checkpoint.FORMAT
@@ -118,7 +119,7 @@ def test_the_card_says_which_average_its_weights_are(tmp_path, runs, flag, kind)
     record = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
     (run / "log.jsonl").write_text(json.dumps({**record, "acc": [0.0] * len(record["acc"])}) + "\n")  # the average wins
     card = export.export(run, tmp_path / "out", command="c", source=runs.source)
-    assert card["training"]["weights"] == kind and card["val_accuracy_per_exit"] == record["acc_ema"]
+    assert card["training"]["weights"] == kind and card["val_accuracy_per_exit"] == record["acc_average"]
     (run / "best.pt").unlink()  # without best.pt: last.pt's average, named the same way
     card = export.export(run, tmp_path / "out2", command="c", source=runs.source)
     assert card["training"]["weights"] == kind
@@ -395,7 +396,7 @@ def kill_at(tmp_path, runs, step: int, path: str):
     out, old = old_and_new(tmp_path, runs)
     done = subprocess.run([sys.executable, "-c", KILLER, str(runs.get("two", "--epochs", "2")), str(out),
                            str(runs.source), str(step), path], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "MSDNET_DATA_DIR": str(tmp_path / "data")})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # the data cache old_and_new wrote: no write to count
     assert done.returncode == -signal.SIGKILL, done.stderr
     return out, old
 
@@ -410,8 +411,9 @@ def test_an_export_killed_mid_way_leaves_a_whole_set_and_the_next_one_tidies_up(
     if path == "two-renames":
         monkeypatch.setattr(sys, "platform", "unknown")
     probe, _ = old_and_new(tmp_path / "probe", runs)
+    new_run = runs.get("two", "--epochs", "2")  # trained (and its checkpoints written) before the counting starts
     with Steps() as counted:  # the step killed is the one the comment above says
-        export.export(runs.get("two", "--epochs", "2"), probe, command="new", source=runs.source)
+        export.export(new_run, probe, command="new", source=runs.source)
     before = counted.calls[step - 2]
     assert before == (("rename", str(probe), str(probe.with_name(".shipped.old"))) if path == "two-renames"
                       else ("fsync",) + before[1:])
@@ -451,9 +453,9 @@ def test_the_gpu_script_runs_on_a_cpu_and_its_weights_export(tmp_path):
     # last.pt came back too, so the export can prefer the trained weights when they beat their average on validation.
     record = json.loads((out / "export" / "log.jsonl").read_text().splitlines()[-1])
     mean = lambda accs: sum(accs) / len(accs)
-    assert card["training"]["weights"] == ("trained" if mean(record["acc"]) > mean(record["acc_ema"]) else "ema")
+    assert card["training"]["weights"] == ("trained" if mean(record["acc"]) > mean(record["acc_average"]) else record["average"])
     assert card["training"]["amp"] == "bf16" and card["training"]["channels_last"]
-    assert card["training"]["hardware"] == train.hardware_name(torch.device("cpu"))  # on CUDA: the GPU's name
+    assert card["training"]["hardware"] == hardware_name(torch.device("cpu"))  # on CUDA: the GPU's name
     assert card["training"]["torch"] == torch.__version__  # recorded by the run: on a GPU machine, its own torch
     assert card["training"]["epochs_done"] == 1 and card["training"]["distill"] == 0.5
     assert card["training"]["trained_on"]["train_images"] == 48 and card["training"]["trained_on"]["source"] == str(tiny_folder)

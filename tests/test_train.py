@@ -141,6 +141,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, tiny_f
                            state(tmp_path / "stopped" / "best.pt")["model"]["classifiers.0.linear.weight"])
 
 
+@pytest.mark.slow  # torch.compile: a minute or more on 2 cores
 def test_compile_takes_the_same_step_and_a_run_may_resume_with_it(tmp_path, tiny_folder, monkeypatch):
     """--compile changes the speed, not the run: its first step lands where the uncompiled step does (to
     float rounding: the fused kernels sum in another order; later steps amplify such rounding on this tiny
@@ -245,6 +246,7 @@ def test_weight_averages_have_their_known_values():
     assert int(swa.n_averaged) == 3 and set(swa.state_dict()) == {"module.weight", "n_averaged"}
 
 
+@pytest.mark.slow  # torch.compile: a minute or more on 2 cores
 def test_the_weight_average_updates_without_reading_back_from_the_device():
     """Any data-dependent branch (a read back to the host, a stall on a GPU) breaks a full graph."""
     from helpers.averaging import WeightAverage
@@ -294,6 +296,7 @@ def test_the_train_step_refuses_a_loss_that_is_not_finite_before_stepping():
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())  # no step was taken
 
 
+@pytest.mark.slow  # torch.compile: a minute or more on 2 cores
 def test_the_compiled_step_compiles_once_and_updates_the_average(tmp_path, tiny_folder, monkeypatch):
     """--compile with static shapes: batch 20 of 48 images drops the last 8 of every epoch, so every
     step has the same shape and nothing compiles again; the average is updated after every step."""
