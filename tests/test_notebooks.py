@@ -94,3 +94,26 @@ def test_nbval_fails_when_the_parameter_count_changes(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 1, run.stdout[-3000:]
     assert "4,839,545" in run.stdout and "1 failed" in run.stdout, run.stdout[-3000:]
+
+
+def markdown_of(path: Path) -> str:
+    return "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_a_notebook_teaches_in_at_most_3500_words_without_the_making_of(path):
+    prose = markdown_of(path)
+    assert len(re.findall(r"\w+", prose)) <= 3500
+    making_of = re.findall(r"half (?:its|the) usual pace|half-pace|\bissue \d+|\bsession\b|\bhand-?overs?\b|\bpaused\b",
+                           prose, flags=re.I)
+    assert not making_of, making_of
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_notebook_links_its_neighbours_at_the_top_and_the_bottom(path):
+    cells = [("".join(c["source"])) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown"]
+    i = NOTEBOOKS.index(path)
+    wanted = [f"({p.name})" for p in (NOTEBOOKS[i - 1] if i else None, NOTEBOOKS[i + 1] if i + 1 < len(NOTEBOOKS) else None) if p]
+    wanted.append("(../README.md#notebooks)")
+    for where, text in (("top", "\n".join(cells[:2])), ("bottom", cells[-1])):
+        assert all(link in text for link in wanted), f"{where}: {wanted}"
