@@ -1,22 +1,32 @@
-"""The explorer as a web page: `python -m helpers.app` serves app/explorer.ipynb with Voila (code hidden,
-no notebook around it), on this machine only, with a template that fetches nothing from the internet.
+"""The explorer as a web page: `python -m helpers.app` serves app/explorer.ipynb with Voila on this machine.
 
 Extra arguments go to Voila, e.g. `python -m helpers.app --port=8867 --no-browser`. Needs the repository
-checkout (the page lives in app/) and `pip install -e ".[test]"` (or just `pip install voila`)."""
+checkout (the page lives in app/) and Voila (`pip install -e ".[test]"`, or `pip install voila`).
+"""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "app" / "explorer.ipynb"
-TEMPLATE = "offline"  # app/voila/templates/offline: Voila's lab template less its CDN stylesheets
+TEMPLATE = "offline"  # app/voila/templates/offline: Voila's lab template without its CDN stylesheets
+GRACE_S = 20.0
+"""How long the server has to stop, kernels included, after a forwarded signal before it is killed."""
+
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def command(extra: list[str] = ()) -> tuple[list[str], dict]:
-    """The Voila command line and environment that serve the page (the test starts it the same way)."""
+    """The Voila command line and environment that serve the page.
+
+    Returns:
+        (argv, env) for subprocess.
+    """
     if not PAGE.exists():
         raise FileNotFoundError(f"{PAGE} is missing: run this from a checkout of the repository")
     env = dict(os.environ)
@@ -29,14 +39,84 @@ def command(extra: list[str] = ()) -> tuple[list[str], dict]:
     return args, env
 
 
+def _below(pid: int) -> list:
+    """The processes `pid` started, at any depth (psutil: ipykernel's dependency, so present with Voila)."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).children(recursive=True)
+    except Exception:  # no psutil, or the process is gone already
+        return []
+
+
+def _kill(processes: list, group: int | None = None) -> None:
+    for p in processes:
+        try:
+            p.kill()
+        except Exception:
+            pass
+    try:
+        if group is not None:
+            os.killpg(group, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def serve(args: list[str], env: dict | None = None, cwd: str | os.PathLike | None = None) -> int:
+    """Run a server in a process group of its own; SIGTERM, SIGINT and SIGHUP are forwarded to it.
+
+    After a forwarded signal the server and what it started (Voila's kernels run in sessions of their own)
+    have GRACE_S seconds to stop; then whatever is left is killed.
+
+    Returns:
+        the server's exit status; 128 + n when signal n ended it.
+    """
+    child = subprocess.Popen(args, env=env, cwd=cwd, start_new_session=True)
+    signalled: list[float] = []
+    below: list = []
+
+    def forward(sig, frame) -> None:
+        signalled.append(time.monotonic())
+        try:
+            os.killpg(child.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+    looked = 0.0
+    try:
+        while True:
+            if time.monotonic() - looked > 1 or (signalled and looked < signalled[-1]):
+                below, looked = _below(child.pid) or below, time.monotonic()  # known before they lose their parent
+            try:
+                code = child.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if signalled and time.monotonic() > signalled[0] + GRACE_S:
+                    _kill(_below(child.pid), child.pid)
+    finally:
+        if child.poll() is None:  # leaving on an error of our own: take the server down with us
+            _kill(_below(child.pid), child.pid)
+            child.wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if below:  # what the server started and left behind
+        import psutil
+
+        end = (signalled[0] if signalled else time.monotonic()) + GRACE_S
+        _kill(psutil.wait_procs(below, timeout=max(0.0, end - time.monotonic()))[1])
+    return 128 - code if code < 0 else code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`python -m helpers.app [voila options]`: serve the explorer until stopped; returns the exit status."""
     try:
         import voila  # noqa: F401
     except ImportError:
         print('helpers.app needs Voila: pip install -e ".[test]" (or pip install voila)', file=sys.stderr)
         return 1
     args, env = command(sys.argv[1:] if argv is None else argv)
-    return subprocess.call(args, cwd=ROOT, env=env)
+    return serve(args, env, ROOT)
 
 
 if __name__ == "__main__":

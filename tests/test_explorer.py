@@ -1,5 +1,10 @@
 """The explorer driven from Python: moving its widgets changes what it shows as it must."""
+import functools
 import io
+import subprocess
+import sys
+import textwrap
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -18,7 +23,7 @@ def app(tmp_path_factory):  # a fresh app per test: no test sees another's click
     split = data.load("test", source=folder, data_dir=tmp_path_factory.mktemp("cache"))
     torch.manual_seed(0)
     model = msdnet.build("tiny").eval()
-    return explorer.Explorer(model, split, evaluate.predict(model, split, cache=False))
+    return explorer.Explorer(model, split, evaluate.predict(model, split, cache=False), split_name="test").start()
 
 
 def shown(app):
@@ -45,15 +50,25 @@ def test_moving_the_exit_slider_changes_the_overlay_and_the_label(app):
 
 
 def test_moving_the_image_slider_shows_another_image(app):
-    app.image.value = 0
+    app.image.value = 1
     first = bytes(app.picture.value)
-    app.image.value = 5
+    app.image.value = 6
     assert bytes(app.picture.value) != first and app.current_index() == int(app.indices[5])
+
+
+def test_the_image_slider_and_the_count_beside_it_agree(app):
+    assert (app.image.min, app.image.max) == (1, 20)
+    for value in (1, 2, 20):
+        app.image.value = value
+        assert app.count.value.startswith(f"image {value} of 20 ")
+        assert app.current_index() == int(app.indices[value - 1])
+    app.class_filter.value = "truck"
+    assert (app.image.max, app.count.value.split(" of ")[0]) == (2, f"image {app.image.value}")
 
 
 def test_filters_narrow_the_images_the_slider_walks_through(app):
     app.class_filter.value = "truck"
-    assert app.image.max == 1  # 2 test trucks in the tiny set
+    assert app.image.max == 2  # 2 test trucks in the tiny set
     assert all(app.preds.labels[i] == 9 for i in app.indices)
     app.exit.value = "B2"
     app.correct_filter.value = "wrong"
@@ -86,7 +101,7 @@ def test_method_target_opacity_and_scale_change_the_overlay(app):
 
 
 def test_bars_follow_the_exits_predictions(app):
-    app.image.value = 0
+    app.image.value = 1
     maps, logits = app.maps()
     assert torch.allclose(logits, app.preds.logits[app.current_index()], atol=1e-5)
     assert maps.shape == (4, 32, 32)
@@ -128,8 +143,8 @@ def _upload(app, array: np.ndarray, name: str = "mine.png") -> None:
 
 
 def test_each_upload_shows_its_own_answer(app):
-    """Uploads are told apart by their pixels: an answer computed for one picture is never shown for another
-    (keyed by id(), freed tensors' ids came back and showed an earlier picture's prediction)."""
+    """Uploads are told apart by their pixels, never by id(): a freed tensor's id comes back, and an answer
+    computed for one picture must never be shown for another."""
     rng = np.random.default_rng(0)
     for i in range(40):
         _upload(app, rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), f"{i}.png")
@@ -148,26 +163,138 @@ def test_a_picture_too_large_to_open_safely_is_refused_in_words(app, monkeypatch
     app.back.click()
 
 
-def test_without_cached_predictions_it_opens_at_once_and_predicts_the_rest_in_the_background(tiny_folder):
+def _counting(model):
+    """The model, counting the calls of its modules in calls[0] (the app's copy counts too)."""
+    calls = [0]
+    for m in model.modules():
+        m.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return model, calls
+
+
+def test_without_cached_predictions_it_predicts_in_the_background_once_started(tiny_folder):
     split = data.load("test", source=tiny_folder)
     torch.manual_seed(0)
-    model = msdnet.build("tiny").eval()
+    model, calls = _counting(msdnet.build("tiny").eval())
     assert evaluate.cached_predictions(model, split) is None
-    app = explorer.Explorer(model, split, first=5, chunk=4)
-    assert 5 <= int(app.known.sum()) <= len(split) and app.title.value  # usable from the first images on
-    app.wait()
-    assert bool(app.known.all()) and "all 20 images predicted" in app.progress.value
+    app = explorer.Explorer(model, split, chunk=4)
+    assert calls[0] == 0 and not app.known.any() and not app.title.value.startswith("<b>Deer")  # nothing computed
+    app.wait()  # starts the app, then waits for the background
+    assert calls[0] > 0 and bool(app.known.all()) and "all 20 images predicted" in app.progress.value
     want = evaluate.predict(model, split, cache=False)
     assert torch.allclose(app.preds.logits, want.logits, atol=1e-5)
-    assert app.image.max == len(split) - 1  # the slider now walks through every image
+    assert app.image.max == len(split) and "B4 says" in app.title.value  # the slider walks through every image
     # Stored where predict() looks: the next explorer starts from the cache, predicting nothing.
     again = explorer.Explorer(model, split)
-    assert bool(again.known.all()) and "predicting" not in again.progress.value and torch.allclose(again.preds.logits, want.logits, atol=1e-5)
+    before = calls[0]
+    assert bool(again.known.all()) and torch.allclose(again.preds.logits, want.logits, atol=1e-5)
+    assert calls[0] == before and again.progress.value == ""
+
+
+def test_displaying_the_widget_starts_the_app(app, tiny_folder):
+    split = data.load("test", source=tiny_folder)
+    late = explorer.Explorer(app.model, split, app.preds)
+    assert late.title.value == "<b>starting…</b>"
+    late.widget._repr_mimebundle_()  # what a notebook does to show it
+    assert "B4 says" in late.title.value
+
+
+def test_the_callers_model_is_never_changed(tiny_folder):
+    split = data.load("test", source=tiny_folder)
+    torch.manual_seed(0)
+    model = msdnet.build("tiny").train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    app = explorer.Explorer(model, split)
+    app.wait()
+    app.exit.value, app.method.value, app.image.value = "B2", "gradcam++", 3
+    _upload(app, np.zeros((40, 40, 3), dtype=np.uint8))
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # batch-norm statistics included
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_split_named_val_is_called_validation(tiny_folder, monkeypatch):
+    monkeypatch.setattr(data, "load", functools.partial(data.load, val_size=10))  # the tiny set holds 60 training images
+    torch.manual_seed(0)
+    app = explorer.Explorer(msdnet.build("tiny"), "val", source=tiny_folder).start()
+    app.wait()
+    assert app.count.value.endswith("10 validation images that pass the filters (of 10)")
+    assert app.back.description == "Back to the validation images" and "test" not in app.count.value
+    app.class_filter.value, app.difficulty_filter.value, app.correct_filter.value = "truck", "4/4", "wrong"
+    assert "no validation image passes these filters" in app.title.value
+    unnamed = explorer.Explorer(app.model, app.split, app.preds).start()
+    assert unnamed.count.value.endswith(" of 10 images that pass the filters (of 10)")
+
+
+def test_every_control_answers_within_150_ms_while_the_background_predicts():
+    torch.manual_seed(0)
+    model = msdnet.build("tiny").eval()
+    # As a real network's: 1 ms an image however large the batch, so 20,000 images outlast the moves below.
+    model.register_forward_pre_hook(lambda module, args: time.sleep(1e-3 * len(args[0])))
+    n = 20_000
+    split = data.Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.arange(n) % 10)
+    app = explorer.Explorer(model, split, split_name="test").start()
+    try:
+        deadline, answers = time.monotonic() + 30, []
+        while time.monotonic() < deadline:  # reading the app's state is a control's first step
+            start = time.perf_counter()
+            ready = len(app.indices)
+            answers.append(("reading the images that pass the filters", ready, round(1000 * (time.perf_counter() - start))))
+            if ready >= 100:
+                break
+            time.sleep(0.01)
+        moves = [(app.image, v) for v in (5, 40, 77, 12, 60)] + [
+            (app.exit, "B1"), (app.exit, "B3"), (app.method, "gradcam++"), (app.target, "true"), (app.scale, 32),
+            (app.class_filter, "cat"), (app.difficulty_filter, "0/4"), (app.difficulty_filter, "any"),
+            (app.correct_filter, "wrong"), (app.class_filter, "all"), (app.alpha, 0.8)]
+        for widget, value in moves:
+            time.sleep(0.03)  # a person's pace: the background takes its turns in between
+            predicting = not app.known.all()
+            start = time.perf_counter()
+            widget.value = value
+            answers.append((widget.description, value, round(1000 * (time.perf_counter() - start))))
+        assert max(ms for *_, ms in answers) < 150, f"milliseconds per move: {answers}"
+        assert predicting, "the background finished before the last move: the test measured too little"
+        shown = (app.current_index(), app.image.value, bytes(app.picture.value))
+        time.sleep(0.6)  # a few updates from the background: new images join the slider's end
+        assert (app.current_index(), app.image.value, bytes(app.picture.value)) == shown and not app.known.all()
+    finally:
+        app.close()
+
+
+def test_an_error_in_the_background_is_shown_and_raised_by_wait(tiny_folder):
+    split = data.load("test", source=tiny_folder)
+    model = msdnet.build("tiny")
+
+    def fail(module, args):
+        if len(args[0]) == 4:  # the background's chunks only
+            raise RuntimeError("out of memory, say")
+
+    model.register_forward_pre_hook(fail)
+    app = explorer.Explorer(model, split, chunk=4)
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        app.wait()
+    assert "predicting stopped after 0 images: out of memory, say" in app.progress.value
+    assert "predicting the first images" in app.title.value
+
+
+def test_a_script_that_opens_the_explorer_and_ends_exits_cleanly():
+    script = textwrap.dedent("""
+        import time
+        import torch
+        from helpers import data, explorer, msdnet
+        n = 20_000
+        split = data.Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.arange(n) % 10)
+        explorer.explore(msdnet.build("tiny"), split)
+        time.sleep(0.5)  # the background is predicting when the script ends
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr
 
 
 def test_it_counts_the_images_that_pass_the_filters_and_names_the_explained_class(app):
     app.class_filter.value = "truck"
-    app.image.value = 1
+    app.image.value = 2
     assert app.count.value == "image 2 of 2 test images that pass the filters (of 20)"
     app.exit.value = "B3"
     app.target.value = "true"
