@@ -3,7 +3,7 @@ fair test is paired: per image, the second checkpoint right where the first is w
 (-1), or both alike (0). The mean of that difference is the accuracy gap, and a bootstrap over the
 images gives its 95% interval (`analysis.judge`): SUPPORTED when it lies above zero.
 
-    python benchmarks/compare_checkpoints.py 3dcff3d HEAD                # cycle 12 against the shipped one
+    python benchmarks/compare_checkpoints.py 3dcff3d HEAD                # an earlier shipped checkpoint against the current one
     python benchmarks/compare_checkpoints.py 3dcff3d HEAD --split val
 
 A checkpoint is a commit (its shipped weights, read with `git show`) or a weights file, as in
