@@ -235,6 +235,7 @@ def test_subset_keeps_every_class(tiny_folder):
     assert sub.labels.bincount().tolist() == [2] * 10
 
 
+@pytest.mark.slow  # the real CIFAR-10: the slow lane
 def test_real_mirror_has_cifar10s_splits(real_cifar):
     test = real_cifar("test")
     assert test.images.shape == (10_000, 3, 32, 32) and test.images.dtype == torch.uint8

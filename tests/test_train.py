@@ -586,6 +586,7 @@ def test_ddp_with_two_cpu_processes_agrees_with_one_process(tmp_path, tiny_folde
     assert not torch.equal(a[next(iter(params))], msdnet.build("tiny").state_dict()[next(iter(params))])  # it trained
 
 
+@pytest.mark.slow  # the real CIFAR-10: the slow lane
 def test_cli_short_run_on_the_real_mirror_and_resume(tmp_path, real_cifar, monkeypatch):
     from conftest import REAL_SOURCE
 
