@@ -110,7 +110,7 @@ def main() -> None:
     for score in evaluate.SCORES:
         z = safety_of(policies.per_exit_thresholds, score)
         for unit, c in (("", costs), (", timed", seconds_per_exit)):
-            policies[f"a threshold per exit ({score}{unit})"] = (
+            choices[f"a threshold per exit ({score}{unit})"] = (
                 policies.per_exit_thresholds(val, c, target, score=score, safety=z), score, z)
     baseline = earlyexit.LastExitOnly(model)
     with FlopCounterMode(display=False) as counter:
