@@ -117,3 +117,10 @@ def test_every_notebook_links_its_neighbours_at_the_top_and_the_bottom(path):
     wanted.append("(../README.md#notebooks)")
     for where, text in (("top", "\n".join(cells[:2])), ("bottom", cells[-1])):
         assert all(link in text for link in wanted), f"{where}: {wanted}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_progress_bar_state_is_stored_in_the_metadata(path):
+    state = json.loads(path.read_text())["metadata"].get("widgets", {}).get(
+        "application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    assert not [k for k, v in state.items() if v.get("model_name") == "FloatProgressModel"]
