@@ -22,7 +22,7 @@ import torch
 from . import checkpoint, data, msdnet
 
 __all__ = ["PRETRAINED_DIR", "DEFAULT_PRESET", "WEIGHTS_NAME", "CARD_FORMAT", "weights_name", "log_name",
-           "card_path", "shipped_presets", "sha256", "read_card", "check_device", "load"]
+           "card_path", "shipped_presets", "sha256", "read_card", "available_devices", "check_device", "load"]
 
 PRETRAINED_DIR = data.PROJECT_ROOT / "data" / "pretrained"
 DEFAULT_PRESET = "cifar10-anytime"
@@ -99,7 +99,8 @@ def read_card(card: str | os.PathLike) -> dict:
     return record
 
 
-def _available() -> list[str]:
+def available_devices() -> list[str]:
+    """The devices this machine has, as torch names them: "cpu", then "cuda:0", ..., then "mps"."""
     names = ["cpu"]
     if torch.cuda.is_available():
         names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -117,7 +118,7 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}: use one of {', '.join(_available())}") from None
+        raise ValueError(f"unknown device {device!r}: use one of {', '.join(available_devices())}") from None
     if dev.type == "cpu":
         return dev
     if dev.type == "cuda":
@@ -131,7 +132,7 @@ def check_device(device: str | torch.device) -> torch.device:
         ok = bool(backend is not None and getattr(backend, "is_available", lambda: False)())
         why = f"torch finds no {dev.type} device"
     if not ok:
-        raise ValueError(f"device {str(device)!r} is not on this machine ({why}): use one of {', '.join(_available())}")
+        raise ValueError(f"device {str(device)!r} is not on this machine ({why}): use one of {', '.join(available_devices())}")
     return dev
 
 

@@ -55,12 +55,9 @@ class Dist:
 
 
 def _devices_here() -> str:
-    names = ["cpu"]
-    if torch.cuda.is_available():
-        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        names.append("mps")
-    return ", ".join(names)
+    from .pretrained import available_devices
+
+    return ", ".join(available_devices())
 
 
 def device_for(spec: str | None) -> torch.device:
