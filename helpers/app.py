@@ -65,7 +65,7 @@ def _kill(processes: list, group: int | None = None) -> None:
 def serve(args: list[str], env: dict | None = None, cwd: str | os.PathLike | None = None) -> int:
     """Run a server in a process group of its own; SIGTERM, SIGINT and SIGHUP are forwarded to it.
 
-    After a forwarded signal the server and what it started (Voila's kernels run in sessions of their own)
+    After a forwarded signal the server and what it started (Voila's kernels run in process groups of their own)
     have GRACE_S seconds to stop; then whatever is left is killed.
 
     Returns:
