@@ -13,44 +13,30 @@ for the lowest time, by each block's and classifier's time measured here first
 multiply-accumulate than the late ones). For each policy it prints the test accuracy, the simulated
 multiply-accumulates and the simulated time. Then, with the policy fastest on validation by the
 measured costs, it times on the test split the shipped MSD-Net used as an ordinary classifier (every
-block, last classifier only) against real early exit, batch against batch interleaved so a busy
-moment of the machine hits both alike: for batches of several sizes (images leave the batch as they
-exit), streamed (earlyexit.EarlyExitStream: the images that stay wait for a full batch before the next
-block), and for one image at a time (latency, the case early exit is for). On a CPU the full network
-is fastest at small batches and early exit at larger ones (fewer images reach the later blocks), so
-the last line compares each at its own fastest: the speed-up a user would get.
+block, last classifier only) against real early exit and the stream (earlyexit.EarlyExitStream: the
+images that stay wait for a full batch before the next block), batch by batch in turn so a busy
+moment of the machine hits all alike, for batches of several sizes and one image at a time. The full
+network's pass is timed block by block, so the same run also predicts early exit's time from those
+block times ('simulated') and shows each block's multiply-accumulates per second.
+The tables are also written to docs/results/early_exit.md, which the site's Benchmarks page includes.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from typing import NamedTuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
+import _report  # benchmarks/_report.py: the page part docs/benchmarks.md includes
 from helpers import data, earlyexit, evaluate, msdnet, policies, pretrained
 
 
 def as_input(images: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     """uint8 images -> the networks' input: floats in [0, 1], in the memory format the model runs in."""
     return (images.float() / 255).contiguous(memory_format=fmt)
-
-
-def interleaved(full, early, images: torch.Tensor, batch_size: int,
-                fmt: torch.memory_format = torch.contiguous_format) -> tuple[float, float, list, list]:
-    """Seconds each of the two spends on all images, batch by batch in turn, and their outputs."""
-    t_full = t_early = 0.0
-    out_full, out_early = [], []
-    for i in range(0, len(images), batch_size):
-        x = as_input(images[i : i + batch_size], fmt)
-        start = time.perf_counter()
-        out_full.append(full(x))
-        t_full += time.perf_counter() - start
-        start = time.perf_counter()
-        out_early.append(early(x))
-        t_early += time.perf_counter() - start
-    return t_full, t_early, out_full, out_early
 
 
 def switched_off(thresholds) -> str:
@@ -73,6 +59,7 @@ def main() -> None:
                         "accuracy (see policies.one_threshold); 0: the validation accuracy itself; auto (the default): "
                         "each search's Z chosen by cross-validation inside the validation hold-out "
                         "(policies.cross_validated_safety), the smallest that keeps held-out halves within 0.1 point")
+    _report.add_option(p)
     args = p.parse_args()
     if args.safety != "auto":
         try:
@@ -129,15 +116,27 @@ def main() -> None:
     print("'timed': thresholds searched for the lowest measured time instead of the fewest multiply-accumulates")
     print(f"{'policy':42s} {'z':>3s} {'val acc':>8s} {'test acc':>8s} {'M MACs':>7s} {'fewer':>6s} {'ms/im':>6s} {'faster':>6s}  exits used on test")
     chosen, best_val_seconds = None, float("inf")
+    report = _report.Report("early_exit", args.results)
+    policy_rows = []
     for name, (thresholds, score, z) in choices.items():
         v, t = policies.budgeted(val, thresholds, costs, score), policies.budgeted(test, thresholds, costs, score)
         t_sec = policies.budgeted(test, thresholds, seconds_per_exit, score).average_cost
         print(f"{name:42s} {z:3g} {v.accuracy:8.2%} {t.accuracy:8.2%} {t.average_macs / 1e6:7.1f} "
               f"{full_macs / t.average_macs:5.2f}x {t_sec * 1e3:6.3f} {full_seconds / t_sec:5.2f}x  "
               f"{t.exit_counts}{switched_off(thresholds)}")
+        policy_rows.append([name, f"{z:g}", f"{v.accuracy:.2%}", f"{t.accuracy:.2%}", f"{t.average_macs / 1e6:.1f}",
+                            f"{full_macs / t.average_macs:.2f}x", f"{full_seconds / t_sec:.2f}x",
+                            " ".join(map(str, t.exit_counts)) + switched_off(thresholds)])
         v_sec = policies.budgeted(val, thresholds, seconds_per_exit, score).average_cost
         if v_sec < best_val_seconds:  # chosen on validation, like the thresholds, by the time it predicts
             chosen, best_val_seconds = name, v_sec
+    report.text(f"Exit policies, thresholds chosen on the 5,000 validation images (target: the full network's "
+                f"{target:.2%} there, kept even z standard errors lower); accuracy on the {len(test):,} test images; "
+                f"the full network (every block, the last classifier only) costs {full_macs / 1e6:.1f} M "
+                f"multiply-accumulates and {full_seconds * 1e3:.2f} ms per image (blocks timed alone at batch "
+                f"{args.cost_batch}). 'timed': searched for the lowest measured time.")
+    report.table(["policy", "z", "val acc", "test acc", "M MACs", "fewer MACs", "faster (block times)",
+                  "images leaving at B1..B10"], policy_rows)
     thresholds, score, _ = choices[chosen]
     sim = policies.budgeted(test, thresholds, costs, score)
     sim_seconds = policies.budgeted(test, thresholds, seconds_per_exit, score).average_cost
@@ -145,36 +144,140 @@ def main() -> None:
 
     split = data.subset(full_split, args.images) if args.images < len(full_split) else full_split
     one = data.subset(full_split, args.latency_images)
+    block_macs = macs_per_block(model)
     print(f"\ntimed with '{chosen}' (the fastest on validation by the measured costs), {len(split):,} test images "
-          f"({full_macs / 1e6:.1f} vs {sim.average_macs / 1e6:.1f} M MACs per image):")
-    print(f"{'batch':>6s} {'full network':>13s} {'early exit':>11s} {'speed-up':>9s} {'streamed':>9s} {'speed-up':>9s}")
-    full_s, early_s, stream_s = {}, {}, {}
-    with torch.no_grad():
-        interleaved(baseline, early, split.images[:500], 100, fmt)  # warm-up
-        for b in args.batch_sizes:
-            full_s[b], early_s[b], full_out, early_out = interleaved(baseline, early, split.images, b, fmt)
-            start = time.perf_counter()
-            streamed, _ = earlyexit.EarlyExitStream(early, b)(as_input(split.images, fmt))
-            stream_s[b] = time.perf_counter() - start
-            print(f"{b:6d} {len(split) / full_s[b]:9.0f} im/s {len(split) / early_s[b]:7.0f} im/s {full_s[b] / early_s[b]:8.2f}x "
-                  f"{len(split) / stream_s[b]:5.0f} im/s {full_s[b] / stream_s[b]:8.2f}x")
-        l_full, l_early, _, _ = interleaved(baseline, early, one.images, 1, fmt)
-    acc_full = (torch.cat(full_out).argmax(1) == split.labels).double().mean().item()
-    acc_early = (torch.cat([p for p, _ in early_out]) == split.labels).double().mean().item()
-    same = int((streamed == torch.cat([p for p, _ in early_out])).sum())  # all, unless rounding tips an image at a threshold
-    b_full = min(full_s, key=full_s.get)
-    modes = {f"early exit, batch {b}": t for b, t in early_s.items()}
-    modes.update({f"streamed early exit, batches of {b}": t for b, t in stream_s.items()})
-    best = min(modes, key=modes.get)
-    print(f"one image at a time ({len(one)} test images): full network {l_full / len(one) * 1e3:.2f} ms per image, "
-          f"early exit {l_early / len(one) * 1e3:.2f} ms per image on average ({l_full / l_early:.2f}x)")
+          f"({full_macs / 1e6:.1f} vs {sim.average_macs / 1e6:.1f} M MACs per image: {full_macs / sim.average_macs:.2f}x fewer); "
+          "'simulated': early exit's time predicted from the full network's own block and classifier times in the "
+          "same run, batch by batch, for the images that reached each block")
+    print(f"{'batch':>6s} {'full network':>13s} {'early exit':>11s} {'speed-up':>9s} {'simulated':>9s} "
+          f"{'streamed':>9s} {'speed-up':>9s}")
+    rows = {}
+    interleaved(model, early, split.images[:500], 100, fmt)  # warm-up
+    for b in args.batch_sizes:
+        r = rows[b] = interleaved(model, early, split.images, b, fmt)
+        print(f"{b:6d} {len(split) / r.full:9.0f} im/s {len(split) / r.early:7.0f} im/s {r.full / r.early:8.2f}x "
+              f"{r.full / r.simulated:8.2f}x {len(split) / r.streamed:5.0f} im/s {r.full / r.streamed:8.2f}x")
+    lat = interleaved(model, early, one.images, 1, fmt, stream=False)
+    last = rows[args.batch_sizes[-1]]
+    acc_full = (last.full_predicted == split.labels).double().mean().item()
+    acc_early = (last.early_predicted == split.labels).double().mean().item()
+    same = int((last.streamed_predicted == last.early_predicted).sum())  # all, unless rounding tips an image at a threshold
+    print(f"one image at a time ({len(one)} test images): full network {lat.full / len(one) * 1e3:.2f} ms per image, "
+          f"early exit {lat.early / len(one) * 1e3:.2f} ms ({lat.full / lat.early:.2f}x; simulated {lat.full / lat.simulated:.2f}x)")
     print(f"streamed early exit gave early exit's answer for {same:,} of {len(split):,} images")
-    print(f"each at its fastest: full network {len(split) / full_s[b_full]:.0f} images/s (batch {b_full}), "
-          f"{best} {len(split) / modes[best]:.0f} images/s")
-    print(f"simulated from the measured block times: {full_seconds / sim_seconds:.1f}x")
-    print(f"early exit: {full_s[b_full] / modes[best]:.1f}x measured, {full_macs / sim.average_macs:.1f}x simulated, "
+    print("each block's speed in the full network's passes, G multiply-accumulates per second, at batch "
+          f"{args.batch_sizes[-1]}: " + " ".join(f"B{k + 1} {m / t / 1e9 * len(split):.0f}"
+                                                   for k, (m, t) in enumerate(zip(block_macs, last.block_seconds)))
+          + f"; one image at a time: " + " ".join(f"B{k + 1} {m / t / 1e9 * len(one):.0f}"
+                                                 for k, (m, t) in enumerate(zip(block_macs, lat.block_seconds))))
+    report.text(f"Real early exit with '{chosen}' (the fastest on validation by the block times) against the full "
+                f"network, batch by batch in turn on {len(split):,} test images; 'simulated': early exit's time "
+                "predicted from the full network's own block and classifier times in the same run, for the images "
+                f"that reached each block. From the multiply-accumulates: {full_macs / sim.average_macs:.2f}x.")
+    report.table(["batch", "full network, images/s", "early exit, images/s", "speed-up", "simulated",
+                  "measured / simulated", "streamed, images/s", "streamed speed-up"],
+                 [[b, f"{len(split) / r.full:.0f}", f"{len(split) / r.early:.0f}", f"{r.full / r.early:.2f}x",
+                   f"{r.full / r.simulated:.2f}x", f"{r.simulated / r.early:.0%}", f"{len(split) / r.streamed:.0f}",
+                   f"{r.full / r.streamed:.2f}x"] for b, r in rows.items()]
+                 + [[1, f"{len(one) / lat.full:.0f}", f"{len(one) / lat.early:.0f}", f"{lat.full / lat.early:.2f}x",
+                     f"{lat.full / lat.simulated:.2f}x", f"{lat.simulated / lat.early:.0%}", "", ""]])
+    report.text(f"Each block's speed in the full network's passes, G multiply-accumulates per second "
+                "(blocks 1 to 3 keep the 32x32 scale: few channels over large maps).")
+    report.table(["batch"] + [f"B{k}" for k in range(1, model.n_exits + 1)],
+                 [[args.batch_sizes[-1]] + [f"{m / t / 1e9 * len(split):.0f}" for m, t in zip(block_macs, last.block_seconds)],
+                  [1] + [f"{m / t / 1e9 * len(one):.0f}" for m, t in zip(block_macs, lat.block_seconds)]])
+    b_full = min(rows, key=lambda b: rows[b].full)
+    modes = {f"early exit, batch {b}": (r.early, r.simulated) for b, r in rows.items()}
+    modes.update({f"streamed early exit, batches of {b}": (r.streamed, r.simulated) for b, r in rows.items()})
+    best = min(modes, key=lambda m: modes[m][0])
+    print(f"each at its fastest: full network {len(split) / rows[b_full].full:.0f} images/s (batch {b_full}), "
+          f"{best} {len(split) / modes[best][0]:.0f} images/s: {rows[b_full].full / modes[best][0]:.2f}x")
+    print(f"early exit, measured against simulated from the same run's block times: "
+          + ", ".join(f"batch {b} {r.simulated / r.early:.0%} (streamed {r.simulated / r.streamed:.0%})" for b, r in rows.items())
+          + f", one image at a time {lat.simulated / lat.early:.0%}; multiply-accumulates: {full_macs / sim.average_macs:.2f}x; "
           f"accuracy {acc_early:.2%} vs {acc_full:.2%} (full network)")
+    report.text(f"Each at its fastest: full network {len(split) / rows[b_full].full:.0f} images/s (batch {b_full}), "
+                f"{best} {len(split) / modes[best][0]:.0f} images/s: {rows[b_full].full / modes[best][0]:.2f}x; "
+                f"accuracy {acc_early:.2%} against the full network's {acc_full:.2%} on these images.")
+    path = report.write()
+    if path:
+        print(f"results written to {path}")
 
+
+class Timed(NamedTuple):
+    """Seconds each way spent on all images in one interleaved run, and their answers."""
+    full: float
+    early: float
+    streamed: float
+    simulated: float  # early exit's seconds predicted from the full network's block times in this run
+    block_seconds: list[float]  # each block's seconds in the full network's passes
+    full_predicted: torch.Tensor
+    early_predicted: torch.Tensor
+    streamed_predicted: torch.Tensor | None
+
+
+def interleaved(model: msdnet.MSDNet, early: earlyexit.EarlyExit, images: torch.Tensor, batch_size: int,
+                fmt: torch.memory_format, stream: bool = True) -> Timed:
+    """The full network (timed block by block), early exit and the stream, batch by batch in turn, so a busy
+    moment of the machine hits all three alike. The full network is every block and the last classifier
+    (earlyexit.LastExitOnly); the other classifiers are timed too, apart, for the simulation."""
+    n = model.n_exits
+    blocks, heads = [0.0] * n, [0.0] * n
+    full = early_t = streamed = simulated = 0.0
+    out_full, out_early = [], []
+    streamer = earlyexit.EarlyExitStream(early, batch_size)
+    off = [bool(t) and k < n - 1 for k, t in enumerate(torch.isposinf(early.thresholds).tolist())]  # classifiers it skips
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            x = as_input(images[i : i + batch_size], fmt)
+            these_blocks, these_heads = [], []
+            begin = time.perf_counter()
+            with msdnet.eval_mode(model):  # as LastExitOnly and EarlyExit borrow the model, on each call
+                start = time.perf_counter()
+                maps = model.standardize(x)
+                for k in range(1, n + 1):
+                    maps = model.advance(k, maps)
+                    mid = time.perf_counter()
+                    logits = model.classify(k, maps)
+                    end = time.perf_counter()
+                    these_blocks.append(mid - start)
+                    these_heads.append(end - mid)
+                    start = end
+            this_full = time.perf_counter() - begin - sum(these_heads[:-1])  # the other classifiers: timed apart
+            full += this_full
+            fixed = this_full - sum(these_blocks) - these_heads[-1]  # per call, paid by early exit too
+            out_full.append(logits.argmax(1))
+            start = time.perf_counter()
+            predicted, exit_of = early(x)
+            early_t += time.perf_counter() - start
+            out_early.append(predicted)
+            if stream:
+                start = time.perf_counter()
+                streamer.feed(x)
+                streamed += time.perf_counter() - start
+            simulated += fixed
+            for k in range(n):  # the images that reached block k+1 pay for it and, if it runs, its classifier
+                share = (exit_of >= k + 1).double().mean().item()
+                simulated += share * (these_blocks[k] + (0.0 if off[k] else these_heads[k]))
+                blocks[k] += these_blocks[k]
+        streamed_predicted = None
+        if stream:
+            start = time.perf_counter()
+            streamed_predicted, _ = streamer.finish()
+            streamed += time.perf_counter() - start
+    return Timed(full, early_t, streamed, simulated, blocks, torch.cat(out_full), torch.cat(out_early), streamed_predicted)
+
+
+def macs_per_block(model: msdnet.MSDNet) -> list[float]:
+    """Multiply-accumulates of each block alone for one image (torch.utils.flop_counter)."""
+    out = []
+    with torch.no_grad(), msdnet.eval_mode(model):
+        maps = model.standardize(torch.zeros(1, 3, 32, 32))
+        for k in range(1, model.n_exits + 1):
+            with FlopCounterMode(display=False) as counter:
+                maps = model.advance(k, maps)
+            out.append(counter.get_total_flops() / 2)
+    return out
 
 if __name__ == "__main__":
     _errors.run(main)

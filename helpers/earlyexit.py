@@ -2,6 +2,7 @@
 
     EarlyExit(model, thresholds)(images)           # (predicted class [N], exit number 1..10 [N])
     EarlyExitStream(EarlyExit(...))(images)        # the same, every block run on a full batch
+    stream.feed(batch); ...; stream.finish()       # the same, for images that arrive in batches
     LastExitOnly(model)(images)                    # the baseline: every block, the last classifier only
     timed_costs(model, images)                     # each exit's cost in seconds, for policies' searches
 
@@ -80,39 +81,64 @@ def _concat(states: list):
 
 
 class EarlyExitStream:
-    """EarlyExit over many images with every block run on a full batch.
+    """EarlyExit over a stream of images with every block run on a full batch.
 
     The images that stay after block k wait until `batch_size` of them have gathered, then go through
-    block k+1 together; the answers are EarlyExit's, only the grouping differs.
+    block k+1 together; the answers are EarlyExit's, only the grouping differs. Feed batches as they
+    arrive and call `finish` for the answers, or call the stream with all images at once.
     Args:
         early: the EarlyExit whose model, thresholds and score are used.
         batch_size: images per block call, >= 1.
-    Call with float images [N, 3, H, W] in [0, 1]; returns (predicted class [N], exit number [N]).
     """
 
     def __init__(self, early: EarlyExit, batch_size: int = 100) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.early, self.batch_size = early, batch_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self._queues = [[] for _ in range(self.early.model.n_exits)]  # per block: (image numbers, input) waiting
+        self._done: list[tuple[Tensor, Tensor, int]] = []  # (image numbers, their classes, their exit)
+        self._fed = 0
 
     @torch.no_grad()
-    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        m, n = self.early.model, len(images)
-        predicted = torch.empty(n, dtype=torch.long, device=images.device)
-        exit_of = torch.empty(n, dtype=torch.long, device=images.device)
-        queues = [[] for _ in range(m.n_exits)]  # per block: (image indices, their input) waiting for it
+    def feed(self, images: Tensor) -> None:
+        """Queue float images [B, 3, H, W] in [0, 1]; every block whose queue holds a full batch runs."""
+        m = self.early.model
+        numbers = torch.arange(self._fed, self._fed + len(images), device=images.device)
+        self._fed += len(images)
         with msdnet.eval_mode(m):
-            for start in range(0, n, self.batch_size):
-                x = images[start : start + self.batch_size]
-                idx = torch.arange(start, start + len(x), device=images.device)
-                queues[0].append((idx, m.standardize(x)))
-                self._drain(queues, predicted, exit_of, full_batches_only=True)
-            self._drain(queues, predicted, exit_of, full_batches_only=False)
+            self._queues[0].append((numbers, m.standardize(images)))
+            self._drain(full_batches_only=True)
+
+    @torch.no_grad()
+    def finish(self) -> tuple[Tensor, Tensor]:
+        """Run what still waits; returns (predicted class [N], exit number 1..n_exits [N]) in feeding order
+        for all N images fed since the last finish, and empties the stream."""
+        with msdnet.eval_mode(self.early.model):
+            self._drain(full_batches_only=False)
+        done, n = self._done, self._fed
+        self._reset()
+        if not done:
+            return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+        numbers = torch.cat([i for i, _, _ in done])
+        predicted = torch.empty(n, dtype=torch.long, device=numbers.device)
+        exit_of = torch.empty(n, dtype=torch.long, device=numbers.device)
+        predicted[numbers] = torch.cat([c for _, c, _ in done])
+        exit_of[numbers] = torch.cat([torch.full_like(i, k) for i, _, k in done])
         return predicted, exit_of
 
-    def _drain(self, queues: list, predicted: Tensor, exit_of: Tensor, full_batches_only: bool) -> None:
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """All images [N, 3, H, W] at once: (predicted class [N], exit number [N])."""
+        self._reset()
+        for start in range(0, len(images), self.batch_size):
+            self.feed(images[start : start + self.batch_size])
+        return self.finish()
+
+    def _drain(self, full_batches_only: bool) -> None:
         # In block order, so the images that stay after block k join block k+1's queue before it is read.
-        m = self.early.model
+        m, queues = self.early.model, self._queues
         for k in range(1, m.n_exits + 1):
             waiting = sum(len(idx) for idx, _ in queues[k - 1])
             if waiting == 0 or (full_batches_only and waiting < self.batch_size):
@@ -121,8 +147,7 @@ class EarlyExitStream:
             maps = m.advance(k, _concat([state for _, state in queues[k - 1]]))
             queues[k - 1] = []
             leave, cls = self.early.decide(k, maps)
-            predicted[idx[leave]] = cls[leave]
-            exit_of[idx[leave]] = k
+            self._done.append((idx[leave], cls[leave], k))
             if not leave.all():
                 stay = ~leave
                 queues[k].append((idx[stay], _select(maps, stay)))

@@ -152,6 +152,23 @@ def test_streamed_early_exit_gives_the_same_answers_with_full_batches(tiny_folde
         earlyexit.EarlyExitStream(early, 0)
 
 
+def test_a_stream_fed_in_uneven_batches_answers_in_feeding_order(tiny_folder):
+    model = msdnet.build("tiny").eval()
+    images = data.load("test", source=tiny_folder).images.float() / 255
+    preds = evaluate.predict(model, data.load("test", source=tiny_folder), cache=False)
+    thresholds = policies.budget_thresholds(preds, q=1.0) - 1e-5
+    early = earlyexit.EarlyExit(model, thresholds)
+    want_class, want_exit = early(images)
+    stream = earlyexit.EarlyExitStream(early, batch_size=8)
+    for start, stop in [(0, 3), (3, 20), (20, 21), (21, len(images))]:
+        stream.feed(images[start:stop])
+    got_class, got_exit = stream.finish()
+    assert got_exit.tolist() == want_exit.tolist() and got_class.tolist() == want_class.tolist()
+    stream.feed(images[:5])  # finish emptied the stream: numbering starts again
+    again_class, again_exit = stream.finish()
+    assert again_exit.tolist() == want_exit[:5].tolist() and again_class.tolist() == want_class[:5].tolist()
+
+
 def test_real_early_exit_skips_the_later_blocks():
     model = msdnet.build("tiny").eval()
     ran = []

@@ -1,0 +1,80 @@
+"""Where a benchmark writes what it measured: docs/results/<script>.md, a page part that docs/benchmarks.md
+includes, so each number on the site comes from the run that measured it.
+
+    add_option(parser)                           # --results DIR ("" writes nothing)
+    report = Report("early_exit", args.results)  # names the command line and the machine
+    report.table(["batch", "images/s"], rows)    # a Markdown table
+    report.text("One sentence under it.")
+    report.write()                               # temporary name, then rename: never half a page
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def add_option(parser: argparse.ArgumentParser) -> None:
+    """The --results option every benchmark takes."""
+    parser.add_argument("--results", default=str(RESULTS), metavar="DIR",
+                        help="folder for this run's Markdown page part (default: docs/results); '' writes nothing")
+
+
+def machine() -> str:
+    """One line naming this machine's CPU, torch's threads and version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+class Report:
+    """The Markdown page part of one benchmark run.
+
+    Args:
+        name: the script's name without `.py`; the page part is written to `folder / f"{name}.md"`.
+        folder: where page parts go (docs/results by default); "" or None: nowhere.
+    """
+
+    def __init__(self, name: str, folder: str | Path | None = RESULTS) -> None:
+        self.path = Path(folder) / f"{name}.md" if folder else None
+        command = shlex.join(["python", f"benchmarks/{name}.py", *sys.argv[1:]])
+        malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+        env = "".join(f"{k}={v} " for k, v in sorted(malloc.items()))
+        self.parts = [f"Measured by `{env}{command}` on {machine()}."]
+
+    def text(self, line: str) -> None:
+        """A paragraph under the tables so far."""
+        self.parts.append(line)
+
+    def table(self, header: list[str], rows: list[list]) -> None:
+        """A Markdown table: one header, rows of cells already formatted (str() is applied)."""
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        self.parts.append("\n".join(lines))
+
+    def write(self) -> Path | None:
+        """Writes the page part atomically and returns its path (None when the report goes nowhere)."""
+        if self.path is None:
+            return None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write("\n\n".join(self.parts) + "\n")
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self.path
