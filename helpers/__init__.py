@@ -4,7 +4,7 @@ msdnet and layers (the model), pretrained (loading the shipped weights), export 
 exit's predictions and their accuracy), policies (which exit an image leaves at), earlyexit (the
 real early-exit runtime), gradcam (Grad-CAM and its relatives), analysis and faithfulness (judging
 the maps), images (a person's picture as the model's input), explorer (the app), train (the training
-core and command; run, runs, schedule, averaging and distill are its pieces), checkpoint (saving
+core and command; run, safeguards, schedule, averaging and distill are its pieces), checkpoint (saving
 and reading weights).
 
 `import helpers` alone is cheap: each module is imported the first time it is named
@@ -14,7 +14,7 @@ import importlib
 
 __all__ = ["analysis", "app", "atomic", "averaging", "cache", "checkpoint", "data", "distill", "earlyexit", "evaluate",
            "explorer", "export", "faithfulness", "gradcam", "images", "layers", "msdnet", "policies", "pretrained",
-           "reference", "run", "runs", "schedule", "train", "viz"]
+           "reference", "run", "safeguards", "schedule", "train", "viz"]
 
 
 def __getattr__(name: str):

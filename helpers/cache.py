@@ -72,7 +72,7 @@ def store(kind: str, model: nn.Module, images: Tensor, labels: Tensor, result: d
         True when written; False, with a warning naming the folder, when it could not be.
     """
     return atomic.save_or_warn(result, _path(kind, model, images, labels, cache_dir),
-                               then="it will be computed again next time", stacklevel=3)
+                               then=_AGAIN, stacklevel=3)
 
 
 def cached(kind: str, model: nn.Module, images: Tensor, labels: Tensor, compute: Callable[[], dict],

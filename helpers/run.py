@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from . import checkpoint, data, evaluate, msdnet
 from .averaging import WeightAverage
 from .cache import fingerprint
-from .runs import (
+from .safeguards import (
     TRAIN_STATE, Diverged, Dist, Progress, append_record, autocast_dtype, check_data, check_resume, hardware_name,
     last_logged_epoch, resolved, run_settings,
 )  # fmt: skip
@@ -28,7 +28,7 @@ class Run:
 
     Args:
         args: the settings of `train.parse_args`.
-        device: the device to train on (checked by `runs.device_for`).
+        device: the device to train on (checked by `safeguards.device_for`).
     """
 
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import checkpoint, data, distill as distillation, msdnet
 from .averaging import WeightAverage
 from .run import Run
-from .runs import Diverged, OutFolderBusy, StopRequest, TimeUp, device_for, exclusive
+from .safeguards import Diverged, OutFolderBusy, StopRequest, TimeUp, device_for, exclusive
 from .schedule import SCHEDULES, learning_rate
 
 __all__ = ["parse_args", "multi_exit_loss", "train_step", "compiled", "learning_rate", "train", "main"]

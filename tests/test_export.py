@@ -14,7 +14,7 @@ import torch
 from conftest import write_class_folders
 
 from helpers import checkpoint, data, export, msdnet, pretrained, train
-from helpers.runs import hardware_name
+from helpers.safeguards import hardware_name
 from helpers.evaluate import exit_accuracies
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import atomic, checkpoint, evaluate, msdnet, run, runs, train
+from helpers import atomic, checkpoint, evaluate, msdnet, run, safeguards, train
 
 
 def tiny_args(out: Path, source: Path, *extra: str):
@@ -291,7 +291,7 @@ def test_the_train_step_refuses_a_loss_that_is_not_finite_before_stepping():
     model.classifiers[-1].linear.bias.data[0] = float("inf")  # the last exit's loss is not finite
     before = {k: v.clone() for k, v in model.named_parameters()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(runs.Diverged, match="the loss became nan"):
+    with pytest.raises(safeguards.Diverged, match="the loss became nan"):
         train.train_step(model, optimizer, torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())  # no step was taken
 
@@ -506,7 +506,7 @@ def test_resume_compares_init_from_as_a_resolved_path(tmp_path, tiny_folder, mon
     monkeypatch.chdir(tmp_path / "elsewhere")  # the same file, spelled another way from another folder
     for spelling in ("../weights/./start.pt", str(tmp_path / "link.pt")):
         args = tiny_args(out, tiny_folder, "--init-from", spelling, "--resume", "--time-limit", "1e-9")
-        with pytest.raises(runs.TimeUp):  # resumed: stopped after one step, resumable again
+        with pytest.raises(safeguards.TimeUp):  # resumed: stopped after one step, resumable again
             train.train(args)
     (tmp_path / "other.pt").write_bytes(start.read_bytes())  # the same weights in another file: another run
     with pytest.raises(checkpoint.CheckpointError, match="--init-from: checkpoint 'start.pt', now"):
@@ -652,8 +652,8 @@ def test_a_diverging_run_stops_with_a_clear_message_and_keeps_the_last_good_chec
 
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path, tiny_folder):
     out = tmp_path / "run"
-    with runs.exclusive(out):  # as a run in another process holds it
-        with pytest.raises(runs.OutFolderBusy, match="another training run is writing to"):
+    with safeguards.exclusive(out):  # as a run in another process holds it
+        with pytest.raises(safeguards.OutFolderBusy, match="another training run is writing to"):
             train.train(tiny_args(out, tiny_folder, "--epochs", "1"))
     train.train(tiny_args(out, tiny_folder, "--epochs", "1"))  # free again once it ended
 
@@ -677,7 +677,7 @@ def test_the_command_line_names_a_missing_device_in_one_line(tmp_path):
     done = run_cli(["--preset", "tiny", "--source", str(tmp_path / "none"), "--out", str(tmp_path / "run"),
                     "--device", "foo"])
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()]
-    assert done.stderr.startswith("error: --device foo: not a device name; devices here: cpu")
+    assert done.stderr.startswith("error: --device foo: unknown device 'foo': use one of cpu")
 
 
 def test_an_out_folder_that_cannot_be_written_is_named_in_one_line(tmp_path, tiny_folder, capsys):

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .checkpoint import CheckpointError
+from .pretrained import check_device
 
 __all__ = ["SetupError", "Dist", "device_for", "autocast_dtype", "hardware_name", "OutFolderBusy", "exclusive",
            "Diverged", "TimeUp", "StopRequest", "append_record", "last_logged_epoch", "TRAIN_STATE", "RUN_DEFINING",
@@ -54,12 +55,6 @@ class Dist:
             dist.barrier()
 
 
-def _devices_here() -> str:
-    from .pretrained import available_devices
-
-    return ", ".join(available_devices())
-
-
 def device_for(spec: str | None) -> torch.device:
     """The device `--device` names, checked to exist on this machine.
 
@@ -67,25 +62,16 @@ def device_for(spec: str | None) -> torch.device:
         spec: a device name ("cpu", "cuda", "cuda:1", "mps"); None picks CUDA (this process's
             LOCAL_RANK under torchrun) when there is one, else the CPU.
     Raises:
-        SetupError: no such device here; the message lists the devices there are.
+        SetupError: no such device here (pretrained.check_device's message, after the option).
     """
     if not spec:
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise SetupError(f"--device {spec}: not a device name; devices here: {_devices_here()}") from None
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    missing = (
-        (device.type == "cuda" and (count == 0 or (device.index or 0) >= count))
-        or (device.type == "mps" and not torch.backends.mps.is_available())
-        or device.type not in ("cpu", "cuda", "mps")
-    )
-    if missing:
-        raise SetupError(f"--device {spec}: this machine has no such device; use one of: {_devices_here()}")
-    return device
+        return check_device(spec)  # the one place that decides whether a device is here
+    except ValueError as e:
+        raise SetupError(f"--device {spec}: {e}") from None
 
 
 def autocast_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype | None:
