@@ -74,7 +74,8 @@ project = "Visualizing MSD-Net with Grad-CAM"
 author = "the series' authors"
 copyright = "MIT licence"
 
-extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax"]
+# sphinx-mathjax-offline copies MathJax into the site: its math renders offline too.
+extensions = ["myst_nb", "sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax", "sphinx-mathjax-offline"]
 nb_execution_mode = "off"  # show the stored outputs; running the notebooks is nbval's job
 myst_enable_extensions = ["dollarmath", "amsmath"]  # $...$ and $$...$$ in the notebooks, drawn by MathJax
 myst_dmath_double_inline = True  # $$...$$ inside a paragraph, as Jupyter draws it (notebook 05 writes one)

@@ -126,7 +126,7 @@ def test_the_notebooks_math_is_typeset_not_shown_raw(site):
 
 
 @pytest.mark.slow
-def test_every_page_renders_its_figures_in_chromium(site):
+def test_every_page_renders_its_figures_and_math_in_chromium(site):
     chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     need("chromium", chromium is not None, "apt-get install chromium (or set CHROMIUM to its path)")
     need("playwright", _importable("playwright"), 'pip install -e ".[test]"')
@@ -143,6 +143,13 @@ def test_every_page_renders_its_figures_in_chromium(site):
                 assert all(done and width > 0 for done, width in sizes), f"{name}: an image did not load"
                 if name.startswith("notebooks/") and not name.endswith("07_explorer"):  # the app needs a kernel
                     assert len(sizes) >= 1, f"{name}: no figure on the page"
+                formulas = notebook_math(name.removeprefix("notebooks/")) if name.startswith("notebooks/") else []
+                if formulas:  # MathJax comes with the site: it typesets here, where there is no network
+                    page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise",
+                                           timeout=30_000)
+                    page.evaluate("() => MathJax.startup.promise")
+                    drawn = page.eval_on_selector_all("mjx-container", "els => els.length")
+                    assert drawn >= len(formulas), f"{name}: MathJax drew {drawn} of {len(formulas)} formulas"
                 assert page.title(), name
         finally:
             browser.close()
