@@ -1,0 +1,94 @@
+"""A picture of the live explorer for places where no kernel runs (GitHub, the site): the app served by
+`python -m helpers.app` (Voila), opened in chromium through Playwright, photographed once it has drawn.
+
+    CIFAR10_SOURCE=../shared/data/cifar10-jpeg.tar.gz python tools/screenshot_explorer.py
+
+Writes docs/_static/explorer.png (temporary name, then rename); notebook 07 and the site show it.
+Needs chromium (`apt-get install chromium`, or CHROMIUM=path) and the test extra (Playwright, Voila).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from helpers import app  # noqa: E402  (the checkout's helpers, installed or not)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, server: subprocess.Popen, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if server.poll() is not None:
+                raise SystemExit("error: voila exited before it served the page")
+            time.sleep(0.5)
+    raise SystemExit(f"error: voila did not answer on port {port} within {seconds:.0f} s")
+
+
+def photograph(url: str, out: Path, chromium: str, width: int) -> None:
+    """Open the page, wait until the app shows its maps, and write a picture of the app to `out`."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 900}, device_scale_factor=1)
+            page.goto(url, timeout=240_000)
+            page.wait_for_function("document.querySelectorAll('.widget-image').length >= 4", timeout=240_000)
+            page.wait_for_timeout(2000)  # the background prediction's first chunk updates the counts
+            app_box = page.locator(".widget-vbox").first  # the app, without the guide under it
+            fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
+            os.close(fd)
+            try:
+                app_box.screenshot(path=tmp)
+                os.chmod(tmp, 0o644)  # mkstemp made it private
+                os.replace(tmp, out)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        finally:
+            browser.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "_static" / "explorer.png")
+    p.add_argument("--width", type=int, default=1100, help="browser window width in pixels")
+    args = p.parse_args()
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise SystemExit("error: no chromium found: apt-get install chromium, or set CHROMIUM to its path")
+    port = free_port()
+    argv, env = app.command([f"--port={port}", "--no-browser"])
+    server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        wait_for_port(port, server, 60)
+        photograph(f"http://127.0.0.1:{port}/", args.out, chromium, args.width)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
