@@ -36,7 +36,8 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} torch thread{'s' if threads != 1 else ''}, torch {torch.__version__}"
 
 
 class Report:
@@ -49,7 +50,15 @@ class Report:
 
     def __init__(self, name: str, folder: str | Path | None = RESULTS) -> None:
         self.path = Path(folder) / f"{name}.md" if folder else None
-        command = shlex.join(["python", f"benchmarks/{name}.py", *sys.argv[1:]])
+        argv = sys.argv[1:]
+        for i, a in enumerate(argv):  # where the page part went is not part of what was measured
+            if a == "--results":
+                argv = argv[:i] + argv[i + 2:]
+                break
+            if a.startswith("--results="):
+                argv = argv[:i] + argv[i + 1:]
+                break
+        command = shlex.join(["python", f"benchmarks/{name}.py", *argv])
         malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
         env = "".join(f"{k}={v} " for k, v in sorted(malloc.items()))
         self.parts = [f"Measured by `{env}{command}` on {machine()}."]
@@ -73,6 +82,7 @@ class Report:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write("\n\n".join(self.parts) + "\n")
+            os.chmod(tmp, 0o644)  # mkstemp made it private
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

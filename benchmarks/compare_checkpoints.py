@@ -7,7 +7,8 @@ images gives its 95% interval (`analysis.judge`): SUPPORTED when it lies above z
     python benchmarks/compare_checkpoints.py 3dcff3d HEAD --split val
 
 A checkpoint is a commit (its shipped weights, read with `git show`) or a weights file, as in
-`checkpoint_averages.py`. Seeded: the same command gives the same numbers.
+`checkpoint_averages.py`. Seeded: the same command gives the same numbers. The table is also written to
+docs/results/compare_checkpoints.md, which the site's Benchmarks page includes.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
+import _report  # benchmarks/_report.py: the page part docs/benchmarks.md includes
 from checkpoint_averages import read
 from helpers import analysis, data
 from helpers.evaluate import predict
@@ -28,6 +30,7 @@ def main() -> None:
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--images", type=int, default=0, help="only N images, spread over the classes (0: all)")
     p.add_argument("--source", default=None, help=f"CIFAR-10 source (default: ${data.ENV_SOURCE} or torchvision)")
+    _report.add_option(p)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         first, second = read(args.first, Path(tmp)), read(args.second, Path(tmp))
@@ -38,12 +41,26 @@ def main() -> None:
     b = predict(second, split, cache=False).correct
     print(f"{args.split} accuracy (%) on {len(split):,} images; the paired difference {args.second} - {args.first}")
     print(f"{'exit':<5}{args.first:>10}{args.second:>10}  difference and its 95% interval (points)")
+    rows = []
     for k in range(a.shape[1]):
         v = analysis.judge(b[:, k].double() - a[:, k].double())
         print(f"B{k + 1:<4}{a[:, k].double().mean() * 100:10.2f}{b[:, k].double().mean() * 100:10.2f}  "
               f"{v.effect * 100:+.2f} [{v.low * 100:+.2f}, {v.high * 100:+.2f}]  {v.word}", flush=True)
+        rows.append([f"B{k + 1}", f"{a[:, k].double().mean() * 100:.2f}", f"{b[:, k].double().mean() * 100:.2f}",
+                     f"{v.effect * 100:+.2f}", f"[{v.low * 100:+.2f}, {v.high * 100:+.2f}]", v.word])
     mean = analysis.judge((b.double() - a.double()).mean(1))
     print(f"mean over the exits: {mean.effect * 100:+.2f} [{mean.low * 100:+.2f}, {mean.high * 100:+.2f}]  {mean.word}")
+    rows.append(["mean over the exits", "", "", f"{mean.effect * 100:+.2f}",
+                 f"[{mean.low * 100:+.2f}, {mean.high * 100:+.2f}]", mean.word])
+    report = _report.Report("compare_checkpoints", args.results)
+    report.text(f"{args.split.capitalize()} accuracy on {len(split):,} images and the paired difference "
+                f"{args.second} - {args.first}, image by image, with its bootstrap 95% interval: SUPPORTED when "
+                "the interval lies above zero.")
+    report.table(["exit", f"{args.first} %", f"{args.second} %", "difference, points", "95% interval, points",
+                  "verdict"], rows)
+    path = report.write()
+    if path:
+        print(f"results written to {path}")
 
 
 if __name__ == "__main__":

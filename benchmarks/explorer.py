@@ -9,6 +9,7 @@
 3. Moves of the exit and image sliders with every prediction known (the goal: 200 ms).
 A control's answer is the wall time of setting its value, as the kernel does for a move in the browser:
 waiting for the model's turn (at most one background chunk) and the redraw.
+The tables are also written to docs/results/explorer.md, which the site's Benchmarks page includes.
 """
 from __future__ import annotations
 
@@ -21,11 +22,18 @@ from pathlib import Path
 import torch
 
 import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
+import _report  # benchmarks/_report.py: the page part docs/benchmarks.md includes
 from helpers import data, evaluate, explorer, pretrained
 
 
 def ms(xs: list[float]) -> str:
     return f"median {statistics.median(xs) * 1000:.0f} ms, slowest {max(xs) * 1000:.0f} ms"
+
+
+def ms_cells(what: str, xs: list[float], goal: float) -> list[str]:
+    """A table row: what moved, how many moves, median and slowest in ms, the goal and whether all met it."""
+    return [what, str(len(xs)), f"{statistics.median(xs) * 1000:.0f}", f"{max(xs) * 1000:.0f}",
+            f"{goal * 1000:.0f}", "yes" if max(xs) <= goal else "no"]
 
 
 def moves(app: explorer.Explorer, rounds: int) -> list[tuple]:
@@ -58,6 +66,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=10, help="images to visit with every prediction known")
     p.add_argument("--rounds", type=int, default=5, help="rounds of moves of every control while predicting")
     p.add_argument("--subset", type=int, default=None, help="explore this many test images (default: all 10,000)")
+    _report.add_option(p)
     args = p.parse_args()
     split = lambda: data.load("test") if args.subset is None else data.subset(data.load("test"), args.subset)  # noqa: E731
     home = data.DATA_DIR
@@ -96,6 +105,24 @@ def main() -> None:
     print(f"image slider, {len(image_moves)} moves: {ms(image_moves)} (computes the new image's ten maps)")
     worst = max(exit_moves + image_moves)
     print(f"every redraw within 200 ms: {'yes' if worst <= 0.2 else 'no'}")
+    report = _report.Report("explorer", args.results)
+    report.text(f"Opening the explorer on {len(app.split):,} test images, from a fresh clone (an empty data/ folder) "
+                "and again once the caches exist.")
+    report.table(["opening", "time, s"],
+                 [["fresh clone: opened (decoding included)", f"{opened:.1f}"],
+                  ["fresh clone: first image", f"{first:.1f}"],
+                  ["fresh clone: every image predicted", f"{total:.1f}"],
+                  ["again, with the caches", f"{warm:.1f}"]])
+    report.text("Each control's answer: the wall time of setting its value, as the kernel does for a move in the "
+                f"browser; while the background predicts, every control moved at a person's pace ({during} of "
+                f"{len(answers)} moves before it ended); then the sliders with every prediction known.")
+    report.table(["moves", "count", "median, ms", "slowest, ms", "goal, ms", "all within the goal"],
+                 [ms_cells("every control, while the background predicts", answers, 0.15),
+                  ms_cells("exit slider, every prediction known", exit_moves, 0.2),
+                  ms_cells("image slider (the new image's ten maps), every prediction known", image_moves, 0.2)])
+    path = report.write()
+    if path:
+        print(f"results written to {path}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ and the ratio of their times is printed. Then the tool people use: jacobgil's py
 on a wrapper that returns that exit's logits, with an `nn.Identity` tap on the map its classifier
 reads. Its maps are checked against ours (after the same upsampling and scaling) and its time is
 compared too.
+The table is also written to docs/results/gradcam.md, which the site's Benchmarks page includes.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
+import _report  # benchmarks/_report.py: the page part docs/benchmarks.md includes
 from helpers import data, gradcam, pretrained
 
 
@@ -76,6 +78,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    _report.add_option(p)
     args = p.parse_args()
     model = pretrained.load()
     x = data.subset(data.load("test"), args.images).images.float() / 255
@@ -95,6 +98,18 @@ def main() -> None:
     print(f"pytorch-grad-cam (a GradCAM per exit, wrapper + tap): {t_pgc:.2f} s; "
           f"map correlation with ours {corr:.4f}, largest difference {(ours - theirs).abs().max():.4f}")
     print(f"ours vs pytorch-grad-cam: {t_pgc / t_one:.1f}x faster")
+    report = _report.Report("gradcam", args.results)
+    report.text(f"Grad-CAM maps of all {model.n_exits} exits for {args.images} test images, best of "
+                f"{args.repeats} runs each; pytorch-grad-cam's maps compared with ours after the same upsampling "
+                "and scaling.")
+    report.table(["way", "time, s", "one trunk pass faster by", "maps against one trunk pass"],
+                 [["one trunk pass (gradcam_all_exits)", f"{t_one:.2f}", "", ""],
+                  ["forward + backward per exit", f"{t_each:.2f}", f"{t_each / t_one:.1f}x", "the same"],
+                  ["pytorch-grad-cam, a GradCAM per exit", f"{t_pgc:.2f}", f"{t_pgc / t_one:.1f}x",
+                   f"correlation {corr:.4f}, largest difference {(ours - theirs).abs().max():.4f}"]])
+    path = report.write()
+    if path:
+        print(f"results written to {path}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ For each variant: images/s of full training steps (forward, the 10-exit loss, ba
 steps interleaved (one variant after another, round by round) so a busy moment of the machine does
 not favour one; and the test accuracy of the shipped checkpoint evaluated in that variant, which
 shows what its numerics cost. Pick for `python -m helpers.train` what wins (`--channels-last`,
-`--amp bf16`).
+`--amp bf16`). The table is also written to docs/results/train_speed.md, which the site's Benchmarks
+page includes.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from contextlib import nullcontext
 import torch
 
 import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
+import _report  # benchmarks/_report.py: the page part docs/benchmarks.md includes
 from helpers import data, evaluate, msdnet, pretrained, train
 
 VARIANTS = {  # name: (channels_last, autocast dtype)
@@ -52,6 +54,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=6, help="timed steps per variant (after one warm-up step)")
     p.add_argument("--eval-images", type=int, default=1000, help="test images for the accuracy column (0: skip)")
+    _report.add_option(p)
     args = p.parse_args()
     torch.manual_seed(0)
 
@@ -90,12 +93,24 @@ def main() -> None:
         head += f"  {'B1 acc':>7s} {'B10 acc':>7s}  (shipped weights, {args.eval_images} test images)"
     print(head)
     base = statistics.median(times["float32"])
+    rows = []
     for name in VARIANTS:
         med = statistics.median(times[name])
         line = f"{name:26s} {args.batch_size / med:9.1f} {base / med:9.2f}x"
+        rows.append([name, f"{args.batch_size / med:.1f}", f"{base / med:.2f}x"])
         if accuracy:
             line += f"  {accuracy[name][0]:7.2%} {accuracy[name][-1]:7.2%}"
+            rows[-1] += [f"{accuracy[name][0]:.2%}", f"{accuracy[name][-1]:.2%}"]
         print(line)
+    report = _report.Report("train_speed", args.results)
+    report.text(f"Training steps at batch {args.batch_size}, the median of {args.rounds} per variant "
+                f"(CPU: {cpu_flags()})"
+                + (f"; accuracy of the shipped weights evaluated in each variant on {args.eval_images} test images."
+                   if accuracy else "."))
+    report.table(["variant", "images/s", "vs float32"] + (["B1 acc", "B10 acc"] if accuracy else []), rows)
+    path = report.write()
+    if path:
+        print(f"results written to {path}")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,15 @@ CUDA graph. The step timed is `helpers.train.train_step` with the recipe's setti
 bf16 autocast on CUDA, channels_last, label smoothing 0.2 and distillation 0.8, SGD with momentum, and
 with --average the SWA average of the weights updated after every step. Each mode prints its line as
 soon as it is measured, and a mode is skipped once --budget seconds have passed, so a short lease still
-returns what it measured.
+returns what it measured. The table is also written to docs/results/train_step_compile.md, which the
+site's Benchmarks page includes.
 """
 import argparse
 import time
 
 import torch
 
+import _report  # benchmarks/_report.py: the page part docs/benchmarks.md includes
 from helpers import msdnet, train
 from helpers.averaging import WeightAverage
 
@@ -54,6 +56,7 @@ def main() -> None:
     p.add_argument("--contiguous", action="store_true", help="the default memory format instead of channels_last")
     p.add_argument("--average", action="store_true", help="update an SWA average of the weights after every step")
     p.add_argument("--budget", type=float, default=200, help="skip the modes left after this many seconds")
+    _report.add_option(p)
     args = p.parse_args()
     t0 = time.perf_counter()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,12 +67,15 @@ def main() -> None:
     x = torch.rand(args.batch_size, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (args.batch_size,), device=dev)
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
-    print(f"{name}, torch {torch.__version__}, preset {args.preset}, batch {args.batch_size}, "
-          f"{'bf16 autocast' if amp else 'float32'}, {'contiguous' if args.contiguous else 'channels_last'}, "
+    setup = (f"preset {args.preset}, batch {args.batch_size}, {'bf16 autocast' if amp else 'float32'}, "
+             f"{'contiguous' if args.contiguous else 'channels_last'}")
+    print(f"{name}, torch {torch.__version__}, {setup}, "
           f"{torch.get_num_threads()} CPU threads{', SWA average' if args.average else ''}", flush=True)
+    rows = []
     for mode in args.modes:
         if time.perf_counter() - t0 > args.budget:
             print(f"{mode}: skipped (budget of {args.budget:.0f} s spent)", flush=True)
+            rows.append([mode, f"skipped (budget of {args.budget:.0f} s spent)", ""])
             continue
         torch._dynamo.reset()
         model = msdnet.build(args.preset).to(dev).to(memory_format=fmt).train()
@@ -78,8 +84,18 @@ def main() -> None:
             first, rate = measure(model, step_model, x, y, args.steps, amp, args.average)
         except Exception as e:  # a mode that fails here must not hide the others' numbers
             print(f"{mode}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})", flush=True)
+            rows.append([mode, f"failed ({type(e).__name__})", ""])
             continue
         print(f"{mode:16s} first step {first:7.1f} s   {rate:8.0f} images/s", flush=True)
+        rows.append([mode, f"{first:.1f}", f"{rate:.0f}"])
+    report = _report.Report("train_step_compile", args.results)
+    report.text(f"The training step on {name}, eager against torch.compile ({setup}"
+                f"{', SWA average updated after every step' if args.average else ''}); the first step includes "
+                f"compilation, images/s over {args.steps} steps after warm-up.")
+    report.table(["mode", "first step, s", "images/s"], rows)
+    path = report.write()
+    if path:
+        print(f"results written to {path}")
 
 
 if __name__ == "__main__":

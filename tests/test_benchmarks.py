@@ -51,7 +51,8 @@ def test_compare_checkpoints_gives_the_known_paired_differences(tmp_path, real_c
     share = round((data.subset(real_cifar("test"), 200).labels == one_class).double().mean().item() * 100, 2)
     env = {**os.environ, "CIFAR10_SOURCE": str(real_cifar.source), "MSDNET_DATA_DIR": str(real_cifar.data_dir),
            "OMP_NUM_THREADS": "1"}
-    run = lambda *a: subprocess.run([sys.executable, str(BENCHMARKS / "compare_checkpoints.py"), *a, "--images", "200"],
+    run = lambda *a: subprocess.run([sys.executable, str(BENCHMARKS / "compare_checkpoints.py"), *a, "--images", "200",
+                                     "--results", ""],
                                     env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     same = run(str(shipped), str(shipped))
     assert same.returncode == 0, same.stderr
