@@ -80,7 +80,7 @@ nb_execution_mode = "off"  # show the stored outputs; running the notebooks is n
 myst_enable_extensions = ["dollarmath", "amsmath"]  # $...$ and $$...$$ in the notebooks, drawn by MathJax
 myst_dmath_double_inline = True  # $$...$$ inside a paragraph, as Jupyter draws it (notebook 05 writes one)
 myst_heading_anchors = 3  # the README's [Data](#data)-style links
-exclude_patterns = ["_build", "**/.ipynb_checkpoints", "README.md"]  # README.md: parts included by index.md
+exclude_patterns = ["_build", "**/.ipynb_checkpoints", "README.md", "results"]  # parts included by index.md and benchmarks.md
 suppress_warnings = [
     "mystnb.unknown_mime_type",  # ipywidgets state: the explorer needs a kernel
     "autodoc.import_object",  # a helpers module that does not import is left out of api.md, not the build

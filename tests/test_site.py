@@ -64,6 +64,13 @@ def test_the_reference_pages_have_their_content(site):
         assert f'id="{term}"' in glossary, term
     appendix = (site / "appendix.html").read_text()
     assert "How the checkpoint was made" in appendix and "tools/gpu_train.sh" in appendix
+    # The benchmarks page holds the tables the scripts wrote, each under the command that measured it.
+    included = re.findall(r"```\{include\} (results/(\w+)\.md)", (ROOT / "docs" / "benchmarks.md").read_text())
+    assert included, "the benchmarks page includes no measured tables"
+    for path, script in included:
+        assert (ROOT / "docs" / path).is_file() and (ROOT / "benchmarks" / f"{script}.py").is_file(), path
+    benchmarks = (site / "benchmarks.html").read_text()
+    assert benchmarks.count("Measured by") == len(included) and benchmarks.count("<table") >= len(included)
 
 
 @pytest.mark.slow
