@@ -24,22 +24,39 @@ def ci_commands() -> list[str]:
 
 def test_ci_runs_exactly_the_readmes_setup_and_test_commands():
     setup, tests = bash_blocks(README)[0][0], bash_blocks(README)[1]
-    assert len(tests) == 1
-    assert ci_commands() == [setup, tests[0]]
+    assert len(tests) == 2  # the fast lane, then the slow lane
+    assert ci_commands() == [setup, *tests]
 
 
 def test_the_test_command_is_the_one_any_user_types_and_ci_only_adds_the_data_source():
     """A user's machine has no ../shared: the README's command takes CIFAR-10 from torchvision (or the user's
     CIFAR10_SOURCE); CI exports its offline copy on a line of its own before running that same command."""
-    command = bash_blocks(README)[1][0]
-    assert command == "MSDNET_QUICK=1 python -m pytest --nbval-lax tests notebooks"
+    fast, slow = bash_blocks(README)[1]
+    assert fast == 'python -m pytest -m "not slow" tests'
+    assert slow == "MSDNET_QUICK=1 python -m pytest --nbval-lax -m slow tests notebooks"
     assert "../shared" not in README
     lines = CI.splitlines()
-    test_line = lines.index(command)
+    test_line = lines.index(fast)
+    assert lines.index(slow) > test_line, "CI runs the fast lane first"
     assert any(line.startswith("export CIFAR10_SOURCE=") for line in lines[:test_line]), "CI must export CIFAR10_SOURCE first"
     prose = " ".join(README.split())
     assert "exports `CIFAR10_SOURCE`" in prose and "word for word" in prose
-    assert '`python -m pytest -m "not slow" tests`' in prose  # the contributors' fast lane
+
+
+def test_the_two_lanes_together_run_every_test_once(pytestconfig):
+    """Every test and notebook cell is in exactly one lane: the fast lane's marker expression and the slow
+    lane's select complementary sets of what `pytest --nbval-lax tests notebooks` collects."""
+    import subprocess
+    import sys
+
+    def collected(*marker):
+        done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "--nbval-lax", *marker,
+                               "tests", "notebooks"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return {line for line in done.stdout.splitlines() if "::" in line}
+
+    everything, fast, slow = collected(), collected("-m", "not slow"), collected("-m", "slow")
+    assert any(".ipynb::" in t for t in slow) and not any(".ipynb::" in t for t in fast)
+    assert fast | slow == everything and not fast & slow
 
 
 def test_the_readme_is_a_front_page():
