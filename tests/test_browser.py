@@ -115,3 +115,31 @@ def test_moving_the_exit_slider_in_chromium_changes_the_heatmap(voila_url):
             assert not outside, f"the page fetched from outside this machine: {outside}"
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_the_explorers_picture_is_made_from_the_live_page(voila_url, tmp_path):
+    """tools/screenshot_explorer.py photographs the app as served; the picture notebook 07 shows is one."""
+    import sys
+
+    from PIL import Image
+
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    need("chromium", chromium is not None, "apt-get install chromium (or set CHROMIUM to its path)")
+    need("playwright", _importable("playwright"), 'pip install -e ".[test]"')
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import screenshot_explorer
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    url, _ = voila_url
+    out = tmp_path / "explorer.png"
+    screenshot_explorer.photograph(url, out, chromium, width=900)
+    with Image.open(out) as picture:
+        width, height = picture.size
+        colours = len(set(picture.convert("RGB").resize((64, 64)).getdata()))
+    assert 600 <= width <= 900 and height >= 300, (width, height)
+    assert colours > 100, "the picture is nearly blank: the app was not drawn"
+    assert not list(tmp_path.glob(".*.tmp")) and not list(tmp_path.glob(".explorer.png.*")), "a temporary file was left"
+    with Image.open(ROOT / "docs" / "_static" / "explorer.png") as shipped:
+        assert shipped.size[0] >= 600 and shipped.size[1] >= 300
