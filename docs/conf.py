@@ -92,9 +92,21 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # "Attributes:" as fields of the class, not a second description of each attribute
 
+
+
+def _repository_url() -> str | None:
+    """pyproject.toml's [project.urls] Repository, the one place the project's public address is written."""
+    try:
+        import tomllib  # Python 3.11+; on 3.10 the site is built without the button
+        with open(_here.parent / "pyproject.toml", "rb") as f:
+            return tomllib.load(f).get("project", {}).get("urls", {}).get("Repository")
+    except (ImportError, OSError):
+        return None
+
+
 # sphinx-book-theme (the Jupyter Book theme): each notebook page gets a download button for its .ipynb,
-# a full-screen button and the page's contents on the right. No repository button: neither pyproject.toml
-# nor the README names the repository's address.
+# a full-screen button and the page's contents on the right; every page a repository button once
+# pyproject.toml names the repository's address under [project.urls].
 html_theme = "sphinx_book_theme"
 html_title = project
 html_static_path = ["_static"]
@@ -102,7 +114,9 @@ html_sourcelink_suffix = ""  # the download button serves the notebook itself, n
 html_theme_options = {
     "use_download_button": True,
     "use_fullscreen_button": True,
-    "use_repository_button": False,
+    "use_repository_button": _repository_url() is not None,
     "show_toc_level": 2,
 }
+if _repository_url():
+    html_theme_options["repository_url"] = _repository_url()
 nb_scroll_outputs = True  # long outputs scroll (myst-nb's own switch; custom.css caps them too)

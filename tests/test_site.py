@@ -39,6 +39,18 @@ def test_reading_the_sites_configuration_writes_nothing(tmp_path):
     assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["conf.py"]
 
 
+@pytest.mark.parametrize("urls", ["", '[project.urls]\nRepository = "https://example.org/msdnet"\n'])
+def test_the_repository_button_appears_when_pyproject_names_the_address(tmp_path, urls):
+    import runpy
+
+    (tmp_path / "docs").mkdir()
+    shutil.copy2(ROOT / "docs" / "conf.py", tmp_path / "docs" / "conf.py")
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n' + urls)
+    options = runpy.run_path(str(tmp_path / "docs" / "conf.py"))["html_theme_options"]
+    assert options["use_repository_button"] == bool(urls)
+    assert options.get("repository_url") == ("https://example.org/msdnet" if urls else None)
+
+
 @pytest.mark.slow
 def test_the_site_has_a_front_page_every_notebook_and_the_reference_pages(site):
     index = (site / "index.html").read_text()
