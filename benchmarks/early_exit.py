@@ -52,8 +52,9 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 250, 500])
     p.add_argument("--cost-batch", type=int, default=250, help="batch size at which each block's time is measured")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="run both networks in the channels_last memory format (faster on this CPU for both)")
+    p.add_argument("--memory-format", choices=["channels_last", "contiguous"], default="channels_last",
+                   help="the memory format both networks run in (default: channels_last, the faster for both on a "
+                        "CPU, whose convolution library then needs no layout conversions)")
     p.add_argument("--safety", default="auto", metavar="Z",
                    help="the threshold searches keep the target even Z standard errors below their validation "
                         "accuracy (see policies.one_threshold); 0: the validation accuracy itself; auto (the default): "
@@ -69,7 +70,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    fmt = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
 
     model = pretrained.load()
     costs = msdnet.exit_costs(model)
@@ -105,7 +106,7 @@ def main() -> None:
     full_macs = counter.get_total_flops() // 2  # every block, the last classifier only
     full_seconds = seconds_per_exit[-1].seconds - sum(c.classifier_seconds for c in seconds_per_exit[:-1])
 
-    print(f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, {'channels_last' if args.channels_last else 'contiguous'} "
+    print(f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, {args.memory_format} "
           f"memory format; thresholds from the 5,000 validation images (target: the full network's {target:.2%} there, "
           f"safety z: {'cross-validated on them' if args.safety == 'auto' else f'{args.safety:g}'} standard errors), "
           f"accuracy on the {len(test):,} test images")
@@ -171,7 +172,7 @@ def main() -> None:
           + f"; one image at a time: " + " ".join(f"B{k + 1} {m / t / 1e9 * len(one):.0f}"
                                                  for k, (m, t) in enumerate(zip(block_macs, lat.block_seconds))))
     report.text(f"Real early exit with '{chosen}' (the fastest on validation by the block times) against the full "
-                f"network, batch by batch in turn on {len(split):,} test images; 'simulated': early exit's time "
+                f"network, both in the {args.memory_format} memory format, batch by batch in turn on {len(split):,} test images; 'simulated': early exit's time "
                 "predicted from the full network's own block and classifier times in the same run, for the images "
                 f"that reached each block. From the multiply-accumulates: {full_macs / sim.average_macs:.2f}x.")
     report.table(["batch", "full network, images/s", "early exit, images/s", "speed-up", "simulated",
