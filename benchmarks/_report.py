@@ -22,10 +22,11 @@ import torch
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
-def add_option(parser: argparse.ArgumentParser) -> None:
-    """The --results option every benchmark takes."""
-    parser.add_argument("--results", default=str(RESULTS), metavar="DIR",
-                        help="folder for this run's Markdown page part (default: docs/results); '' writes nothing")
+def add_option(parser: argparse.ArgumentParser, default: str = str(RESULTS)) -> None:
+    """The --results option every benchmark takes; `default` "" for a script the site does not show."""
+    where = "docs/results" if default == str(RESULTS) else repr(default)
+    parser.add_argument("--results", default=default, metavar="DIR",
+                        help=f"folder for this run's Markdown page part (default: {where}); '' writes nothing")
 
 
 def machine() -> str:
@@ -59,8 +60,9 @@ class Report:
                 argv = argv[:i] + argv[i + 1:]
                 break
         command = shlex.join(["python", f"benchmarks/{name}.py", *argv])
-        malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
-        env = "".join(f"{k}={v} " for k, v in sorted(malloc.items()))
+        setting = {k: v for k, v in os.environ.items()  # the variables that change what is measured
+                   if k.startswith("MALLOC_") or k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LD_PRELOAD")}
+        env = "".join(f"{k}={shlex.quote(v)} " for k, v in sorted(setting.items()))
         self.parts = [f"Measured by `{env}{command}` on {machine()}."]
 
     def text(self, line: str) -> None:
@@ -80,8 +82,10 @@ class Report:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "w") as f:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write("\n\n".join(self.parts) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
             os.chmod(tmp, 0o644)  # mkstemp made it private
             os.replace(tmp, self.path)
         except BaseException:

@@ -9,7 +9,7 @@ weights file. Prints each exit's validation accuracy for every checkpoint alone,
 average of their weights (batch-norm statistics averaged too; with --bn-images N also recomputed on N
 augmented training images with torch's `update_bn`) and for their ensemble (log-probabilities averaged,
 which costs every member's multiply-accumulates). Seeded: the same command gives the same numbers.
-The table is also written to docs/results/checkpoint_averages.md, which the site's Benchmarks page includes.
+The table is also written to DIR/checkpoint_averages.md with --results DIR.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("checkpoints", nargs="+", help="commits or weights files")
     p.add_argument("--bn-images", type=int, default=0, help="also recompute batch-norm statistics on N training images")
     p.add_argument("--source", default=None, help=f"CIFAR-10 source (default: ${data.ENV_SOURCE} or torchvision)")
-    _report.add_option(p)
+    _report.add_option(p, default="")  # a comparison of the reader's own checkpoints: no page part unless asked
     args = p.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,7 @@ images gives its 95% interval (`analysis.judge`): SUPPORTED when it lies above z
 
 A checkpoint is a commit (its shipped weights, read with `git show`) or a weights file, as in
 `checkpoint_averages.py`. Seeded: the same command gives the same numbers. The table is also written to
-docs/results/compare_checkpoints.md, which the site's Benchmarks page includes.
+DIR/compare_checkpoints.md with --results DIR.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--images", type=int, default=0, help="only N images, spread over the classes (0: all)")
     p.add_argument("--source", default=None, help=f"CIFAR-10 source (default: ${data.ENV_SOURCE} or torchvision)")
-    _report.add_option(p)
+    _report.add_option(p, default="")  # a comparison of the reader's own checkpoints: no page part unless asked
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         first, second = read(args.first, Path(tmp)), read(args.second, Path(tmp))

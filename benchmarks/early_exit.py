@@ -15,8 +15,8 @@ multiply-accumulates and the simulated time. Then, with the policy fastest on va
 measured costs, it times on the test split the shipped MSD-Net used as an ordinary classifier (every
 block, last classifier only) against real early exit and the stream (earlyexit.EarlyExitStream: the
 images that stay wait for a full batch before the next block), batch by batch in turn so a busy
-moment of the machine hits all alike, for batches of several sizes and one image at a time. The full
-network's pass is timed block by block, so the same run also predicts early exit's time from those
+moment of the machine hits all alike, for batches of several sizes and one image at a time. A pass of
+the full network timed block by block, in the same rotation, predicts early exit's speed-up from those
 block times ('simulated') and shows each block's multiply-accumulates per second.
 The tables are also written to docs/results/early_exit.md, which the site's Benchmarks page includes.
 """
@@ -107,7 +107,7 @@ def main() -> None:
     full_seconds = seconds_per_exit[-1].seconds - sum(c.classifier_seconds for c in seconds_per_exit[:-1])
 
     print(f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}, {args.memory_format} "
-          f"memory format; thresholds from the 5,000 validation images (target: the full network's {target:.2%} there, "
+          f"memory format; thresholds from the {len(val):,} validation images (target: the full network's {target:.2%} there, "
           f"safety z: {'cross-validated on them' if args.safety == 'auto' else f'{args.safety:g}'} standard errors), "
           f"accuracy on the {len(test):,} test images")
     print(f"each block with its classifier, measured at batch {args.cost_batch}, ms per image: "
@@ -131,7 +131,7 @@ def main() -> None:
         v_sec = policies.budgeted(val, thresholds, seconds_per_exit, score).average_cost
         if v_sec < best_val_seconds:  # chosen on validation, like the thresholds, by the time it predicts
             chosen, best_val_seconds = name, v_sec
-    report.text(f"Exit policies, thresholds chosen on the 5,000 validation images (target: the full network's "
+    report.text(f"Exit policies, thresholds chosen on the {len(val):,} validation images (target: the full network's "
                 f"{target:.2%} there, kept even z standard errors lower); accuracy on the {len(test):,} test images; "
                 f"the full network (every block, the last classifier only) costs {full_macs / 1e6:.1f} M "
                 f"multiply-accumulates and {full_seconds * 1e3:.2f} ms per image (blocks timed alone at batch "
@@ -157,14 +157,14 @@ def main() -> None:
     for b in args.batch_sizes:
         r = rows[b] = interleaved(model, early, split.images, b, fmt)
         print(f"{b:6d} {len(split) / r.full:9.0f} im/s {len(split) / r.early:7.0f} im/s {r.full / r.early:8.2f}x "
-              f"{r.full / r.simulated:8.2f}x {len(split) / r.streamed:5.0f} im/s {r.full / r.streamed:8.2f}x")
+              f"{r.simulated_speedup:8.2f}x {len(split) / r.streamed:5.0f} im/s {r.full / r.streamed:8.2f}x")
     lat = interleaved(model, early, one.images, 1, fmt, stream=False)
     last = rows[args.batch_sizes[-1]]
     acc_full = (last.full_predicted == split.labels).double().mean().item()
     acc_early = (last.early_predicted == split.labels).double().mean().item()
     same = int((last.streamed_predicted == last.early_predicted).sum())  # all, unless rounding tips an image at a threshold
     print(f"one image at a time ({len(one)} test images): full network {lat.full / len(one) * 1e3:.2f} ms per image, "
-          f"early exit {lat.early / len(one) * 1e3:.2f} ms ({lat.full / lat.early:.2f}x; simulated {lat.full / lat.simulated:.2f}x)")
+          f"early exit {lat.early / len(one) * 1e3:.2f} ms ({lat.full / lat.early:.2f}x; simulated {lat.simulated_speedup:.2f}x)")
     print(f"streamed early exit gave early exit's answer for {same:,} of {len(split):,} images")
     print("each block's speed in the full network's passes, G multiply-accumulates per second, at batch "
           f"{args.batch_sizes[-1]}: " + " ".join(f"B{k + 1} {m / t / 1e9 * len(split):.0f}"
@@ -178,27 +178,27 @@ def main() -> None:
     report.table(["batch", "full network, images/s", "early exit, images/s", "speed-up", "simulated",
                   "measured / simulated", "streamed, images/s", "streamed speed-up"],
                  [[b, f"{len(split) / r.full:.0f}", f"{len(split) / r.early:.0f}", f"{r.full / r.early:.2f}x",
-                   f"{r.full / r.simulated:.2f}x", f"{r.simulated / r.early:.0%}", f"{len(split) / r.streamed:.0f}",
+                   f"{r.simulated_speedup:.2f}x", f"{r.measured_share(r.early):.0%}", f"{len(split) / r.streamed:.0f}",
                    f"{r.full / r.streamed:.2f}x"] for b, r in rows.items()]
                  + [[1, f"{len(one) / lat.full:.0f}", f"{len(one) / lat.early:.0f}", f"{lat.full / lat.early:.2f}x",
-                     f"{lat.full / lat.simulated:.2f}x", f"{lat.simulated / lat.early:.0%}", "", ""]])
+                     f"{lat.simulated_speedup:.2f}x", f"{lat.measured_share(lat.early):.0%}", "", ""]])
     report.text(f"Each block's speed in the full network's passes, G multiply-accumulates per second "
                 "(blocks 1 to 3 keep the 32x32 scale: few channels over large maps).")
     report.table(["batch"] + [f"B{k}" for k in range(1, model.n_exits + 1)],
                  [[args.batch_sizes[-1]] + [f"{m / t / 1e9 * len(split):.0f}" for m, t in zip(block_macs, last.block_seconds)],
                   [1] + [f"{m / t / 1e9 * len(one):.0f}" for m, t in zip(block_macs, lat.block_seconds)]])
     b_full = min(rows, key=lambda b: rows[b].full)
-    modes = {f"early exit, batch {b}": (r.early, r.simulated) for b, r in rows.items()}
-    modes.update({f"streamed early exit, batches of {b}": (r.streamed, r.simulated) for b, r in rows.items()})
-    best = min(modes, key=lambda m: modes[m][0])
+    modes = {f"early exit, batch {b}": r.early for b, r in rows.items()}
+    modes.update({f"streamed early exit, batches of {b}": r.streamed for b, r in rows.items()})
+    best = min(modes, key=modes.get)
     print(f"each at its fastest: full network {len(split) / rows[b_full].full:.0f} images/s (batch {b_full}), "
-          f"{best} {len(split) / modes[best][0]:.0f} images/s: {rows[b_full].full / modes[best][0]:.2f}x")
+          f"{best}: {len(split) / modes[best]:.0f} images/s, {rows[b_full].full / modes[best]:.2f}x")
     print(f"early exit, measured against simulated from the same run's block times: "
-          + ", ".join(f"batch {b} {r.simulated / r.early:.0%} (streamed {r.simulated / r.streamed:.0%})" for b, r in rows.items())
-          + f", one image at a time {lat.simulated / lat.early:.0%}; multiply-accumulates: {full_macs / sim.average_macs:.2f}x; "
+          + ", ".join(f"batch {b} {r.measured_share(r.early):.0%} (streamed {r.measured_share(r.streamed):.0%})" for b, r in rows.items())
+          + f", one image at a time {lat.measured_share(lat.early):.0%}; multiply-accumulates: {full_macs / sim.average_macs:.2f}x; "
           f"accuracy {acc_early:.2%} vs {acc_full:.2%} (full network)")
     report.text(f"Each at its fastest: full network {len(split) / rows[b_full].full:.0f} images/s (batch {b_full}), "
-                f"{best} {len(split) / modes[best][0]:.0f} images/s: {rows[b_full].full / modes[best][0]:.2f}x; "
+                f"{best}: {len(split) / modes[best]:.0f} images/s, {rows[b_full].full / modes[best]:.2f}x; "
                 f"accuracy {acc_early:.2%} against the full network's {acc_full:.2%} on these images.")
     path = report.write()
     if path:
@@ -207,46 +207,43 @@ def main() -> None:
 
 class Timed(NamedTuple):
     """Seconds each way spent on all images in one interleaved run, and their answers."""
-    full: float
+    full: float  # earlyexit.LastExitOnly
     early: float
     streamed: float
-    simulated: float  # early exit's seconds predicted from the full network's block times in this run
-    block_seconds: list[float]  # each block's seconds in the full network's passes
+    modelled_full: float  # the full network in the block-by-block pass the simulation reads
+    simulated: float  # early exit's seconds predicted from that pass's block and classifier times
+    block_seconds: list[float]  # each block's seconds in that pass
     full_predicted: torch.Tensor
     early_predicted: torch.Tensor
     streamed_predicted: torch.Tensor | None
 
+    @property
+    def simulated_speedup(self) -> float:
+        return self.modelled_full / self.simulated
+
+    def measured_share(self, seconds: float) -> float:
+        """A measured speed-up (full network's seconds / these) as a share of the simulated one."""
+        return self.full / seconds / self.simulated_speedup
+
 
 def interleaved(model: msdnet.MSDNet, early: earlyexit.EarlyExit, images: torch.Tensor, batch_size: int,
                 fmt: torch.memory_format, stream: bool = True) -> Timed:
-    """The full network (timed block by block), early exit and the stream, batch by batch in turn, so a busy
-    moment of the machine hits all three alike. The full network is every block and the last classifier
-    (earlyexit.LastExitOnly); the other classifiers are timed too, apart, for the simulation."""
+    """The full network (earlyexit.LastExitOnly), early exit, the stream and a block-by-block pass of the full
+    network, batch by batch in turn, so a busy moment of the machine hits all alike. The block-by-block pass
+    also times every classifier; the simulation reads it, each way's speed-up is taken against LastExitOnly."""
     n = model.n_exits
-    blocks, heads = [0.0] * n, [0.0] * n
-    full = early_t = streamed = simulated = 0.0
+    baseline = earlyexit.LastExitOnly(model)
+    blocks = [0.0] * n
+    full = early_t = streamed = modelled = simulated = 0.0
     out_full, out_early = [], []
     streamer = earlyexit.EarlyExitStream(early, batch_size)
     off = [bool(t) and k < n - 1 for k, t in enumerate(torch.isposinf(early.thresholds).tolist())]  # classifiers it skips
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
             x = as_input(images[i : i + batch_size], fmt)
-            these_blocks, these_heads = [], []
-            begin = time.perf_counter()
-            with msdnet.eval_mode(model):  # as LastExitOnly and EarlyExit borrow the model, on each call
-                start = time.perf_counter()
-                maps = model.standardize(x)
-                for k in range(1, n + 1):
-                    maps = model.advance(k, maps)
-                    mid = time.perf_counter()
-                    logits = model.classify(k, maps)
-                    end = time.perf_counter()
-                    these_blocks.append(mid - start)
-                    these_heads.append(end - mid)
-                    start = end
-            this_full = time.perf_counter() - begin - sum(these_heads[:-1])  # the other classifiers: timed apart
-            full += this_full
-            fixed = this_full - sum(these_blocks) - these_heads[-1]  # per call, paid by early exit too
+            start = time.perf_counter()
+            logits = baseline(x)
+            full += time.perf_counter() - start
             out_full.append(logits.argmax(1))
             start = time.perf_counter()
             predicted, exit_of = early(x)
@@ -256,7 +253,22 @@ def interleaved(model: msdnet.MSDNet, early: earlyexit.EarlyExit, images: torch.
                 start = time.perf_counter()
                 streamer.feed(x)
                 streamed += time.perf_counter() - start
-            simulated += fixed
+            these_blocks, these_heads = [], []
+            begin = time.perf_counter()
+            with msdnet.eval_mode(model):  # as LastExitOnly and EarlyExit borrow the model, on each call
+                maps = model.standardize(x)
+                start = time.perf_counter()
+                for k in range(1, n + 1):
+                    maps = model.advance(k, maps)
+                    mid = time.perf_counter()
+                    model.classify(k, maps)
+                    end = time.perf_counter()
+                    these_blocks.append(mid - start)
+                    these_heads.append(end - mid)
+                    start = end
+            this_full = time.perf_counter() - begin - sum(these_heads[:-1])  # without the classifiers it skips
+            modelled += this_full
+            simulated += this_full - sum(these_blocks) - these_heads[-1]  # per call (standardize, borrowing): paid alike
             for k in range(n):  # the images that reached block k+1 pay for it and, if it runs, its classifier
                 share = (exit_of >= k + 1).double().mean().item()
                 simulated += share * (these_blocks[k] + (0.0 if off[k] else these_heads[k]))
@@ -266,7 +278,8 @@ def interleaved(model: msdnet.MSDNet, early: earlyexit.EarlyExit, images: torch.
             start = time.perf_counter()
             streamed_predicted, _ = streamer.finish()
             streamed += time.perf_counter() - start
-    return Timed(full, early_t, streamed, simulated, blocks, torch.cat(out_full), torch.cat(out_early), streamed_predicted)
+    return Timed(full, early_t, streamed, modelled, simulated, blocks, torch.cat(out_full), torch.cat(out_early),
+                 streamed_predicted)
 
 
 def macs_per_block(model: msdnet.MSDNet) -> list[float]:

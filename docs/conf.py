@@ -93,7 +93,6 @@ napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # "Attributes:" as fields of the class, not a second description of each attribute
 
 
-
 def _repository_url() -> str | None:
     """pyproject.toml's [project.urls] Repository, the one place the project's public address is written."""
     try:
@@ -108,15 +107,16 @@ def _repository_url() -> str | None:
 # a full-screen button and the page's contents on the right; every page a repository button once
 # pyproject.toml names the repository's address under [project.urls].
 html_theme = "sphinx_book_theme"
+_repository = _repository_url()
 html_title = project
 html_static_path = ["_static"]
 html_sourcelink_suffix = ""  # the download button serves the notebook itself, not a .txt copy
 html_theme_options = {
     "use_download_button": True,
     "use_fullscreen_button": True,
-    "use_repository_button": _repository_url() is not None,
+    "use_repository_button": bool(_repository),
     "show_toc_level": 2,
 }
-if _repository_url():
-    html_theme_options["repository_url"] = _repository_url()
+if _repository:
+    html_theme_options["repository_url"] = _repository
 nb_scroll_outputs = True  # long outputs scroll (myst-nb's own switch; custom.css caps them too)

@@ -88,7 +88,8 @@ class EarlyExitStream:
     arrive and call `finish` for the answers, or call the stream with all images at once.
     Args:
         early: the EarlyExit whose model, thresholds and score are used.
-        batch_size: images per block call, >= 1.
+        batch_size: the fewest images a block runs on while more are still to come (the last ones may be
+            fewer), >= 1; a block runs on all that wait, so up to about twice as many.
     """
 
     def __init__(self, early: EarlyExit, batch_size: int = 100) -> None:
@@ -101,6 +102,7 @@ class EarlyExitStream:
         self._queues = [[] for _ in range(self.early.model.n_exits)]  # per block: (image numbers, input) waiting
         self._done: list[tuple[Tensor, Tensor, int]] = []  # (image numbers, their classes, their exit)
         self._fed = 0
+        self._device = next(self.early.model.parameters()).device  # until images arrive
 
     @torch.no_grad()
     def feed(self, images: Tensor) -> None:
@@ -108,6 +110,7 @@ class EarlyExitStream:
         m = self.early.model
         numbers = torch.arange(self._fed, self._fed + len(images), device=images.device)
         self._fed += len(images)
+        self._device = images.device
         with msdnet.eval_mode(m):
             self._queues[0].append((numbers, m.standardize(images)))
             self._drain(full_batches_only=True)
@@ -118,10 +121,10 @@ class EarlyExitStream:
         for all N images fed since the last finish, and empties the stream."""
         with msdnet.eval_mode(self.early.model):
             self._drain(full_batches_only=False)
-        done, n = self._done, self._fed
+        done, n, device = self._done, self._fed, self._device
         self._reset()
         if not done:
-            return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+            return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.long, device=device)
         numbers = torch.cat([i for i, _, _ in done])
         predicted = torch.empty(n, dtype=torch.long, device=numbers.device)
         exit_of = torch.empty(n, dtype=torch.long, device=numbers.device)
@@ -130,8 +133,13 @@ class EarlyExitStream:
         return predicted, exit_of
 
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """All images [N, 3, H, W] at once: (predicted class [N], exit number [N])."""
-        self._reset()
+        """All images [N, 3, H, W] at once: (predicted class [N], exit number [N]).
+
+        Raises:
+            RuntimeError: images were fed and not yet finished (their answers would be lost).
+        """
+        if self._fed:
+            raise RuntimeError(f"{self._fed} fed images wait for finish(): call it before using the stream as a whole")
         for start in range(0, len(images), self.batch_size):
             self.feed(images[start : start + self.batch_size])
         return self.finish()

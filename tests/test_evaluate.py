@@ -165,8 +165,12 @@ def test_a_stream_fed_in_uneven_batches_answers_in_feeding_order(tiny_folder):
     got_class, got_exit = stream.finish()
     assert got_exit.tolist() == want_exit.tolist() and got_class.tolist() == want_class.tolist()
     stream.feed(images[:5])  # finish emptied the stream: numbering starts again
+    with pytest.raises(RuntimeError, match="5 fed images wait for finish"):
+        stream(images)  # would lose the 5 fed ones
     again_class, again_exit = stream.finish()
     assert again_exit.tolist() == want_exit[:5].tolist() and again_class.tolist() == want_class[:5].tolist()
+    nothing_class, nothing_exit = stream.finish()  # nothing fed: no answers
+    assert nothing_class.shape == nothing_exit.shape == (0,) and nothing_exit.dtype == torch.long
 
 
 def test_real_early_exit_skips_the_later_blocks():

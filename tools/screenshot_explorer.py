@@ -85,9 +85,20 @@ def main() -> None:
         wait_for_port(port, server, 60)
         photograph(f"http://127.0.0.1:{port}/", args.out, chromium, args.width)
     finally:
+        stop(server)
+    print(f"wrote {args.out}")
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Voila and its kernel, by process group: SIGTERM, then SIGKILL if they outstay 30 s."""
+    try:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    print(f"wrote {args.out}")
+    except ProcessLookupError:  # already gone
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 if __name__ == "__main__":
