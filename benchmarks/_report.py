@@ -76,7 +76,7 @@ class Report:
         self.parts.append("\n".join(lines))
 
     def write(self) -> Path | None:
-        """Writes the page part atomically and returns its path (None when the report goes nowhere)."""
+        """Writes the page part atomically, says where, and returns its path (None when it goes nowhere)."""
         if self.path is None:
             return None
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,4 +91,5 @@ class Report:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        print(f"results written to {self.path}")
         return self.path

@@ -47,9 +47,7 @@ def main() -> None:
     report = _report.Report("batch_size", args.results)
     report.text(f"Training steps of cifar10-anytime on random images, the median of {args.rounds} per batch size.")
     report.table(["batch", "images/s", f"vs batch {args.batch_sizes[0]}"], rows)
-    path = report.write()
-    if path:
-        print(f"results written to {path}")
+    report.write()
 
 
 if __name__ == "__main__":

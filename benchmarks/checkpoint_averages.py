@@ -91,9 +91,7 @@ def main() -> None:
     page.text(f"Accuracy on the {len(val):,} validation images of each checkpoint alone, the equal-weight average of "
               "their weights and their ensemble (log-probabilities averaged).")
     page.table(["checkpoint"] + [f"B{k} %" for k in range(1, len(rows[0]) - 1)] + ["mean %"], rows)
-    path = page.write()
-    if path:
-        print(f"results written to {path}")
+    page.write()
 
 
 if __name__ == "__main__":

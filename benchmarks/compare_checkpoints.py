@@ -58,9 +58,7 @@ def main() -> None:
                 "the interval lies above zero.")
     report.table(["exit", f"{args.first} %", f"{args.second} %", "difference, points", "95% interval, points",
                   "verdict"], rows)
-    path = report.write()
-    if path:
-        print(f"results written to {path}")
+    report.write()
 
 
 if __name__ == "__main__":

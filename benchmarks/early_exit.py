@@ -200,9 +200,7 @@ def main() -> None:
     report.text(f"Each at its fastest: full network {len(split) / rows[b_full].full:.0f} images/s (batch {b_full}), "
                 f"{best}: {len(split) / modes[best]:.0f} images/s, {rows[b_full].full / modes[best]:.2f}x; "
                 f"accuracy {acc_early:.2%} against the full network's {acc_full:.2%} on these images.")
-    path = report.write()
-    if path:
-        print(f"results written to {path}")
+    report.write()
 
 
 class Timed(NamedTuple):

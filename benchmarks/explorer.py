@@ -120,9 +120,7 @@ def main() -> None:
                  [ms_cells("every control, while the background predicts", answers, 0.15),
                   ms_cells("exit slider, every prediction known", exit_moves, 0.2),
                   ms_cells("image slider (the new image's ten maps), every prediction known", image_moves, 0.2)])
-    path = report.write()
-    if path:
-        print(f"results written to {path}")
+    report.write()
 
 
 if __name__ == "__main__":

@@ -107,9 +107,7 @@ def main() -> None:
                   ["forward + backward per exit", f"{t_each:.2f}", f"{t_each / t_one:.1f}x", "the same"],
                   ["pytorch-grad-cam, a GradCAM per exit", f"{t_pgc:.2f}", f"{t_pgc / t_one:.1f}x",
                    f"correlation {corr:.4f}, largest difference {(ours - theirs).abs().max():.4f}"]])
-    path = report.write()
-    if path:
-        print(f"results written to {path}")
+    report.write()
 
 
 if __name__ == "__main__":

@@ -108,9 +108,7 @@ def main() -> None:
                 + (f"; accuracy of the shipped weights evaluated in each variant on {args.eval_images} test images."
                    if accuracy else "."))
     report.table(["variant", "images/s", "vs float32"] + (["B1 acc", "B10 acc"] if accuracy else []), rows)
-    path = report.write()
-    if path:
-        print(f"results written to {path}")
+    report.write()
 
 
 if __name__ == "__main__":

@@ -93,9 +93,7 @@ def main() -> None:
                 f"{', SWA average updated after every step' if args.average else ''}); the first step includes "
                 f"compilation, images/s over {args.steps} steps after warm-up.")
     report.table(["mode", "first step, s", "images/s"], rows)
-    path = report.write()
-    if path:
-        print(f"results written to {path}")
+    report.write()
 
 
 if __name__ == "__main__":
