@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,6 +108,55 @@ def serve(args: list[str], env: dict | None = None, cwd: str | os.PathLike | Non
         end = (signalled[0] if signalled else time.monotonic()) + GRACE_S
         _kill(psutil.wait_procs(below, timeout=max(0.0, end - time.monotonic()))[1])
     return 128 - code if code < 0 else code
+
+
+@contextmanager
+def running(env_update: dict | None = None, log=None, wait_s: float = 60.0):
+    """The explorer served in the background on a free localhost port, for the length of a `with` block.
+
+    Args:
+        env_update: environment variables for the server on top of `command`'s (a value of None removes one).
+        log: an open file for the server's output (discarded when None).
+        wait_s: how long Voila may take to answer.
+    Yields:
+        the page's URL.
+    Raises:
+        RuntimeError: Voila exited, or did not answer within wait_s.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args, env = command([f"--port={port}", "--no-browser"])
+    for key, value in (env_update or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    out = log if log is not None else subprocess.DEVNULL
+    server = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise RuntimeError("Voila exited before it served the page") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Voila did not answer on port {port} within {wait_s:.0f} s") from None
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/"
+    finally:  # Voila and its kernel, by process group; what outstays GRACE_S is killed
+        below = _below(server.pid)
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=GRACE_S)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            _kill(below, server.pid)
+            server.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,6 @@ other machine, and change the heatmap when the Exit slider moves. In CI a missin
 or voila is a failure, never a skip."""
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,37 +23,19 @@ def need(what: str, ok: bool, how: str) -> None:
         pytest.skip(msg)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def voila_url(tmp_path_factory):
     need("voila", shutil.which("voila") is not None or _importable("voila"), 'pip install -e ".[test]"')
-    port = free_port()
     log = tmp_path_factory.mktemp("voila") / "voila.log"
+    env = {"MSDNET_DATA_DIR": None}  # reuse data/cache like the notebooks
+    if REAL_SOURCE:
+        env["CIFAR10_SOURCE"] = REAL_SOURCE
     with open(log, "w") as out:
-        args, env = app.command([f"--port={port}", "--no-browser"])  # exactly what `python -m helpers.app` runs
-        env.pop("MSDNET_DATA_DIR", None)  # reuse data/cache like the notebooks
-        if REAL_SOURCE:
-            env["CIFAR10_SOURCE"] = REAL_SOURCE
-        server = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None:
-                    pytest.fail(f"voila exited:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/", log
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        try:
+            with app.running(env, out) as url:  # exactly what `python -m helpers.app` runs, in the background
+                yield url, log
+        except RuntimeError as e:
+            pytest.fail(f"{e}:\n{log.read_text()[-3000:]}")
 
 
 def _importable(name: str) -> bool:

@@ -11,37 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from helpers import app  # noqa: E402  (the checkout's helpers, installed or not)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, server: subprocess.Popen, seconds: float) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if server.poll() is not None:
-                raise SystemExit("error: voila exited before it served the page")
-            time.sleep(0.5)
-    raise SystemExit(f"error: voila did not answer on port {port} within {seconds:.0f} s")
 
 
 def photograph(url: str, out: Path, chromium: str, width: int) -> None:
@@ -77,28 +54,12 @@ def main() -> None:
     chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("error: no chromium found: apt-get install chromium, or set CHROMIUM to its path")
-    port = free_port()
-    argv, env = app.command([f"--port={port}", "--no-browser"])
-    server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
     try:
-        wait_for_port(port, server, 60)
-        photograph(f"http://127.0.0.1:{port}/", args.out, chromium, args.width)
-    finally:
-        stop(server)
+        with app.running() as url:
+            photograph(url, args.out, chromium, args.width)
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"wrote {args.out}")
-
-
-def stop(server: subprocess.Popen) -> None:
-    """Voila and its kernel, by process group: SIGTERM, then SIGKILL if they outstay 30 s."""
-    try:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-    except ProcessLookupError:  # already gone
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
 
 
 if __name__ == "__main__":
