@@ -13,9 +13,9 @@ for the lowest time, by each block's and classifier's time measured here first
 multiply-accumulate than the late ones). For each policy it prints the test accuracy, the simulated
 multiply-accumulates and the simulated time. Then, with the policy fastest on validation by the
 measured costs, it times on the test split the shipped MSD-Net used as an ordinary classifier (every
-block, last classifier only) against real early exit and the stream (earlyexit.EarlyExitStream: the
-images that stay wait for a full batch before the next block), batch by batch in turn so a busy
-moment of the machine hits all alike, for batches of several sizes and one image at a time. A pass of
+block, last classifier only) against real early exit and the stream (earlyexit.EarlyExitStream: every
+block runs on batches of one size, the images that stay waiting for the next block until a batch has
+gathered), batch by batch in turn so a busy moment of the machine hits all alike, for batches of several sizes and one image at a time. A pass of
 the full network timed block by block, in the same rotation, predicts early exit's speed-up from those
 block times ('simulated') and shows each block's multiply-accumulates per second.
 The tables are also written to docs/results/early_exit.md, which the site's Benchmarks page includes.
@@ -175,13 +175,13 @@ def main() -> None:
                 f"network, both in the {args.memory_format} memory format, batch by batch in turn on {len(split):,} test images; 'simulated': early exit's time "
                 "predicted from the full network's own block and classifier times in the same run, for the images "
                 f"that reached each block. From the multiply-accumulates: {full_macs / sim.average_macs:.2f}x.")
-    report.table(["batch", "full network, images/s", "early exit, images/s", "speed-up", "simulated",
-                  "measured / simulated", "streamed, images/s", "streamed speed-up"],
+    report.table(["batch", "full network, images/s", "early exit, images/s", "speed-up", "streamed, images/s",
+                  "streamed speed-up", "simulated", "early exit / simulated", "streamed / simulated"],
                  [[b, f"{len(split) / r.full:.0f}", f"{len(split) / r.early:.0f}", f"{r.full / r.early:.2f}x",
-                   f"{r.simulated_speedup:.2f}x", f"{r.measured_share(r.early):.0%}", f"{len(split) / r.streamed:.0f}",
-                   f"{r.full / r.streamed:.2f}x"] for b, r in rows.items()]
+                   f"{len(split) / r.streamed:.0f}", f"{r.full / r.streamed:.2f}x", f"{r.simulated_speedup:.2f}x",
+                   f"{r.measured_share(r.early):.0%}", f"{r.measured_share(r.streamed):.0%}"] for b, r in rows.items()]
                  + [[1, f"{len(one) / lat.full:.0f}", f"{len(one) / lat.early:.0f}", f"{lat.full / lat.early:.2f}x",
-                     f"{lat.simulated_speedup:.2f}x", f"{lat.measured_share(lat.early):.0%}", "", ""]])
+                     "", "", f"{lat.simulated_speedup:.2f}x", f"{lat.measured_share(lat.early):.0%}", ""]])
     report.text(f"Each block's speed in the full network's passes, G multiply-accumulates per second "
                 "(blocks 1 to 3 keep the 32x32 scale: few channels over large maps).")
     report.table(["batch"] + [f"B{k}" for k in range(1, model.n_exits + 1)],

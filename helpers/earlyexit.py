@@ -1,7 +1,7 @@
 """Real early exit: images leave the network at their exit and stop computing.
 
     EarlyExit(model, thresholds)(images)           # (predicted class [N], exit number 1..10 [N])
-    EarlyExitStream(EarlyExit(...))(images)        # the same, every block run on a full batch
+    EarlyExitStream(EarlyExit(...))(images)        # the same, every block run on batches of one size
     stream.feed(batch); ...; stream.finish()       # the same, for images that arrive in batches
     LastExitOnly(model)(images)                    # the baseline: every block, the last classifier only
     timed_costs(model, images)                     # each exit's cost in seconds, for policies' searches
@@ -53,9 +53,9 @@ class EarlyExit(nn.Module):
                 if leave.all():
                     break
                 if leave.any():  # only then does the batch shrink (indexing copies every scale's maps)
-                    stay = ~leave
-                    alive = alive[stay]
-                    exit.maps = [t[stay] for t in exit.maps]
+                    rows = (~leave).nonzero().squeeze(1)
+                    alive = alive[rows]
+                    exit.maps = [_gather(t, rows) for t in exit.maps]
             return predicted, exit_of
 
     def decide(self, exit: int, maps: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -71,13 +71,44 @@ class EarlyExit(nn.Module):
         return score_of(logits, self.score) >= self.thresholds[exit - 1], logits.argmax(-1)
 
 
-def _select(maps, rows: Tensor):
-    """Rows of a block's input: one tensor (the image, for block 1) or a list of maps, one per scale."""
-    return maps[rows] if isinstance(maps, Tensor) else [t[rows] for t in maps]
+def _layout(t: Tensor) -> torch.memory_format:
+    """The memory format `t` is laid out in, so that copies of its rows keep it."""
+    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _concat(states: list):
-    return torch.cat(states) if isinstance(states[0], Tensor) else [torch.cat(s) for s in zip(*states)]
+def _gather(t: Tensor, rows: Tensor, out: Tensor | None = None) -> Tensor:
+    """t[rows] [len(rows), ...] in t's memory format, written into `out` when given.
+    index_select into a ready output copies whole images; indexing a channels_last tensor is slower."""
+    if out is None:
+        out = torch.empty((len(rows), *t.shape[1:]), dtype=t.dtype, device=t.device, memory_format=_layout(t))
+    return torch.index_select(t, 0, rows, out=out)
+
+
+class _Queue:
+    """Images waiting for one block: their numbers [n] and the block's input maps, in buffers of room for
+    one batch, kept from batch to batch (fresh memory for every batch would cost page faults)."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.count = size, 0
+        self.numbers: Tensor | None = None
+        self.maps: list[Tensor] = []
+
+    def put(self, numbers: Tensor, maps: list[Tensor], rows: Tensor) -> None:
+        """Queue the images `rows` [k] (indices into the batch; k <= size - count) of numbers [B] and maps [B, ...]."""
+        if self.numbers is None:  # the first images show the shapes
+            self.numbers = numbers.new_empty(self.size)
+            self.maps = [torch.empty((self.size, *t.shape[1:]), dtype=t.dtype, device=t.device,
+                                     memory_format=_layout(t)) for t in maps]
+        n, k = self.count, len(rows)
+        torch.index_select(numbers, 0, rows, out=self.numbers[n : n + k])
+        for t, buffer in zip(maps, self.maps):
+            _gather(t, rows, out=buffer[n : n + k])
+        self.count += k
+
+    def waiting(self) -> tuple[Tensor, list[Tensor]]:
+        """The waiting images' numbers [count] and maps [count, ...], as views of the buffers."""
+        return self.numbers[: self.count], [t[: self.count] for t in self.maps]
 
 
 class EarlyExitStream:
@@ -88,18 +119,20 @@ class EarlyExitStream:
     arrive and call `finish` for the answers, or call the stream with all images at once.
     Args:
         early: the EarlyExit whose model, thresholds and score are used.
-        batch_size: the fewest images a block runs on while more are still to come (the last ones may be
-            fewer), >= 1; a block runs on all that wait, so up to about twice as many.
+        batch_size: how many images every block runs on at once, >= 1; only `finish` runs fewer (the last
+            ones). One shape per block keeps each block as fast per image as in the full network.
     """
 
     def __init__(self, early: EarlyExit, batch_size: int = 100) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.early, self.batch_size = early, batch_size
+        self._queues = [_Queue(batch_size) for _ in range(early.model.n_exits)]  # one per block
         self._reset()
 
     def _reset(self) -> None:
-        self._queues = [[] for _ in range(self.early.model.n_exits)]  # per block: (image numbers, input) waiting
+        for queue in self._queues:
+            queue.count = 0
         self._done: list[tuple[Tensor, Tensor, int]] = []  # (image numbers, their classes, their exit)
         self._fed = 0
         self._device = next(self.early.model.parameters()).device  # until images arrive
@@ -112,15 +145,17 @@ class EarlyExitStream:
         self._fed += len(images)
         self._device = images.device
         with msdnet.eval_mode(m):
-            self._queues[0].append((numbers, m.standardize(images)))
-            self._drain(full_batches_only=True)
+            x = m.standardize(images)
+            self._push(1, numbers, [x], torch.arange(len(x), device=x.device))
 
     @torch.no_grad()
     def finish(self) -> tuple[Tensor, Tensor]:
         """Run what still waits; returns (predicted class [N], exit number 1..n_exits [N]) in feeding order
         for all N images fed since the last finish, and empties the stream."""
         with msdnet.eval_mode(self.early.model):
-            self._drain(full_batches_only=False)
+            for k, queue in enumerate(self._queues, start=1):  # in block order: stragglers join the next queue
+                if queue.count:
+                    self._run(k)
         done, n, device = self._done, self._fed, self._device
         self._reset()
         if not done:
@@ -144,21 +179,28 @@ class EarlyExitStream:
             self.feed(images[start : start + self.batch_size])
         return self.finish()
 
-    def _drain(self, full_batches_only: bool) -> None:
-        # In block order, so the images that stay after block k join block k+1's queue before it is read.
-        m, queues = self.early.model, self._queues
-        for k in range(1, m.n_exits + 1):
-            waiting = sum(len(idx) for idx, _ in queues[k - 1])
-            if waiting == 0 or (full_batches_only and waiting < self.batch_size):
-                continue
-            idx = torch.cat([i for i, _ in queues[k - 1]])
-            maps = m.advance(k, _concat([state for _, state in queues[k - 1]]))
-            queues[k - 1] = []
-            leave, cls = self.early.decide(k, maps)
-            self._done.append((idx[leave], cls[leave], k))
-            if not leave.all():
-                stay = ~leave
-                queues[k].append((idx[stay], _select(maps, stay)))
+    def _push(self, block: int, numbers: Tensor, maps: list[Tensor], rows: Tensor) -> None:
+        """Queue the images `rows` of a batch (numbers [B], maps [B, ...]) for `block`, which runs each time
+        its queue is full."""
+        queue = self._queues[block - 1]
+        while len(rows):
+            k = min(self.batch_size - queue.count, len(rows))
+            queue.put(numbers, maps, rows[:k])
+            rows = rows[k:]
+            if queue.count == self.batch_size:
+                self._run(block)
+
+    def _run(self, block: int) -> None:
+        """Block `block` and its exit on the images in its queue; those that stay join the next queue."""
+        queue, m = self._queues[block - 1], self.early.model
+        numbers, state = queue.waiting()
+        maps = m.advance(block, state[0] if block == 1 else state)
+        leave, cls = self.early.decide(block, maps)
+        self._done.append((numbers[leave], cls[leave], block))  # indexing copies: the buffer can be reused
+        stay = (~leave).nonzero().squeeze(1)
+        if len(stay):  # into later queues only: this one's views stay valid meanwhile
+            self._push(block + 1, numbers, maps, stay)
+        queue.count = 0
 
 
 class LastExitOnly(nn.Module):

@@ -146,10 +146,32 @@ def test_streamed_early_exit_gives_the_same_answers_with_full_batches(tiny_folde
     assert got_class.tolist() == preds.predicted.gather(1, want_exit[:, None] - 1).squeeze(1).tolist()
     for k in range(model.n_exits):  # every image reaching block k went through it once
         assert sum(sizes[k]) == int((want_exit >= k + 1).sum())
-        # Each block's batches are full (at least batch_size images) but for the last, the stragglers.
-        assert all(b >= min(batch_size, len(split)) for b in sizes[k][:-1])
+        # Each block runs on exactly batch_size images but for the last time, on the stragglers.
+        assert all(b == batch_size for b in sizes[k][:-1]) and 0 < sizes[k][-1] <= batch_size
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         earlyexit.EarlyExitStream(early, 0)
+
+
+@pytest.mark.parametrize("batch_size", [5, 16])
+def test_a_stream_runs_every_block_on_batch_size_images_until_finish(batch_size):
+    torch.manual_seed(0)
+    model = msdnet.build("tiny").eval()
+    images = torch.rand(300, 3, 32, 32)
+    with torch.no_grad():
+        confidence = torch.stack([logits.softmax(-1).amax(-1) for logits in model(images)], 1)  # [N, exits]
+    early = earlyexit.EarlyExit(model, confidence.quantile(0.75, dim=0))  # about a quarter leave at each exit
+    want_class, want_exit = early(images)
+    sizes = {k: [] for k in range(model.n_exits)}  # the batch each block ran on
+    for k, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda m, i, o, k=k: sizes[k].append(len(o[-1])))
+    stream = earlyexit.EarlyExitStream(early, batch_size)
+    for start, stop in [(0, 3), (3, 120), (120, 121), (121, 300)]:
+        stream.feed(images[start:stop])
+    got_class, got_exit = stream.finish()
+    assert got_exit.tolist() == want_exit.tolist() and got_class.tolist() == want_class.tolist()
+    for k in range(model.n_exits):
+        assert sum(sizes[k]) == int((want_exit >= k + 1).sum()) and len(sizes[k]) > 2
+        assert all(b == batch_size for b in sizes[k][:-1]) and 0 < sizes[k][-1] <= batch_size
 
 
 def test_a_stream_fed_in_uneven_batches_answers_in_feeding_order(tiny_folder):
