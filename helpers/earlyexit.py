@@ -96,7 +96,7 @@ class _Queue:
 
     def put(self, numbers: Tensor, maps: list[Tensor], rows: Tensor) -> None:
         """Queue the images `rows` [k] (indices into the batch; k <= size - count) of numbers [B] and maps [B, ...]."""
-        if self.numbers is None:  # the first images show the shapes
+        if self.count == 0 and not self._fits(maps):  # the first images (or a new device, dtype...) set the buffers
             self.numbers = numbers.new_empty(self.size)
             self.maps = [torch.empty((self.size, *t.shape[1:]), dtype=t.dtype, device=t.device,
                                      memory_format=_layout(t)) for t in maps]
@@ -105,6 +105,11 @@ class _Queue:
         for t, buffer in zip(maps, self.maps):
             _gather(t, rows, out=buffer[n : n + k])
         self.count += k
+
+    def _fits(self, maps: list[Tensor]) -> bool:
+        return len(maps) == len(self.maps) and all(
+            b.shape[1:] == t.shape[1:] and b.dtype == t.dtype and b.device == t.device and _layout(b) == _layout(t)
+            for b, t in zip(self.maps, maps))
 
     def waiting(self) -> tuple[Tensor, list[Tensor]]:
         """The waiting images' numbers [count] and maps [count, ...], as views of the buffers."""
@@ -141,11 +146,11 @@ class EarlyExitStream:
     def feed(self, images: Tensor) -> None:
         """Queue float images [B, 3, H, W] in [0, 1]; every block whose queue holds a full batch runs."""
         m = self.early.model
-        numbers = torch.arange(self._fed, self._fed + len(images), device=images.device)
-        self._fed += len(images)
-        self._device = images.device
         with msdnet.eval_mode(m):
-            x = m.standardize(images)
+            x = m.standardize(images)  # checks the images first: refused ones leave the stream as it was
+            numbers = torch.arange(self._fed, self._fed + len(images), device=images.device)
+            self._fed += len(images)
+            self._device = images.device
             self._push(1, numbers, [x], torch.arange(len(x), device=x.device))
 
     @torch.no_grad()

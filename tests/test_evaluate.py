@@ -187,6 +187,8 @@ def test_a_stream_fed_in_uneven_batches_answers_in_feeding_order(tiny_folder):
     got_class, got_exit = stream.finish()
     assert got_exit.tolist() == want_exit.tolist() and got_class.tolist() == want_class.tolist()
     stream.feed(images[:5])  # finish emptied the stream: numbering starts again
+    with pytest.raises(ValueError, match=r"expects images in \[0, 1\]"):
+        stream.feed(images[5:9] * 255)  # refused: the stream is left as it was
     with pytest.raises(RuntimeError, match="5 fed images wait for finish"):
         stream(images)  # would lose the 5 fed ones
     again_class, again_exit = stream.finish()
