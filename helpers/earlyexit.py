@@ -125,7 +125,8 @@ class EarlyExitStream:
     Args:
         early: the EarlyExit whose model, thresholds and score are used.
         batch_size: how many images every block runs on at once, >= 1; only `finish` runs fewer (the last
-            ones). One shape per block keeps each block as fast per image as in the full network.
+            ones). One shape per block keeps each block as fast per image as in the full network; the
+            stream holds one batch of each block's input in buffers it reuses.
     """
 
     def __init__(self, early: EarlyExit, batch_size: int = 100) -> None:
