@@ -15,9 +15,10 @@ multiply-accumulates and the simulated time. Then, with the policy fastest on va
 measured costs, it times on the test split the shipped MSD-Net used as an ordinary classifier (every
 block, last classifier only) against real early exit and the stream (earlyexit.EarlyExitStream: every
 block runs on batches of one size, the images that stay waiting for the next block until a batch has
-gathered), batch by batch in turn so a busy moment of the machine hits all alike, for batches of several sizes and one image at a time. A pass of
-the full network timed block by block, in the same rotation, predicts early exit's speed-up from those
-block times ('simulated') and shows each block's multiply-accumulates per second.
+gathered), batch by batch in turn so a busy moment of the machine hits all alike, for batches of
+several sizes and one image at a time. A pass of the full network timed block by block, in the same
+rotation, predicts early exit's speed-up from those block times ('simulated') and shows each block's
+multiply-accumulates per second.
 The tables are also written to docs/results/early_exit.md, which the site's Benchmarks page includes.
 """
 from __future__ import annotations
