@@ -14,10 +14,11 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from helpers import atomic
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
@@ -79,17 +80,6 @@ class Report:
         """Writes the page part atomically, says where, and returns its path (None when it goes nowhere)."""
         if self.path is None:
             return None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("\n\n".join(self.parts) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp made it private
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic.write_text(self.path, "\n\n".join(self.parts) + "\n")
         print(f"results written to {self.path}")
         return self.path

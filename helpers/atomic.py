@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save", "write_text", "load_or_discard", "save_or_warn"]
+__all__ = ["save", "write_text", "write_bytes", "load_or_discard", "save_or_warn"]
 
 
 def _alive(pid: int) -> bool:
@@ -95,6 +95,11 @@ def save(obj, path: str | os.PathLike) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     """``Path(path).write_text(text)`` in UTF-8, atomically; raises OSError as :func:`save` does."""
     _replace(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """``Path(path).write_bytes(data)``, atomically; raises OSError as :func:`save` does."""
+    _replace(path, lambda tmp: tmp.write_bytes(data))
 
 
 def load_or_discard(path: Path) -> tuple[object | None, str | None]:

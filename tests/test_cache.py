@@ -89,6 +89,14 @@ def test_threads_writing_one_text_never_collide(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["card.json"]
 
 
+def test_threads_writing_one_picture_never_collide(tmp_path):
+    path = tmp_path / "explorer.png"
+    assert in_threads(lambda i: atomic.write_bytes(path, bytes([i]) * 100_000)) == []
+    data = path.read_bytes()
+    assert len(data) == 100_000 and len(set(data)) == 1  # one writer's bytes, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["explorer.png"]
+
+
 def test_threads_storing_one_result_neither_fail_nor_warn(tmp_path):
     model = nn.Linear(2, 2)
     images, labels = torch.zeros(3, 3, 32, 32, dtype=torch.uint8), torch.zeros(3, dtype=torch.long)

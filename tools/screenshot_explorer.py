@@ -12,13 +12,12 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers import app  # noqa: E402  (the checkout's helpers, installed or not)
+from helpers import app, atomic  # noqa: E402  (the checkout's helpers, installed or not)
 
 
 def photograph(url: str, out: Path, chromium: str, width: int) -> None:
@@ -33,15 +32,7 @@ def photograph(url: str, out: Path, chromium: str, width: int) -> None:
             page.wait_for_function("document.querySelectorAll('.widget-image').length >= 4", timeout=240_000)
             page.wait_for_timeout(2000)  # the background prediction's first chunk updates the counts
             app_box = page.locator(".widget-vbox").first  # the app, without the guide under it
-            fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-            os.close(fd)
-            try:
-                app_box.screenshot(path=tmp)
-                os.chmod(tmp, 0o644)  # mkstemp made it private
-                os.replace(tmp, out)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic.write_bytes(out, app_box.screenshot())  # temporary name, then rename
         finally:
             browser.close()
 
