@@ -77,12 +77,15 @@ def _layout(t: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def _empty_rows(t: Tensor, n: int) -> Tensor:
+    """An uninitialized [n, ...] tensor shaped, typed, placed and laid out as t's rows."""
+    return torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=t.device, memory_format=_layout(t))
+
+
 def _gather(t: Tensor, rows: Tensor, out: Tensor | None = None) -> Tensor:
     """t[rows] [len(rows), ...] in t's memory format, written into `out` when given.
     index_select into a ready output copies whole images; indexing a channels_last tensor is slower."""
-    if out is None:
-        out = torch.empty((len(rows), *t.shape[1:]), dtype=t.dtype, device=t.device, memory_format=_layout(t))
-    return torch.index_select(t, 0, rows, out=out)
+    return torch.index_select(t, 0, rows, out=_empty_rows(t, len(rows)) if out is None else out)
 
 
 class _Queue:
@@ -97,12 +100,10 @@ class _Queue:
     def put(self, numbers: Tensor, maps: list[Tensor], rows: Tensor) -> None:
         """Queue the images `rows` [k] (indices into the batch; k <= size - count) of numbers [B] and maps [B, ...]."""
         if self.count == 0 and not self._fits(maps):  # the first images (or a new device, dtype...) set the buffers
-            self.numbers = numbers.new_empty(self.size)
-            self.maps = [torch.empty((self.size, *t.shape[1:]), dtype=t.dtype, device=t.device,
-                                     memory_format=_layout(t)) for t in maps]
+            self.numbers = _empty_rows(numbers, self.size)
+            self.maps = [_empty_rows(t, self.size) for t in maps]
         n, k = self.count, len(rows)
-        torch.index_select(numbers, 0, rows, out=self.numbers[n : n + k])
-        for t, buffer in zip(maps, self.maps):
+        for t, buffer in zip([numbers, *maps], [self.numbers, *self.maps]):
             _gather(t, rows, out=buffer[n : n + k])
         self.count += k
 
