@@ -146,7 +146,8 @@ def main() -> None:
 
     split = data.subset(full_split, args.images) if args.images < len(full_split) else full_split
     one = data.subset(full_split, args.latency_images)
-    block_macs = macs_per_block(model)
+    # each block alone: the cumulative count up to its exit, less the one before and its own classifier
+    block_macs = [c.macs - (costs[k - 1].macs if k else 0) - c.classifier_macs for k, c in enumerate(costs)]
     print(f"\ntimed with '{chosen}' (the fastest on validation by the measured costs), {len(split):,} test images "
           f"({full_macs / 1e6:.1f} vs {sim.average_macs / 1e6:.1f} M MACs per image: {full_macs / sim.average_macs:.2f}x fewer); "
           "'simulated': early exit's time predicted from the full network's own block and classifier times in the "
@@ -280,17 +281,6 @@ def interleaved(model: msdnet.MSDNet, early: earlyexit.EarlyExit, images: torch.
     return Timed(full, early_t, streamed, modelled, simulated, blocks, torch.cat(out_full), torch.cat(out_early),
                  streamed_predicted)
 
-
-def macs_per_block(model: msdnet.MSDNet) -> list[float]:
-    """Multiply-accumulates of each block alone for one image (torch.utils.flop_counter)."""
-    out = []
-    with torch.no_grad(), msdnet.eval_mode(model):
-        maps = model.standardize(torch.zeros(1, 3, 32, 32))
-        for k in range(1, model.n_exits + 1):
-            with FlopCounterMode(display=False) as counter:
-                maps = model.advance(k, maps)
-            out.append(counter.get_total_flops() / 2)
-    return out
 
 if __name__ == "__main__":
     _errors.run(main)
