@@ -242,3 +242,32 @@ def test_a_read_only_folder_with_its_cache_loads_in_silence(tiny_folder, tmp_pat
     read_only(tmp_path / "d" / "cache")
     got, said = warnings_of(lambda: data.load("test", source=tiny_folder, data_dir=tmp_path / "d"))
     assert torch.equal(got.images, want.images) and not said
+
+
+def test_the_code_that_computed_a_result_is_part_of_its_name(inputs, tmp_path):
+    import importlib.util
+
+    def module(name: str, text: str):
+        (tmp_path / f"{name}.py").write_text(text)
+        spec = importlib.util.spec_from_file_location(name, tmp_path / f"{name}.py")
+        m = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(m)
+        return m
+
+    old, new = module("old_walk", "def walk(): return 1\n"), module("new_walk", "def walk(): return 2\n")
+    compute, calls = counting({"logits": torch.rand(5, 3)})
+    for code in ([old], [old], [new], [new]):
+        cache.cached("predictions", *inputs, compute, tmp_path / "c", code=code)
+    assert len(calls) == 2 and len(list((tmp_path / "c").glob("predictions-*.pt"))) == 2
+    assert cache.code_version([old]) != cache.code_version([new]) == cache.code_version([new])
+
+
+def test_a_stored_result_the_caller_does_not_expect_is_replaced_with_one_warning(inputs, tmp_path):
+    compute, calls = counting({"logits": torch.rand(5, 3)})
+    cache.store("predictions", *inputs, {"other": torch.ones(2)}, tmp_path)
+    expect = lambda saved: None if "logits" in saved else f"keys {sorted(saved)}"  # noqa: E731
+    got, said = warnings_of(lambda: cache.cached("predictions", *inputs, compute, tmp_path, expect=expect))
+    assert calls == [1] and got is compute()
+    assert len(said) == 1 and "holds something else (keys ['other'])" in said[0] and "\n" not in said[0]
+    again, said = warnings_of(lambda: cache.cached("predictions", *inputs, compute, tmp_path, expect=expect))
+    assert calls == [1, 1] and torch.equal(again["logits"], got["logits"]) and said == []  # replaced, then read

@@ -506,3 +506,81 @@ def test_empty_inputs_and_bad_ratios_get_one_clear_message(tiny_folder):
     for q in (0, -0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="q must be a positive number"):
             policies.budget_thresholds(val, q)
+
+
+# ----------------------------------------------------------------------------- issue 44: inputs checked, one line each
+
+
+def test_a_split_of_float_images_in_0_1_is_read_as_such_not_divided_again(tiny_folder):
+    model = msdnet.build("tiny").eval()
+    split = data.load("test", source=tiny_folder)
+    floats = data.Split(split.images.float() / 255, split.labels)
+    want = evaluate.predict(model, split, cache=False)
+    got = evaluate.predict(model, floats, cache=False)
+    assert torch.allclose(got.logits, want.logits, atol=1e-5)
+    assert evaluate.exit_accuracies(model, floats) == pytest.approx(evaluate.exit_accuracies(model, split))
+    assert floats.images.dtype == torch.float32 and floats.images.max() <= 1  # the caller's split as given
+
+
+def test_a_split_of_float_images_in_0_255_or_with_other_lengths_is_refused_in_one_line(tiny_folder):
+    model = msdnet.build("tiny").eval()
+    split = data.Split(torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), torch.arange(6))
+    cases = [(data.Split(split.images.float(), split.labels), r"float between 0 and 2\d\d; .* images / 255"),
+             (data.Split(split.images, split.labels[:5]), r"one integer label per image, \[6\], got torch.int64 \[5\]"),
+             (data.Split(split.images, split.labels.float()), "one integer label per image"),
+             (data.Split(split.images[:, :1], split.labels), r"must be \[N, 3, H, W\], got \[6, 1, 32, 32\]")]
+    for bad, message in cases:
+        for run in (lambda: evaluate.predict(model, bad, cache=False), lambda: evaluate.exit_accuracies(model, bad)):
+            with pytest.raises(ValueError, match=message) as e:
+                run()
+            assert "\n" not in str(e.value)
+    for size in (0, -1, 2.0, True):
+        with pytest.raises((ValueError, TypeError), match=f"batch_size must be a whole number >= 1, got {size!r}"):
+            evaluate.predict(model, split, batch_size=size, cache=False)
+
+
+def test_metrics_refuse_what_is_not_predictions_or_booleans_in_one_line():
+    p = hand_made()
+    with pytest.raises(ValueError, match=r"labels must be integer \[N\] with N = 4"):
+        evaluate.difficulty(evaluate.Predictions(p.logits, p.labels[:3]))
+    with pytest.raises(TypeError, match="must be evaluate.Predictions"):
+        evaluate.class_exit_accuracy((p.logits, p.labels))
+    with pytest.raises(ValueError, match=r"correct must be bool \[N, ...\] \(e.g. preds.correct\), got torch.int64"):
+        evaluate.accuracy_with_ci(p.correct.long())
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        evaluate.score([[1.0, 2.0]])
+
+
+def test_a_stored_file_with_other_keys_or_another_shape_is_recomputed_with_one_warning(tiny_folder, tmp_path):
+    import warnings
+
+    model = msdnet.build("tiny").eval()
+    split = data.load("test", source=tiny_folder)
+    want = evaluate.predict(model, split, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("predictions-*.pt")
+    for other in ({"maps": torch.zeros(3)}, {"logits": torch.zeros(len(split), 3, 10), "labels": split.labels},
+                  {"logits": want.logits, "labels": split.labels.flip(0)}):
+        torch.save(other, path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert evaluate.cached_predictions(model, split, tmp_path) is None  # never returned as predictions
+            torch.save(other, path)
+            got = evaluate.predict(model, split, cache_dir=tmp_path)
+        assert torch.equal(got.logits, want.logits) and torch.equal(got.labels, split.labels)
+        said = [str(w.message) for w in caught]
+        assert len(said) == 2 and all(s.startswith(f"the cache file {path} holds something else") for s in said)
+        assert all("\n" not in s for s in said)
+
+
+def test_predictions_are_computed_anew_when_the_forward_code_changes(tiny_folder, tmp_path, monkeypatch):
+    from helpers import cache
+
+    model = msdnet.build("tiny").eval()
+    split = data.load("test", source=tiny_folder)
+    evaluate.predict(model, split, cache_dir=tmp_path)
+    real = cache._source_hash
+    monkeypatch.setattr(cache, "_source_hash", lambda m: real(m) + ("walk edited" if m is msdnet else ""))
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    evaluate.predict(model, split, cache_dir=tmp_path)
+    assert calls and len(list(tmp_path.glob("predictions-*.pt"))) == 2
