@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-from . import msdnet
+from . import checks, msdnet
+from .errors import InputError, InputTypeError, StateError
 from .evaluate import score as score_of
 from .policies import ExitTime, check_thresholds
 
@@ -96,9 +98,29 @@ class _Queue:
         self.size, self.count = size, 0
         self.numbers: Tensor | None = None
         self.maps: list[Tensor] = []
+        self.spare: tuple[Tensor | None, list[Tensor]] | None = None  # a second set of buffers, see keep()
+        self.kept: tuple[int, Tensor | None, list[Tensor]] | None = None
+
+    def keep(self) -> None:
+        """Remember what waits now, so that restore() can bring it back: until forget(), the buffers holding
+        it are not written again (a queue that runs and refills fills its spare buffers)."""
+        self.kept = (self.count, self.numbers, self.maps)
+
+    def restore(self) -> None:
+        """Back to what waited at keep(); the buffers written since become the spare ones."""
+        count, numbers, maps = self.kept
+        if self.numbers is not numbers:
+            self.spare = (self.numbers, self.maps)
+        self.count, self.numbers, self.maps, self.kept = count, numbers, maps, None
+
+    def forget(self) -> None:
+        self.kept = None
 
     def put(self, numbers: Tensor, maps: list[Tensor], rows: Tensor) -> None:
         """Queue the images `rows` [k] (indices into the batch; k <= size - count) of numbers [B] and maps [B, ...]."""
+        if self.count == 0 and self.kept is not None and self.kept[0] and self.numbers is self.kept[1]:
+            # These buffers hold the images a call may have to give back: write the spare ones instead.
+            self.numbers, self.maps, self.spare = *(self.spare or (None, [])), (self.numbers, self.maps)
         if self.count == 0 and not self._fits(maps):  # the first images (or a new device, dtype...) set the buffers
             self.numbers = _empty_rows(numbers, self.size)
             self.maps = [_empty_rows(t, self.size) for t in maps]
@@ -127,12 +149,14 @@ class EarlyExitStream:
         early: the EarlyExit whose model, thresholds and score are used.
         batch_size: how many images every block runs on at once, >= 1; only `finish` runs fewer (the last
             ones). One shape per block keeps each block as fast per image as in the full network; the
-            stream holds one batch of each block's input in buffers it reuses.
+            stream holds one batch of each block's input in buffers it reuses, and a second set so that a
+            call that fails (a block out of memory) can leave the stream as it was.
     """
 
     def __init__(self, early: EarlyExit, batch_size: int = 100) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not isinstance(early, EarlyExit):
+            raise InputTypeError(f"early must be an earlyexit.EarlyExit(model, thresholds), got {type(early).__name__}")
+        batch_size = checks.whole(batch_size, "batch_size")
         self.early, self.batch_size = early, batch_size
         self._queues = [_Queue(batch_size) for _ in range(early.model.n_exits)]  # one per block
         self._reset()
@@ -144,12 +168,30 @@ class EarlyExitStream:
         self._fed = 0
         self._device = next(self.early.model.parameters()).device  # until images arrive
 
+    @contextmanager
+    def _all_or_nothing(self):
+        """A call that fails (a block out of memory, refused images) leaves the stream as it was before it."""
+        fed, device, done = self._fed, self._device, len(self._done)
+        for queue in self._queues:
+            queue.keep()
+        try:
+            yield
+        except BaseException:
+            self._fed, self._device = fed, device
+            del self._done[done:]
+            for queue in self._queues:
+                queue.restore()
+            raise
+        for queue in self._queues:
+            queue.forget()
+
     @torch.no_grad()
     def feed(self, images: Tensor) -> None:
-        """Queue float images [B, 3, H, W] in [0, 1]; every block whose queue holds a full batch runs."""
+        """Queue float images [B, 3, H, W] in [0, 1]; every block whose queue holds a full batch runs.
+        When it raises, the stream is left as it was before the call."""
         m = self.early.model
-        with msdnet.eval_mode(m):
-            x = m.standardize(images)  # checks the images first: refused ones leave the stream as it was
+        with msdnet.eval_mode(m), self._all_or_nothing():
+            x = m.standardize(images)  # checks the images first
             numbers = torch.arange(self._fed, self._fed + len(images), device=images.device)
             self._fed += len(images)
             self._device = images.device
@@ -158,8 +200,9 @@ class EarlyExitStream:
     @torch.no_grad()
     def finish(self) -> tuple[Tensor, Tensor]:
         """Run what still waits; returns (predicted class [N], exit number 1..n_exits [N]) in feeding order
-        for all N images fed since the last finish, and empties the stream."""
-        with msdnet.eval_mode(self.early.model):
+        for all N images fed since the last finish, and empties the stream. When it raises, the stream is
+        left as it was before the call (finish can be called again)."""
+        with msdnet.eval_mode(self.early.model), self._all_or_nothing():
             for k, queue in enumerate(self._queues, start=1):  # in block order: stragglers join the next queue
                 if queue.count:
                     self._run(k)
@@ -168,6 +211,8 @@ class EarlyExitStream:
         if not done:
             return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.long, device=device)
         numbers = torch.cat([i for i, _, _ in done])
+        if len(numbers) != n:  # every fed image answered exactly once, or the answers below would hold garbage
+            raise RuntimeError(f"the stream answered {len(numbers)} of {n} fed images; this is a bug, please report it")
         predicted = torch.empty(n, dtype=torch.long, device=numbers.device)
         exit_of = torch.empty(n, dtype=torch.long, device=numbers.device)
         predicted[numbers] = torch.cat([c for _, c, _ in done])
@@ -181,10 +226,14 @@ class EarlyExitStream:
             RuntimeError: images were fed and not yet finished (their answers would be lost).
         """
         if self._fed:
-            raise RuntimeError(f"{self._fed} fed images wait for finish(): call it before using the stream as a whole")
-        for start in range(0, len(images), self.batch_size):
-            self.feed(images[start : start + self.batch_size])
-        return self.finish()
+            raise StateError(f"{self._fed} fed images wait for finish(): call it before using the stream as a whole")
+        try:
+            for start in range(0, len(images), self.batch_size):
+                self.feed(images[start : start + self.batch_size])
+            return self.finish()
+        except BaseException:
+            self._reset()  # empty, as this call found it
+            raise
 
     def _push(self, block: int, numbers: Tensor, maps: list[Tensor], rows: Tensor) -> None:
         """Queue the images `rows` of a batch (numbers [B], maps [B, ...]) for `block`, which runs each time
@@ -227,6 +276,14 @@ class LastExitOnly(nn.Module):
             return exit.logits
 
 
+def _wait_for(device: torch.device) -> None:
+    """Block until `device` has finished the work queued on it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 @torch.no_grad()
 def timed_costs(model: msdnet.MSDNet, images: Tensor, repeats: int = 3) -> list[ExitTime]:
     """Each exit's cost in wall-clock seconds per image, every block and classifier timed alone.
@@ -237,17 +294,20 @@ def timed_costs(model: msdnet.MSDNet, images: Tensor, repeats: int = 3) -> list[
     Returns:
         one policies.ExitTime per exit, cumulative like msdnet.exit_costs.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    repeats = checks.whole(repeats, "repeats")
+    model.check_input(images)
     if len(images) == 0:
-        raise ValueError("timed_costs needs at least one image to time")
+        raise InputError("timed_costs needs at least one image to time")
+    device = images.device
 
     def seconds(fn) -> float:
         fn()  # warm-up: the first call of a shape pays for allocation and kernel choice
         best = math.inf
         for _ in range(repeats):
+            _wait_for(device)  # a GPU runs asynchronously: the clock starts and stops on finished work
             start = time.perf_counter()
             fn()
+            _wait_for(device)
             best = min(best, time.perf_counter() - start)
         return best / len(images)
 

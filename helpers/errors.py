@@ -10,7 +10,7 @@ changes: Python prints the usual traceback.
 """
 from __future__ import annotations
 
-__all__ = ["OneLineError", "InputError", "InputTypeError"]
+__all__ = ["OneLineError", "InputError", "InputTypeError", "StateError"]
 
 
 class OneLineError(Exception):
@@ -31,3 +31,7 @@ class InputError(OneLineError, ValueError):
 
 class InputTypeError(OneLineError, TypeError):
     """An argument of the wrong kind (a list or a NumPy array where a tensor is wanted); a TypeError."""
+
+
+class StateError(OneLineError, RuntimeError):
+    """A call that the object's state does not allow now (say, images fed and not yet finished); a RuntimeError."""

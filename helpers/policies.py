@@ -18,8 +18,9 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from . import msdnet
-from .evaluate import SCORES, Predictions
+from . import checks, msdnet
+from .errors import InputError, InputTypeError
+from .evaluate import SCORES, Predictions, check_predictions
 
 __all__ = [
     "ExitTime",
@@ -75,17 +76,17 @@ def check_thresholds(thresholds, n_exits: int, score: str = "confidence") -> Ten
         score: the score they apply to (evaluate.SCORES): confidence and margin lie in [0, 1], entropy <= 0.
     """
     if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        raise InputError(f"score must be one of {SCORES}, got {score!r}")
     t = torch.as_tensor(thresholds, dtype=torch.float64).flatten().cpu()
     if t.numel() != n_exits:
-        raise ValueError(f"need one threshold per exit, {n_exits} in all, got {t.numel()}")
+        raise InputError(f"need one threshold per exit, {n_exits} in all, got {t.numel()}")
     if t.isnan().any():
-        raise ValueError("thresholds must not be NaN; use +inf to switch an exit off")
+        raise InputError("thresholds must not be NaN; use +inf to switch an exit off")
     finite = t[:-1][t[:-1].isfinite()]
     high = 0.0 if score == "entropy" else 1.0
     if (finite > high).any():
         hint = "0.9 for 90%" if score != "entropy" else "minus an entropy"
-        raise ValueError(f"{score} thresholds lie at or below {high:g} ({hint}), got {finite.max().item():g}: "
+        raise InputError(f"{score} thresholds lie at or below {high:g} ({hint}), got {finite.max().item():g}: "
                          "no image would ever leave early")
     return t
 
@@ -98,11 +99,12 @@ def exit_shares(q: float, n_exits: int) -> Tensor:
     Returns:
         float64 [n_exits], summing to 1.
     """
-    if isinstance(q, bool) or not (math.isfinite(q) and q > 0):
-        raise ValueError(f"q must be a positive number (the paper sweeps 0.05 .. 1.95), got {q!r}")
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not (math.isfinite(q) and q > 0):
+        raise InputError(f"q must be a positive number (the paper sweeps 0.05 .. 1.95), got {q!r}")
+    n_exits = checks.whole(n_exits, "n_exits")
     k = torch.arange(1, n_exits + 1, dtype=torch.float64)
-    shares = q**k
-    return shares / shares.sum()
+    # q**k / sum(q**k) in logarithms: q = 1e300 (or 1e-300) would overflow (underflow) to inf / inf = NaN.
+    return (k * math.log(q)).softmax(0)
 
 
 def budget_thresholds(val: Predictions, q: float) -> Tensor:
@@ -111,10 +113,8 @@ def budget_thresholds(val: Predictions, q: float) -> Tensor:
     Returns:
         float64 [exits]; the last is -inf (every image that gets there leaves).
     """
-    conf = val.confidence.double()
+    conf = check_predictions(val, "val").confidence.double()
     n, n_exits = conf.shape
-    if n == 0:
-        raise ValueError("the validation predictions hold no images")
     target = exit_shares(q, n_exits)
     thresholds = torch.full((n_exits,), -math.inf, dtype=torch.float64)
     remaining = torch.ones(n, dtype=torch.bool)
@@ -137,6 +137,11 @@ def exit_points(scores: Tensor, thresholds: Tensor) -> Tensor:
     Returns:
         int64 [N] of exit numbers 1..exits.
     """
+    checks.tensor(scores, "scores", "[N, exits]")
+    checks.tensor(thresholds, "thresholds", "[exits]")
+    if scores.dim() != 2 or thresholds.shape != scores.shape[1:]:
+        raise InputError(f"scores must be [N, exits] and thresholds [exits], got {list(scores.shape)} and "
+                         f"{list(thresholds.shape)}")
     leaves = scores >= thresholds.to(scores.device)
     leaves[:, -1] = True
     return leaves.int().argmax(1) + 1  # argmax finds the first maximum
@@ -159,7 +164,7 @@ def _cost_columns(costs: Costs) -> tuple[Tensor, Tensor]:
         total, own = [c.macs for c in costs], [c.classifier_macs for c in costs]
     else:
         kinds = sorted({type(c).__name__ for c in costs})
-        raise TypeError(f"costs must be all msdnet.ExitCost or all policies.ExitTime, got {', '.join(kinds)}")
+        raise InputTypeError(f"costs must be all msdnet.ExitCost or all policies.ExitTime, got {', '.join(kinds)}")
     return torch.tensor(total, dtype=torch.float64), torch.tensor(own, dtype=torch.float64)
 
 
@@ -168,10 +173,11 @@ class _Table:
     each exit's cost. The searches try thousands of thresholds; a softmax each would dominate."""
 
     def __init__(self, preds: Predictions, costs: Costs, score: str) -> None:
-        if len(preds) == 0:
-            raise ValueError("the predictions hold no images")
+        check_predictions(preds)
+        if isinstance(costs, (str, bytes)) or not hasattr(costs, "__len__"):
+            raise InputTypeError(f"costs must be a list of msdnet.ExitCost or policies.ExitTime, got {costs!r}")
         if len(costs) != preds.n_exits:
-            raise ValueError(f"need one cost per exit, {preds.n_exits} in all, got {len(costs)}")
+            raise InputError(f"need one cost per exit, {preds.n_exits} in all, got {len(costs)}")
         self.scores, self.correct = preds.score(score).double(), preds.correct
         total, self.classifier_cost = _cost_columns(costs)
         self.block_cost = total - self.classifier_cost.cumsum(0)  # reaching block k, no classifier run
@@ -206,7 +212,7 @@ def budget_curve(val: Predictions, test: Predictions, costs: Costs,
     Returns:
         [(q, Budgeted)] in the order of qs.
     """
-    qs = torch.arange(1, 40) / 20 if qs is None else qs
+    qs = torch.arange(1, 40) / 20 if qs is None else torch.as_tensor(qs, dtype=torch.float64).reshape(-1)
     return [(q, budgeted(test, budget_thresholds(val, q), costs)) for q in qs.tolist()]
 
 
@@ -220,15 +226,15 @@ def cheapest_matching(val: Predictions, costs: Costs, target: float,
     _check_target(target)
     curve = [(q, r) for q, r in budget_curve(val, val, costs, qs) if r.accuracy >= target]
     if not curve:
-        raise ValueError(f"no q reaches accuracy {target:.4f} on the validation predictions")
+        raise InputError(f"no q reaches accuracy {target:.4f} on the validation predictions")
     q, _ = min(curve, key=lambda item: item[1].average_cost)
     return q, budget_thresholds(val, q)
 
 
 def _check_target(target: float) -> None:
     # A share, not a percentage: 89.8 could never be reached, and every exit would silently switch off.
-    if not 0 < target <= 1:  # NaN fails too
-        raise ValueError(f"target is an accuracy between 0 and 1 (0.898 for 89.8%), got {target!r}")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:  # NaN fails too
+        raise InputError(f"target is an accuracy between 0 and 1 (0.898 for 89.8%), got {target!r}")
 
 
 def _candidates(scores: Tensor, n: int = 200) -> Tensor:
@@ -251,7 +257,12 @@ def one_threshold(val: Predictions, costs: Costs, target: float,
         float64 thresholds [exits].
     """
     _check_target(target)
+    safety = _check_safety(safety)
     return _one_threshold(_Table(val, costs, score), target, safety)
+
+
+def _check_safety(safety) -> float:
+    return checks.number(safety, "safety", 0, math.inf, "a number of standard errors >= 0 (e.g. 1.5)")
 
 
 def _one_threshold(table: _Table, target: float, safety: float) -> Tensor:
@@ -282,6 +293,7 @@ def per_exit_thresholds(val: Predictions, costs: Costs, target: float,
         float64 thresholds [exits] (+inf: exit off; the last is -inf).
     """
     _check_target(target)
+    safety, rounds = _check_safety(safety), checks.whole(rounds, "rounds")
     table = _Table(val, costs, score)
     starts = (_one_threshold(table, target, safety), _all_off(val.n_exits))
     found = [_descend(table, start, target, rounds, safety) for start in starts]
@@ -319,6 +331,14 @@ def cross_validated_safety(val: Predictions, costs: Costs, score: str = "confide
     Returns:
         the chosen safety; the largest tried when none passes.
     """
+    check_predictions(val, "val")
+    tolerance = checks.number(tolerance, "tolerance", 0, 1, "an accuracy between 0 and 1 (0.001 for 0.1 points)")
+    rounds, seed = checks.whole(rounds, "rounds"), checks.whole(seed, "seed", low=0)
+    if len(val) < 4:
+        raise InputError(f"val needs at least 4 images to be halved and tuned on, got {len(val)}")
+    safeties = [_check_safety(s) for s in safeties]
+    if not safeties:
+        raise InputError("safeties must hold at least one margin to try, e.g. (0, 1, 2)")
     g = torch.Generator().manual_seed(seed)
     trials = []
     for _ in range(rounds):

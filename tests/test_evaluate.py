@@ -148,7 +148,7 @@ def test_streamed_early_exit_gives_the_same_answers_with_full_batches(tiny_folde
         assert sum(sizes[k]) == int((want_exit >= k + 1).sum())
         # Each block runs on exactly batch_size images but for the last time, on the stragglers.
         assert all(b == batch_size for b in sizes[k][:-1]) and 0 < sizes[k][-1] <= batch_size
-    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1, got 0"):
         earlyexit.EarlyExitStream(early, 0)
 
 
@@ -584,3 +584,69 @@ def test_predictions_are_computed_anew_when_the_forward_code_changes(tiny_folder
     model.register_forward_pre_hook(lambda m, args: calls.append(1))
     evaluate.predict(model, split, cache_dir=tmp_path)
     assert calls and len(list(tmp_path.glob("predictions-*.pt"))) == 2
+
+
+def stream_case(n: int = 60):
+    torch.manual_seed(0)
+    model = msdnet.build("tiny").eval()
+    images = torch.rand(n, 3, 32, 32)
+    with torch.no_grad():
+        confidence = torch.stack([logits.softmax(-1).amax(-1) for logits in model(images)], 1)
+    early = earlyexit.EarlyExit(model, confidence.quantile(0.75, dim=0))  # about a quarter leave at each exit
+    return model, images, early
+
+
+def test_a_stream_whose_block_raises_is_left_as_it_was():
+    model, images, early = stream_case()
+    want_class, want_exit = early(images)
+    failing = []
+
+    def out_of_memory(module, args):
+        if failing:
+            raise RuntimeError("out of memory, say")
+
+    model.blocks[2].register_forward_pre_hook(out_of_memory)
+    stream = earlyexit.EarlyExitStream(early, batch_size=8)
+    stream.feed(images[:20])
+    failing.append(1)
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        stream.feed(images[20:45])  # blocks 1 and 2 run and refill their queues before block 3 fails
+    failing.clear()
+    stream.feed(images[20:])  # the same images again, as a caller retries
+    failing.append(1)
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        stream.finish()
+    failing.clear()
+    got_class, got_exit = stream.finish()
+    assert got_exit.tolist() == want_exit.tolist() and got_class.tolist() == want_class.tolist()
+    failing.append(1)
+    with pytest.raises(RuntimeError, match="out of memory, say"):
+        stream(images)
+    failing.clear()
+    got_class, got_exit = stream(images)  # a failed call as a whole left the stream empty
+    assert got_exit.tolist() == want_exit.tolist() and got_class.tolist() == want_class.tolist()
+
+
+def test_timed_costs_read_the_clock_only_after_the_device_has_finished(monkeypatch):
+    model = msdnet.build("tiny").eval()
+    events, clock = [], iter(range(10**6))
+    monkeypatch.setattr(earlyexit, "_wait_for", lambda device: events.append(("wait", device.type)))
+    monkeypatch.setattr(earlyexit.time, "perf_counter", lambda: events.append(("clock",)) or float(next(clock)))
+    costs = earlyexit.timed_costs(model, torch.rand(2, 3, 32, 32), repeats=2)
+    reads = [i for i, e in enumerate(events) if e == ("clock",)]
+    assert len(reads) == 2 * 2 * 2 * model.n_exits  # start and stop, per repeat, per block and classifier
+    assert all(events[i - 1] == ("wait", "cpu") for i in reads)  # on a GPU: torch.cuda.synchronize
+    assert [c.exit for c in costs] == [1, 2, 3, 4] and costs[-1].seconds == pytest.approx(8 / 2)  # 1 s per part
+
+
+def test_q_far_from_1_sends_everyone_to_one_end_instead_of_nan():
+    assert policies.exit_shares(1e300, 4).tolist() == pytest.approx([0, 0, 1e-300, 1], abs=1e-310)  # q**k / sum q**k
+    assert policies.exit_shares(1e-300, 4).tolist() == pytest.approx([1, 1e-300, 0, 0], abs=1e-310)
+    assert policies.exit_shares(2.0, 3).tolist() == pytest.approx([2 / 14, 4 / 14, 8 / 14])
+    val = evaluate.Predictions(torch.randn(20, 4, 10), torch.randint(0, 10, (20,)))
+    assert policies.budget_thresholds(val, 1e300).tolist() == [math.inf] * 3 + [-math.inf]
+    for bad, message in ((lambda: policies.one_threshold(val, msdnet.exit_costs(msdnet.build("tiny")), 0.5, safety=-1),
+                          "safety must be a number of standard errors >= 0"),
+                         (lambda: policies.per_exit_thresholds(val, [], 0.5), "need one cost per exit, 4 in all, got 0")):
+        with pytest.raises(ValueError, match=message):
+            bad()
