@@ -21,7 +21,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import msdnet
+from . import checks, msdnet
+from .errors import InputError, InputTypeError
 
 __all__ = ["Curves", "deletion_insertion", "noisy_linear_impute", "Road", "road"]
 
@@ -43,23 +44,24 @@ def _checked(model: msdnet.MSDNet, images: Tensor, saliency: Tensor, targets) ->
     """Check the arguments both measures share; returns the targets as int64 [N]."""
     if not (isinstance(images, Tensor) and images.is_floating_point() and images.dim() == 4):
         got = f"dtype {images.dtype}, shape {list(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images must be float [N, 3, H, W] in [0, 1] (uint8: x.float() / 255), got {got}")
+        raise InputError(f"images must be float [N, 3, H, W] in [0, 1] (uint8: x.float() / 255), got {got}")
     n, _, h, w = images.shape
     if n == 0:
-        raise ValueError("images holds no images; pass at least one, [N, 3, H, W] with N >= 1")
+        raise InputError("images holds no images; pass at least one, [N, 3, H, W] with N >= 1")
+    checks.tensor(saliency, "saliency", f"[N, H, W] = {[n, h, w]}")
     if saliency.shape != (n, h, w):
-        raise ValueError(f"saliency must be [N, H, W] = {[n, h, w]}, got {list(saliency.shape)}")
+        raise InputError(f"saliency must be [N, H, W] = {[n, h, w]}, got {list(saliency.shape)}")
     t = torch.as_tensor(targets)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"targets must be class indices (integers), got dtype {t.dtype}")
+        raise InputError(f"targets must be class indices (integers), got dtype {t.dtype}")
     t = t.long().to(images.device).reshape(-1)
     if t.numel() == 1:
         t = t.expand(n)
     if t.shape != (n,):
-        raise ValueError(f"targets must hold one class per image ({n}), or one class for all, got {t.numel()}")
+        raise InputError(f"targets must hold one class per image ({n}), or one class for all, got {t.numel()}")
     classes = model.config.num_classes
     if ((t < 0) | (t >= classes)).any():
-        raise ValueError(f"targets must be classes between 0 and {classes - 1}")
+        raise InputError(f"targets must be classes between 0 and {classes - 1}")
     return t
 
 
@@ -79,6 +81,7 @@ def deletion_insertion(model: msdnet.MSDNet, images: Tensor, saliency: Tensor, e
     """
     exit = msdnet.exit_number(exit, model.n_exits)
     targets = _checked(model, images, saliency, targets)
+    steps = checks.whole(steps, "steps")
     n, _, h, w = images.shape
     mean = model.mean.to(images.dtype).expand(n, 3, h, w)
     order = saliency.reshape(n, -1).argsort(dim=1, descending=True, stable=True)
@@ -110,16 +113,22 @@ def noisy_linear_impute(image: Tensor, removed: Tensor, noise: float = 0.01,
     the weighted mean of its neighbours (removed neighbours included, so all are solved together as one
     linear system: known pixels are its boundary), plus Gaussian noise of std `noise`. Needs at least
     one pixel kept."""
+    checks.tensor(image, "image", "float [C, H, W] in [0, 1]")
+    checks.tensor(removed, "removed", "bool [H, W]")
+    if image.dim() != 3 or not image.is_floating_point() or removed.dtype != torch.bool:
+        raise InputError(f"image must be float [C, H, W] and removed bool [H, W], got {image.dtype} {list(image.shape)} "
+                         f"and {removed.dtype} {list(removed.shape)}")
+    noise = checks.number(noise, "noise", 0, 1, "a standard deviation between 0 and 1 (0.01: 1% of the range)")
     c, h, w = image.shape
     if removed.shape != (h, w):
-        raise ValueError(f"removed must be [H, W] = {[h, w]}, got {list(removed.shape)}")
+        raise InputError(f"removed must be [H, W] = {[h, w]}, got {list(removed.shape)}")
     flat_removed = removed.reshape(-1)
     idx = flat_removed.nonzero()[:, 0]
     n = len(idx)
     if n == 0:
         return image.clone()
     if n == h * w:
-        raise ValueError("every pixel is removed: nothing is left to impute from")
+        raise InputError("every pixel is removed: nothing is left to impute from")
     flat = image.reshape(c, -1).double()
     pos = torch.full((h * w,), -1, dtype=torch.long)
     pos[idx] = torch.arange(n)
@@ -157,6 +166,20 @@ class Road(NamedTuple):
         return (self.lerf - self.morf).mean(1)
 
 
+def _check_percentiles(percentiles) -> list[float]:
+    """The percentiles as floats in (0, 100), or one clear error: fractions (0.5 for half) are refused."""
+    try:
+        values = [float(p) for p in torch.as_tensor(percentiles, dtype=torch.float64).reshape(-1).tolist()]
+    except (TypeError, ValueError, RuntimeError):
+        raise InputTypeError(f"percentiles must be numbers in percent, e.g. (10, 30, 50, 70, 90), got {percentiles!r}") from None
+    if not values or not all(0 < p < 100 for p in values):  # NaN fails too; 100 would remove every pixel
+        raise InputError(f"percentiles must be percents strictly between 0 and 100, e.g. (10, 30, 50, 70, 90), got {values}")
+    if all(p <= 1 for p in values) and any(p < 1 for p in values):
+        raise InputError(f"percentiles are percents, not fractions: {values} would remove at most 1% of the pixels; "
+                         f"pass {[round(100 * p, 6) for p in values]}")
+    return values
+
+
 @torch.no_grad()
 def road(model: msdnet.MSDNet, images: Tensor, saliency: Tensor, exit: int, targets: Tensor,
          percentiles=(10, 30, 50, 70, 90), noise: float = 0.01, seed: int = 0) -> Road:
@@ -172,6 +195,9 @@ def road(model: msdnet.MSDNet, images: Tensor, saliency: Tensor, exit: int, targ
     """
     exit = msdnet.exit_number(exit, model.n_exits)
     targets = _checked(model, images, saliency, targets)
+    percentiles = _check_percentiles(percentiles)
+    noise = checks.number(noise, "noise", 0, 1, "a standard deviation between 0 and 1 (0.01: 1% of the range)")
+    seed = checks.whole(seed, "seed", low=0)
     n, _, h, w = images.shape
     g = torch.Generator().manual_seed(seed)
     order = saliency.reshape(n, -1).argsort(dim=1, descending=True, stable=True)

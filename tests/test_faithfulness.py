@@ -109,3 +109,34 @@ def test_targets_must_be_one_per_image_or_one_for_all():
         one_for_all = measure(model, images, saliency, 2, 3, **kw)
         each = measure(model, images, saliency, 2, torch.full((4,), 3), **kw)
         assert all(torch.equal(a, b) for a, b in zip(one_for_all, each))
+
+
+@pytest.mark.parametrize("percentiles, message", [
+    ((0.5,), r"percents, not fractions: \[0.5\] would remove at most 1% of the pixels; pass \[50.0\]"),
+    ((0.1, 0.5, 0.9), r"pass \[10.0, 50.0, 90.0\]"),
+    ((-10, 50), r"strictly between 0 and 100, .* got \[-10.0, 50.0\]"),
+    ((50, 100), "strictly between 0 and 100"),
+    ((), "strictly between 0 and 100"),
+])
+def test_road_percentiles_as_fractions_or_out_of_range_are_refused_in_one_line(percentiles, message):
+    fake = Recorder(torch.zeros(1, 3, 1, 1))
+    images, saliency = torch.rand(1, 3, 4, 4), torch.rand(1, 4, 4)
+    with pytest.raises(ValueError, match=message) as e:
+        faithfulness.road(fake, images, saliency, exit=1, targets=3, percentiles=percentiles)
+    assert "\n" not in str(e.value) and fake.seen == []  # refused before any work
+    one = faithfulness.road(fake, images, saliency, exit=1, targets=3, percentiles=(1,), noise=0.0)  # 1%: allowed
+    assert one.percentiles.tolist() == [1.0]
+
+
+def test_bad_steps_noise_and_saliency_are_refused_in_one_line():
+    fake = Recorder(torch.zeros(1, 3, 1, 1))
+    images, saliency = torch.rand(1, 3, 4, 4), torch.rand(1, 4, 4)
+    for kw, error, message in [({"steps": -1}, ValueError, "steps must be a whole number >= 1, got -1"),
+                               ({"steps": 0}, ValueError, "steps must be a whole number >= 1, got 0"),
+                               ({"steps": 2.5}, TypeError, "steps must be a whole number >= 1, got 2.5")]:
+        with pytest.raises(error, match=message):
+            faithfulness.deletion_insertion(fake, images, saliency, 1, 3, **kw)
+    with pytest.raises(TypeError, match="saliency must be a torch.Tensor"):
+        faithfulness.deletion_insertion(fake, images, saliency.numpy(), 1, 3)
+    with pytest.raises(ValueError, match=r"noise must be a standard deviation between 0 and 1 \(0.01: 1% of the range\), got -0.1"):
+        faithfulness.road(fake, images, saliency, 1, 3, noise=-0.1)
