@@ -6,6 +6,7 @@ that hold what the README leaves out (how the checkpoint was made, benchmarks, A
 Nothing is executed (the notebooks are committed executed), so it builds in about a minute on any machine.
 """
 import importlib
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -19,16 +20,48 @@ sys.path.insert(0, str(_here.parent))  # autodoc imports `helpers` from this che
 def _copy_sources(app) -> None:
     """Copy the README and the notebooks in when a build starts (Sphinx reads only its own folder).
 
-    Their links (README -> notebooks/..., notebook -> README) must resolve inside docs/; the copies are
-    ignored by git, so the site always shows what is committed. Reading this file writes nothing.
+    The copies are byte for byte the committed files (ignored by git, so the site always shows what is
+    committed), and a notebook downloaded from the site is the one in the repository: its links work beside a
+    clone's notebooks/. Their links are mapped to the site's layout as Sphinx reads them (`site_link`).
+    Reading this file writes nothing.
     """
     (_here / "notebooks").mkdir(exist_ok=True)
     for nb in sorted((_here.parent / "notebooks").glob("*.ipynb")):
-        # On GitHub a notebook links the README and the site's pages as ../README.md and ../docs/<page>.md;
-        # on the site the front page is index.md and the pages sit one folder up from the notebooks.
-        text = nb.read_text().replace("../README.md#", "../index.md#").replace("../docs/", "../")
-        (_here / "notebooks" / nb.name).write_text(text)
+        shutil.copy2(nb, _here / "notebooks" / nb.name)
     shutil.copy2(_here.parent / "README.md", _here / "README.md")
+
+
+def site_link(docname: str, target: str) -> str:
+    """Where a relative link of page `docname`, written for the repository, points on the site.
+
+    In the repository a notebook links the README and the site's pages as ../README.md and ../docs/<page>.md,
+    and a page of docs/ links a notebook as ../notebooks/<name>.ipynb; on the site the front page is index.md,
+    the pages sit one folder up from the notebooks, and the notebooks' copies sit in docs/notebooks/.
+    """
+    if docname.startswith("notebooks/"):
+        if target == "../README.md" or target.startswith("../README.md#"):
+            return "../index.md" + target[len("../README.md"):]
+        if target.startswith("../docs/"):
+            return "../" + target[len("../docs/"):]
+    elif target.startswith("../notebooks/"):
+        return target[len("../"):]
+    return target
+
+
+_LINK = re.compile(r"(\]\()(\.\./[^)\s\"]+)(\))")
+
+
+def _links_for_the_site(app, docname: str, source: list[str]) -> None:
+    source[0] = _LINK.sub(lambda m: m.group(1) + site_link(docname, m.group(2)) + m.group(3), source[0])
+
+
+_DOCSTRING_NOTEBOOK_LINK = re.compile(r"\[([^\]]+)\]\(\.\./notebooks/(\w+)\.ipynb\)")
+
+
+def _docstring_links(app, what, name, obj, options, lines: list[str]) -> None:
+    """A docstring links a notebook as Markdown, [02](../notebooks/02_....ipynb), which reads well in the code;
+    on the API page it becomes a link to the notebook's page (checked by Sphinx: a missing one is a warning)."""
+    lines[:] = [_DOCSTRING_NOTEBOOK_LINK.sub(r":doc:`\1 </notebooks/\2>`", line) for line in lines]
 
 
 # The modules docs/api.md documents. One that fails to import is left out of the page (its autodoc
@@ -66,6 +99,8 @@ def setup(app) -> None:
             handler.filters.insert(0, _DocstringSlipsAreNotFatal())  # before -W's filter and the count
     app.connect("builder-inited", _copy_sources)
     app.connect("builder-inited", _report_unimportable)
+    app.connect("source-read", _links_for_the_site)
+    app.connect("autodoc-process-docstring", _docstring_links)
     app.add_css_file("custom.css")
     app.add_js_file("enlarge.js")
 
