@@ -24,7 +24,7 @@ from torch.optim.swa_utils import update_bn
 
 import _errors  # benchmarks/_errors.py: this script's folder is on sys.path when it runs
 import _report  # benchmarks/_report.py: the page part docs/benchmarks.md includes
-from helpers import checkpoint, data, pretrained
+from helpers import augment, checkpoint, data, pretrained
 from helpers.evaluate import predict
 
 SHIPPED = "data/pretrained/msdnet-cifar10-anytime.pt"
@@ -82,7 +82,7 @@ def main() -> None:
         train = data.load("train", args.source)
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.bn_images]
         # Augmented as in training: the network's scales and shifts were learned on those statistics.
-        x = data.random_crop_flip(train.images[pick], generator=torch.Generator().manual_seed(1)).float().div(255)
+        x = augment.random_crop_flip(train.images[pick], generator=torch.Generator().manual_seed(1)).float().div(255)
         update_bn([(x[i : i + 250],) for i in range(0, len(x), 250)], soup)
         rows.append(report("  statistics recomputed", val_log_probs(soup, val), val.labels))
         rows[-1][0] = f"weight average, statistics recomputed on {args.bn_images:,} training images"

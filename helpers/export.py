@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, msdnet, pretrained
+from . import checkpoint, data, machine, msdnet, pretrained
 from .checkpoint import CheckpointError
 from .evaluate import exit_accuracies
 
@@ -312,7 +312,7 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, command: str,
         the card written.
     """
     run_dir, out = Path(run_dir), Path(os.path.realpath(out_dir))
-    dev = pretrained.check_device(device)
+    dev = machine.device_for(device)
     if not run_dir.is_dir():
         raise CheckpointError(f"no training run at {run_dir}: pass the --out folder of helpers.train")
     records = _read_log(run_dir / "log.jsonl")

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, data, msdnet
+from .machine import device_for
 
 __all__ = ["PRETRAINED_DIR", "DEFAULT_PRESET", "WEIGHTS_NAME", "CARD_FORMAT", "weights_name", "log_name",
-           "card_path", "shipped_presets", "sha256", "read_card", "available_devices", "check_device", "load"]
+           "card_path", "shipped_presets", "sha256", "read_card", "load"]
 
 PRETRAINED_DIR = data.PROJECT_ROOT / "data" / "pretrained"
 DEFAULT_PRESET = "cifar10-anytime"
@@ -99,50 +100,13 @@ def read_card(card: str | os.PathLike) -> dict:
     return record
 
 
-def available_devices() -> list[str]:
-    """The devices this machine has, as torch names them: "cpu", then "cuda:0", ..., then "mps"."""
-    names = ["cpu"]
-    if torch.cuda.is_available():
-        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        names.append("mps")
-    return names
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """The torch.device named by `device`, if this machine has it.
-
-    Raises:
-        ValueError: an unknown name or a device this machine lacks; the message lists the ones it has.
-    """
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}: use one of {', '.join(available_devices())}") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        ok = count > 0 and (dev.index is None or dev.index < count)
-        why = f"it has {count} CUDA GPU{'s' if count != 1 else ''}"
-    elif dev.type == "mps":
-        ok, why = torch.backends.mps.is_available(), "it has no Apple GPU (MPS)"
-    else:
-        backend = getattr(torch, dev.type, None)
-        ok = bool(backend is not None and getattr(backend, "is_available", lambda: False)())
-        why = f"torch finds no {dev.type} device"
-    if not ok:
-        raise ValueError(f"device {str(device)!r} is not on this machine ({why}): use one of {', '.join(available_devices())}")
-    return dev
-
-
 def load(path: str | os.PathLike | None = None, device: str | torch.device = "cpu", verify: bool = True,
          preset: str | None = None) -> msdnet.MSDNet:
     """A shipped MSD-Net, or the weights at `path`, in float32 and eval mode.
 
     Args:
         path: weights of your own (checkpoint.save, a run's best.pt); default: the shipped card of `preset`.
-        device: where the model goes: "cpu", "cuda", "cuda:1", "mps".
+        device: where the model goes: "cpu", "cuda", "cuda:1", "mps", or "auto" (CUDA when there is one).
         verify: check the SHA-256 the card beside the weights records; False loads weights without a card.
         preset: whose shipped card to load (default: cifar10-anytime, the paper's model).
     Returns:
@@ -150,7 +114,7 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
     """
     if path and preset:
         raise ValueError("pass either path (weights of your own) or preset (a shipped card), not both")
-    dev = check_device(device)
+    dev = device_for(device)
     preset = preset or DEFAULT_PRESET
     weights = Path(path) if path else PRETRAINED_DIR / weights_name(preset)
     card = card_path(weights)

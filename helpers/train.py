@@ -1,125 +1,41 @@
-"""Train MSD-Net on CIFAR-10: `python -m helpers.train --help`.
+"""Training MSD-Net on CIFAR-10: the multi-exit loss, one optimizer step, and the loop that notebook
+[02](../notebooks/02_training_msdnet_on_cifar10.ipynb) teaches, resumable at any step.
 
-The loop of notebook 02 (a batch, its crops and flips, the sum of the exits' cross-entropies, an SGD
-step) with what a long run needs around it. After every epoch the accuracy of every exit on the
-evaluation split is appended to <out>/log.jsonl and <out>/last.pt is written atomically; Ctrl-C,
-SIGTERM or --time-limit save the exact position, and --resume continues from it to the same weights
-as a run never stopped. Several GPUs: `torchrun --nproc_per_node N -m helpers.train ...`.
+    from helpers import train
+    from helpers.recipe import RECIPES
+    train.train(RECIPES["overnight"], "runs/overnight")    # `msdnet train --recipe overnight` from Python
+
+Run the same call again after a stop and it goes on where it stopped.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import platform
+import os
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import checkpoint, data, distill as distillation, msdnet
+from . import augment, checkpoint, data, evaluate, machine
 from .averaging import WeightAverage
-from .run import Run
-from .safeguards import Diverged, OutFolderBusy, StopRequest, TimeUp, device_for, exclusive
-from .schedule import SCHEDULES, learning_rate
+from .cache import fingerprint
+from .distill import soft_losses
+from .interrupts import StopRequest
+from .recipe import Recipe
+from .runfolder import RunFolder
+from .schedule import learning_rate
+from .state import TrainingState
 
-__all__ = ["parse_args", "multi_exit_loss", "train_step", "compiled", "learning_rate", "train", "main"]
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The settings of `python -m helpers.train`, from `argv` (default: sys.argv).
-
-    From Python: ``train(parse_args(["--preset", "tiny", "--epochs", "1", "--out", "runs/try"]))``.
-    """
-    p = argparse.ArgumentParser(prog="python -m helpers.train", description=(
-        "Train MSD-Net on CIFAR-10: every exit's accuracy is logged after every epoch to <out>/log.jsonl, the "
-        "run saved to <out>/last.pt (resumable with --resume) and the best weights on validation to <out>/best.pt."))
-    a = p.add_argument_group("the model and the optimizer").add_argument
-    a("--preset", default="cifar10-anytime", choices=sorted(msdnet.PRESETS))
-    a("--epochs", type=int, default=300, help="the schedule's length (with --fit-to: the most it may get)")
-    a("--batch-size", type=int, default=64, help="global batch, over all processes")
-    a("--accumulate", type=int, default=1, help="split each batch into this many micro-batches")
-    a("--lr", type=float, default=0.1, help="the peak learning rate")
-    a("--momentum", type=float, default=0.9, help="Nesterov momentum")
-    a("--weight-decay", type=float, default=1e-4, help="on the weights, not on batch norm and biases")
-    a("--seed", type=int, default=0, help="seeds the weights, the data order and the augmentation")
-    a("--init-from", default=None, metavar="WEIGHTS", help="start from these weights (fresh optimizer and schedule)")
-    a = p.add_argument_group("the learning rate").add_argument
-    a("--schedule", choices=SCHEDULES, default="paper",
-      help="paper: lr/10 at 50%% and 75%% of the epochs; cosine: linear warm-up, then a cosine to 0; "
-           "constant: linear warm-up, then --lr throughout (for --swa)")
-    a("--warmup-epochs", type=float, default=0.0, help="linear warm-up of the cosine and constant schedules")
-    a("--fit-to", type=float, default=0.0, metavar="SECONDS",
-      help="time the first epoch, then give the cosine schedule the epochs (at most --epochs) that fit in SECONDS "
-           "of training and validation; needs --schedule cosine and --warmup-epochs >= 1")
-    a = p.add_argument_group("the loss").add_argument
-    a("--label-smoothing", type=float, default=0.0)
-    a("--distill", type=float, default=0.0, metavar="GAMMA",
-      help="weight of the last exit's softened predictions in the loss of every earlier exit (0: off)")
-    a("--distill-temperature", type=float, default=3.0, metavar="T", help="softmax temperature of --distill")
-    a = p.add_argument_group("a weight average, evaluated beside the trained weights and kept in best.pt").add_argument
-    a("--ema", type=float, default=0.0, metavar="DECAY", help="exponential moving average of the weights (e.g. 0.999; 0: off)")
-    a("--swa", action="store_true", help="equal-weight average of the weights after every step (stochastic weight "
-                                          "averaging), usually with --schedule constant")
-    a = p.add_argument_group("the data").add_argument
-    a("--source", default=None, help=f"CIFAR-10 source (default: ${data.ENV_SOURCE} or torchvision)")
-    a("--val-size", type=int, default=5000,
-      help="training images held out for validation, the same ones whatever --seed; 0 trains on all 50,000")
-    a("--train-subset", type=int, default=0, help="train on N images spread over the classes (0: all)")
-    a("--eval-split", choices=("val", "test"), default="val", help="measured after every epoch")
-    a("--eval-subset", type=int, default=0, help="evaluate on N images spread over the classes (0: all)")
-    a("--cutout", type=int, default=0, metavar="PIXELS",
-      help="after crop and flip, paint a PIXELSxPIXELS square of the mean colour at a random place (0: off)")
-    a = p.add_argument_group("the run").add_argument
-    a("--out", default="runs/msdnet", help="folder for last.pt, best.pt and log.jsonl")
-    a("--resume", action="store_true", help="continue <out>/last.pt exactly where it stopped")
-    a("--time-limit", type=float, default=0.0, metavar="SECONDS",
-      help="stop as Ctrl-C does (saved, resumable) after this much training in this process")
-    a = p.add_argument_group("the machine").add_argument
-    a("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when there is one, else cpu)")
-    a("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto",
-      help="autocast; auto: bf16 (or fp16) on CUDA, float32 elsewhere")
-    a("--channels-last", action="store_true", help="channels_last memory format")
-    a("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    a("--compile", action="store_true",
-      help="torch.compile the training step (validation runs uncompiled); a run may resume with or without it")
-    args = p.parse_args(argv)
-    _validate(args, p)
-    return args
+__all__ = ["Diverged", "multi_exit_loss", "train_step", "compiled", "TrainingData", "load_training_data", "train"]
 
 
-def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Refuse settings that would fail late or train on quietly, in argparse's one line (exit status 2)."""
-    checks = [
-        (args.epochs >= 1, "--epochs must be at least 1"),
-        (args.batch_size >= 1 and args.accumulate >= 1, "--batch-size and --accumulate must be at least 1"),
-        (math.isfinite(args.lr) and args.lr >= 0, "--lr must be a finite number >= 0"),
-        (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
-        (args.weight_decay >= 0, "--weight-decay must be >= 0"),
-        (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
-        (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-        (0 <= args.distill <= 1, "--distill (gamma) must be in [0, 1]"),
-        (args.distill_temperature > 0, "--distill-temperature must be > 0"),
-        (0 <= args.ema < 1, "--ema (the decay) must be in [0, 1): 0 turns it off, 0.999 is typical"),
-        (not (args.swa and args.ema), "--swa and --ema are two kinds of average: choose one"),
-        (args.val_size >= 0 and args.train_subset >= 0 and args.eval_subset >= 0, "sizes must be >= 0"),
-        (args.time_limit >= 0, "--time-limit must be >= 0"),
-        (args.cutout >= 0, "--cutout must be >= 0 (0 turns it off)"),
-        (args.fit_to >= 0, "--fit-to must be >= 0 (0 turns it off)"),
-        (not args.fit_to or (args.schedule == "cosine" and args.warmup_epochs >= 1),
-         "--fit-to needs --schedule cosine and --warmup-epochs >= 1 (the warm-up covers the epoch that is timed)"),
-    ]  # fmt: skip
-    for ok, message in checks:
-        if not ok:
-            parser.error(message)
-
-
-# ----------------------------------------------------------------------------- the step
+class Diverged(RuntimeError):
+    """The loss is no longer finite: the run stops before the step that would spoil the weights."""
 
 
 def multi_exit_loss(logits: list[Tensor], labels: Tensor, label_smoothing: float = 0.0,
@@ -138,7 +54,7 @@ def multi_exit_loss(logits: list[Tensor], labels: Tensor, label_smoothing: float
     ce = [F.cross_entropy(z.float(), labels, label_smoothing=label_smoothing) for z in logits]
     if not distill:
         return sum(ce)
-    soft = distillation.soft_losses(logits, temperature)
+    soft = soft_losses(logits, temperature)
     return sum((1 - distill) * c + distill * s for c, s in zip(ce, soft)) + ce[-1]
 
 
@@ -151,7 +67,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tenso
     Args:
         model: the network in train mode, or its DDP or compiled wrapper.
         images: float [B, 3, 32, 32] in [0, 1]; labels: [B].
-        amp: the autocast dtype (None: float32). scaler: a GradScaler, for fp16.
+        amp: the autocast dtype (None: float32). scaler: a GradScaler, for float16.
         micro_batches: split the batch into this many equal parts and sum their gradients.
         average: updated after the step.
     Returns:
@@ -160,20 +76,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tenso
         Diverged: the loss is not finite; the step was not taken (with an enabled scaler it skips it).
     """
     optimizer.zero_grad(set_to_none=True)
+    scaling = scaler is not None and scaler.is_enabled()
     total = torch.zeros((), device=images.device)
     parts = list(zip(images.chunk(micro_batches), labels.chunk(micro_batches)))
     for j, (x, y) in enumerate(parts):
-        last = j == len(parts) - 1
+        last = j == len(parts) - 1  # DDP averages the gradients over the processes after the last part only
         with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss = multi_exit_loss(model(x), y, label_smoothing, distill, temperature) / len(parts)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            (scaler.scale(loss) if scaling else loss).backward()
         total += loss.detach()
     value = total.item()
-    scaling = scaler is not None and scaler.is_enabled()
     if not math.isfinite(value) and not scaling:
         raise Diverged(f"the loss became {value}")
-    if scaler is not None:
+    if scaling:
         scaler.step(optimizer)
         scaler.update()
     else:
@@ -187,108 +103,219 @@ def compiled(model: nn.Module, mode: str | None = None) -> nn.Module:
     """`model` through torch.compile for training, with static shapes.
 
     Every training batch has the same shape (an epoch drops its last partial batch), so the step
-    compiles once. The parameters and buffers stay the model's: the optimizer, a weight average and
-    an uncompiled validation see the same tensors.
+    compiles once. The parameters stay the model's: the optimizer, a weight average and an uncompiled
+    validation see the same tensors.
     """
     return torch.compile(model, mode=mode, dynamic=False)
 
 
-# ----------------------------------------------------------------------------- the loop
+@dataclass
+class TrainingData:
+    """The images a recipe trains on and validates with.
+
+    Attributes:
+        train: the training images (uint8, on the training device).
+        val: the validation hold-out, or None when the recipe holds none out.
+        id: {"train_images": count, "train_fingerprint": content hash}: what a resume checks.
+    """
+
+    train: data.Split
+    val: data.Split | None
+    id: dict
 
 
-def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None) -> dict:
-    """Run or resume a training run.
+def load_training_data(recipe: Recipe, source: str | None, device: torch.device) -> TrainingData:
+    """The recipe's training images (and validation hold-out), moved to `device` when it is a GPU."""
+    train_set = data.load("train" if recipe.val_size else "trainval", source, val_size=recipe.val_size)
+    val = data.load("val", source, val_size=recipe.val_size) if recipe.val_size else None
+    if recipe.train_subset:
+        train_set = data.subset(train_set, recipe.train_subset, "train_subset")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if recipe.batch_size % (world * recipe.accumulate):
+        raise ValueError(f"batch_size {recipe.batch_size} must divide by processes x accumulate "
+                         f"({world} x {recipe.accumulate})")
+    if len(train_set) < recipe.batch_size:
+        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch ({recipe.batch_size}): "
+                         "lower batch_size")
+    data_id = {"train_images": len(train_set), "train_fingerprint": fingerprint((train_set.images, train_set.labels))}
+    if device.type == "cuda":  # CIFAR-10 is 150 MB of uint8: it stays on the GPU, augmented there
+        torch.backends.cudnn.benchmark = True  # the training shapes never change
+        train_set = data.Split(train_set.images.to(device), train_set.labels.to(device))
+        val = data.Split(val.images.to(device), val.labels.to(device)) if val is not None else None
+    return TrainingData(train_set, val, data_id)
+
+
+def _batch(state: TrainingState, images: data.Split, processes: machine.Processes,
+           memory_format: torch.memory_format) -> tuple[Tensor, Tensor]:
+    """This process's share of the next batch, as images in [0, 1] and labels.
+
+    Every process augments the whole batch with the run's generator, then takes its share, so the data
+    and the random state are the same whatever the number of processes.
+    """
+    recipe, p = state.recipe, state.progress
+    idx = p.order[p.step * recipe.batch_size : (p.step + 1) * recipe.batch_size].to(images.images.device)
+    x = augment.random_crop_flip(images.images[idx], generator=state.generator)
+    if recipe.cutout:  # the mean colour in 0..255, which the model standardizes to zero
+        x = augment.cutout(x, recipe.cutout, (state.model.mean.view(-1) * 255).round(), generator=state.generator)
+    share = recipe.batch_size // processes.world
+    mine = slice(processes.rank * share, (processes.rank + 1) * share)
+    x = x[mine].float().div_(255).contiguous(memory_format=memory_format)
+    return x, images.labels[idx][mine]
+
+
+def accuracy_line(accs: list[float]) -> str:
+    """Every exit's accuracy as the project prints it: ``B1=86.20 B2=88.13 ...`` (percent)."""
+    return " ".join(f"B{k + 1}={a * 100:.2f}" for k, a in enumerate(accs))
+
+
+def _validate(state: TrainingState, val: data.Split, device: torch.device) -> dict:
+    """Every exit's validation accuracy, of the trained weights and of their average."""
+    start = time.perf_counter()
+    out = {"val_images": len(val), "acc": [round(a, 5) for a in evaluate.exit_accuracies(state.model, val, device=device)]}
+    if state.average is not None:
+        out.update(average=state.recipe.average,
+                   acc_average=[round(a, 5) for a in evaluate.exit_accuracies(state.average.module, val, device=device)])
+    out["eval_time_s"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def _keep_best(state: TrainingState, record: dict, folder: RunFolder) -> None:
+    """Write best.pt when the weights the run ships (the average, if any) beat the best so far on validation."""
+    kept = record.get("acc_average", record["acc"])
+    if sum(kept) / len(kept) > state.progress.best_score:
+        state.progress.best_score = sum(kept) / len(kept)
+        weights = state.average.module if state.average is not None else state.model
+        checkpoint.write({"config": state.model.config.to_dict(), "model": weights.state_dict(), "recipe": state.recipe.to_dict(),
+               "weights": state.recipe.average if state.average is not None else "trained",
+               "epoch": record["epoch"], "val_accuracy_per_exit": kept}, folder.best)
+
+
+def train(recipe: Recipe, out: str | os.PathLike, *, device: str = "auto", source: str | None = None,
+          amp: str = "auto", channels_last: bool = False, compile: bool = False, time_limit: float = 0.0,
+          on_step: Callable[[int], None] | None = None, progress_bar: bool = True) -> dict:
+    """Train `recipe` into the folder `out`, or go on with the run saved there.
+
+    Every epoch ends with validation, ``out/last.pt`` (the state to resume), ``out/best.pt`` (the
+    weights that score best on validation) and a line in ``out/log.jsonl``, in that order. Ctrl-C,
+    SIGTERM or `time_limit` seconds stop the run after the current step, saved.
 
     Args:
-        args: the settings of `parse_args`.
-        on_step: called with the global step count after every optimizer step; an exception it raises
-            ends the run as Ctrl-C does (KeyboardInterrupt saves the position first).
+        device: "auto" (CUDA when there is one), "cpu", "cuda", "cuda:N" or "mps".
+        source: CIFAR-10's source (helpers.data.resolve_source).
+        amp, channels_last, compile: the number format (machine.autocast_dtype), memory layout and
+            torch.compile; they change the speed, not the recipe, so a run may resume with others.
+        on_step: called with the run's step count after every step; a KeyboardInterrupt it raises stops
+            the run as Ctrl-C does.
     Returns:
-        the last epoch's log record.
+        the last epoch's log line.
     Raises:
-        SetupError: no such --device here, or --out cannot be written (before any data is read).
-        OutFolderBusy: another run writes to --out.
+        KeyboardInterrupt (TimeUp for the time limit): stopped, with the state saved.
+        state.ResumeError: `out` holds a run of another recipe or other images.
+        runfolder.FolderBusy: another run writes to `out`.
     """
-    device = device_for(args.device)
-    with exclusive(Path(args.out)):
-        run = Run(args, device)
-        if args.compile:
-            run.net = compiled(run.net)
-        return _loop(run, on_step)
+    dev = machine.device_for(device)
+    amp_dtype = machine.autocast_dtype(amp, dev)
+    folder = RunFolder(out)
+    processes = machine.Processes(dev)
+    with folder.lock():
+        images = load_training_data(recipe, source, dev)
+        if folder.state.is_file():
+            state = TrainingState.resume(folder.state, recipe, dev, images.id)
+        else:
+            state = TrainingState.start(recipe, dev, images.id)
+        return _loop(state, images, folder, processes, dev, amp_dtype, channels_last, compile, time_limit, on_step,
+                     progress_bar)
 
 
-def _loop(run: Run, on_step: Callable[[int], None] | None) -> dict:
+def _loop(state: TrainingState, images: TrainingData, folder: RunFolder, processes: machine.Processes,
+          dev: torch.device, amp_dtype: torch.dtype | None, channels_last: bool, compile: bool, time_limit: float,
+          on_step: Callable[[int], None] | None, progress_bar: bool) -> dict:
     from tqdm.auto import tqdm
 
-    args, p = run.args, run.progress
-    stop = StopRequest(args.time_limit)
-    consistent, t0 = True, time.perf_counter()  # consistent: no step is half done, so the state may be saved
-    try:
-        while p.epoch < run.epochs:
-            if p.perm is None:
-                p.perm = torch.randperm(len(run.train_set), generator=run.gen)
-            run.net.train()
-            bar = tqdm(total=run.steps_per_epoch, initial=p.batch_in_epoch, desc=f"epoch {p.epoch + 1}/{run.epochs}",
-                       disable=not run.ddp.main, mininterval=2, dynamic_ncols=True)
-            t0, seen_before = time.perf_counter(), p.epoch_images
-            while p.batch_in_epoch < run.steps_per_epoch:
-                if run.fit is not None and p.epoch == 0:
-                    run.fit.before_step(p.batch_in_epoch, time.perf_counter())
-                consistent = False
-                images, labels = run.batch()  # crops and flips: this process's share of the batch
-                lr = run.set_learning_rate()
-                loss = train_step(run.net, run.optimizer, images, labels, **run.step_settings)
-                run.stepped(loss)
-                consistent = True
-                rate = (p.epoch_images - seen_before) / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4f}", img_s=f"{rate:.0f}", refresh=False)
-                bar.update()
-                if on_step is not None:
-                    on_step(p.epoch * run.steps_per_epoch + p.batch_in_epoch)
+    recipe, p, main = state.recipe, state.progress, processes.main
+    say = print if main else (lambda *a, **k: None)
+    if p.best_score >= 0 and not folder.best.is_file():  # carried without best.pt: the next epoch writes one
+        p.best_score = -1.0
+    if p.last_record and main and (folder.records() or [{"epoch": 0}])[-1]["epoch"] < p.last_record["epoch"]:
+        folder.append(p.last_record)  # stopped between saving the state and writing its log line
+    if p.epoch >= recipe.epochs:
+        say(f"{folder.path} holds a finished run ({p.epoch} of {recipe.epochs} epochs): export it with "
+            f"`msdnet export --run {folder.path}`", flush=True)
+        return p.last_record
+    if p.epoch or p.step:
+        say(f"resuming {folder.state} at epoch {p.epoch + 1}, step {p.step}", flush=True)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    state.model.to(memory_format=layout)
+    if amp_dtype == torch.float16:
+        state.use_fp16_scaler()
+    net = nn.parallel.DistributedDataParallel(state.model) if processes.world > 1 else state.model
+    net = compiled(net) if compile else net
+    steps = len(images.train) // recipe.batch_size  # the last partial batch is dropped
+    hardware = f"{machine.hardware_name(dev)}, {torch.get_num_threads()} threads" if dev.type == "cpu" else machine.hardware_name(dev)
+    clock = time.perf_counter()
+
+    def account() -> None:  # the training seconds since the last call, into the epoch's and the run's
+        nonlocal clock
+        now = time.perf_counter()
+        p.elapsed_s += now - clock
+        p.epoch_time_s += now - clock
+        clock = now
+
+    with StopRequest(time_limit) as stop:
+        try:
+            while p.epoch < recipe.epochs:
+                if p.order is None:
+                    p.order = torch.randperm(len(images.train), generator=state.generator)
+                state.model.train()
+                bar = tqdm(total=steps, initial=p.step, desc=f"epoch {p.epoch + 1}/{recipe.epochs}", leave=False,
+                           disable=not (main and progress_bar), mininterval=2, dynamic_ncols=True)
+                clock = time.perf_counter()
+                while p.step < steps:
+                    x, y = _batch(state, images.train, processes, layout)
+                    lr = learning_rate(p.epoch * steps + p.step, steps, recipe)
+                    for group in state.optimizer.param_groups:
+                        group["lr"] = lr
+                    loss = train_step(net, state.optimizer, x, y, label_smoothing=recipe.label_smoothing,
+                                      distill=recipe.distill, temperature=recipe.distill_temperature, amp=amp_dtype,
+                                      scaler=state.scaler, micro_batches=recipe.accumulate, average=state.average)
+                    p.step += 1
+                    p.epoch_loss_sum += loss
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4f}", refresh=False)
+                    bar.update()
+                    if on_step is not None:
+                        on_step(p.epoch * steps + p.step)
+                    stop.check()
+                bar.close()
+                account()
+                record = {"epoch": p.epoch + 1, "lr": learning_rate((p.epoch + 1) * steps - 1, steps, recipe),
+                          "train_loss": round(p.epoch_loss_sum / steps, 5),
+                          "train_images_per_s": round(steps * recipe.batch_size / max(p.epoch_time_s, 1e-9), 1),
+                          "epoch_time_s": round(p.epoch_time_s, 1), "hardware": hardware}
+                if main and images.val is not None:
+                    state.model.eval()
+                    with stop.abandonable():  # a second Ctrl-C here: validated again on resume
+                        record.update(_validate(state, images.val, dev))
+                    _keep_best(state, record, folder)
+                    say(f"epoch {p.epoch + 1}/{recipe.epochs}: validation {accuracy_line(record['acc'])}"
+                        + (f"; {recipe.average} {accuracy_line(record['acc_average'])}" if state.average else ""), flush=True)
+                record["elapsed_s"] = round(p.elapsed_s, 1)
+                p.epoch, p.step, p.order, p.epoch_time_s, p.epoch_loss_sum = p.epoch + 1, 0, None, 0.0, 0.0
+                p.last_record = record
+                if main:  # the state, then the log line that announces it (a resume restores a lost line)
+                    state.save(folder.state)
+                    folder.append(record)
+                processes.barrier()
                 stop.check()
-            bar.close()
-            seconds = time.perf_counter() - t0
-            p.elapsed_s += seconds
-            run.end_epoch(seconds)
-            stop.check()
-    except Diverged as e:
-        raise run.diverged(e) from None
-    except KeyboardInterrupt:
-        if consistent:
-            if p.batch_in_epoch:
-                seconds = time.perf_counter() - t0
-                p.elapsed_s += seconds
-                p.epoch_time_s += seconds
-            run.save()
-            if run.ddp.main:
-                print(f"\ninterrupted: saved {run.ckpt_path} at epoch {p.epoch + 1}, batch {p.batch_in_epoch}; "
-                      "continue with the same command and --resume", file=sys.stderr, flush=True)
-        raise
-    finally:
-        stop.restore()
-    return p.epoch_record
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m helpers.train`: 0 when done, 2 with one line on stderr for what the user can fix."""
-    args = parse_args(argv)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads", flush=True)
-    try:
-        train(args)
-    except TimeUp:
-        print(f"--time-limit {args.time_limit:g} s reached; continue with the same command and --resume", flush=True)
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    except (checkpoint.CheckpointError, data.DataNotFoundError, FileExistsError, ValueError, Diverged, OutFolderBusy) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        except Diverged as e:
+            raise Diverged(f"{e} at epoch {p.epoch + 1}, step {p.step + 1}: the run stopped before that step ("
+                           f"{folder.state} holds the last epoch's end); start a new run with a lower lr or a longer "
+                           "warm-up") from None
+        except KeyboardInterrupt:
+            if p.order is not None and p.step < steps:
+                account()
+            if main:
+                state.save(folder.state)
+                print(f"\nstopped: {folder.state} saved at epoch {p.epoch + 1}, step {p.step}; run the same command "
+                      "to go on", file=sys.stderr, flush=True)
+            raise
+    return p.last_record

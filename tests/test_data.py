@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import data
+from helpers import augment, data
 from conftest import TEST_PER_CLASS, TRAIN_PER_CLASS, class_image, write_class_folders
 
 
@@ -337,7 +337,7 @@ def test_importing_data_installs_nothing_in_ipython(tmp_path):
 def test_crop_flip_returns_a_padded_crop_of_each_image():
     g = torch.Generator().manual_seed(0)
     x = torch.arange(8 * 3 * 32 * 32).reshape(8, 3, 32, 32).float() + 1  # every pixel distinct, none zero
-    y = data.random_crop_flip(x, padding=4, generator=g)
+    y = augment.random_crop_flip(x, padding=4, generator=g)
     assert y.shape == x.shape and y.dtype == x.dtype
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(8):
@@ -354,7 +354,7 @@ def test_crop_flip_offsets_cover_the_padding_and_flip_half_the_time():
     n = 4000
     x = torch.zeros(n, 1, 32, 32)
     x[:, :, 0, 0] = 1  # a marker at the top-left corner
-    y = data.random_crop_flip(x, padding=4, generator=g)
+    y = augment.random_crop_flip(x, padding=4, generator=g)
     pos = y[:, 0].flatten(1).argmax(1)
     row, col = pos // 32, pos % 32
     seen = y[:, 0].flatten(1).amax(1) == 1  # the marker stays inside unless the crop moved it out
@@ -367,16 +367,16 @@ def test_crop_flip_offsets_cover_the_padding_and_flip_half_the_time():
 
 def test_crop_flip_is_reproducible_and_works_on_uint8():
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    a = data.random_crop_flip(x, generator=torch.Generator().manual_seed(5))
-    b = data.random_crop_flip(x, generator=torch.Generator().manual_seed(5))
+    a = augment.random_crop_flip(x, generator=torch.Generator().manual_seed(5))
+    b = augment.random_crop_flip(x, generator=torch.Generator().manual_seed(5))
     assert a.dtype == torch.uint8 and torch.equal(a, b)
-    assert torch.equal(data.random_crop_flip(x, padding=0, generator=torch.Generator().manual_seed(5)).sort(3).values,
+    assert torch.equal(augment.random_crop_flip(x, padding=0, generator=torch.Generator().manual_seed(5)).sort(3).values,
                        x.sort(3).values)  # no padding: only flips, which keep every row's pixels
 
 
 def test_cutout_paints_one_clipped_square_per_image_and_nothing_else():
     x = torch.randint(1, 256, (500, 3, 32, 32), dtype=torch.uint8)  # no pixel equals the fill 0
-    y = data.cutout(x, 16, torch.zeros(3), generator=torch.Generator().manual_seed(3))
+    y = augment.cutout(x, 16, torch.zeros(3), generator=torch.Generator().manual_seed(3))
     assert y.dtype == torch.uint8 and y.shape == x.shape
     painted = (y == 0).all(1)  # [B, H, W]: every channel painted together
     assert torch.equal(y[~painted[:, None].expand_as(y)], x[~painted[:, None].expand_as(x)])  # the rest untouched
@@ -399,11 +399,11 @@ def test_cutout_with_the_mean_colour_is_zero_after_normalization_and_reproducibl
     model = msdnet.build("tiny")
     fill = (model.mean.view(-1) * 255).round()
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    a = data.cutout(x, 16, fill, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(a, data.cutout(x, 16, fill, generator=torch.Generator().manual_seed(4)))
+    a = augment.cutout(x, 16, fill, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, augment.cutout(x, 16, fill, generator=torch.Generator().manual_seed(4)))
     painted = (a != x).any(1)
     z = model.standardize(a.float() / 255)
     assert z.permute(0, 2, 3, 1)[painted].abs().max() < 0.01  # within rounding to whole 0..255 levels
-    assert torch.equal(data.cutout(x, 0, fill), x)
+    assert torch.equal(augment.cutout(x, 0, fill), x)
     with pytest.raises(ValueError, match="fill has 1 values, the images have 3 channels"):
-        data.cutout(x, 16, torch.zeros(1))
+        augment.cutout(x, 16, torch.zeros(1))

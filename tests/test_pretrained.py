@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import checkpoint, msdnet, pretrained
+from helpers import checkpoint, machine, msdnet, pretrained
 
 SHIPPED = pretrained.PRETRAINED_DIR / pretrained.WEIGHTS_NAME
 CARD = json.loads(SHIPPED.with_suffix(".json").read_text())
@@ -194,7 +194,7 @@ def test_a_device_this_machine_lacks_is_named_with_those_it_has():
     if not torch.backends.mps.is_available():
         with pytest.raises(ValueError, match=r"device 'mps' is not on this machine \(it has no Apple GPU"):
             pretrained.load(device="mps")
-    assert pretrained.check_device("cpu") == torch.device("cpu")
+    assert machine.check_device("cpu") == torch.device("cpu")
 
 
 @pytest.mark.slow
