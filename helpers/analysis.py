@@ -25,7 +25,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import evaluate, gradcam, msdnet
+from . import checks, evaluate, gradcam, msdnet
+from .errors import InputError
 
 __all__ = [
     "valid", "span", "entropy", "map_correlation", "consistency", "overthinking",
@@ -33,15 +34,24 @@ __all__ = [
 ]
 
 
+def _maps(maps) -> Tensor:
+    """`maps` itself when float [N, exits, h, w], else one clear error."""
+    checks.tensor(maps, "maps", "float [N, exits, h, w] (gradcam.maps_for_split)")
+    if maps.dim() != 4 or not maps.is_floating_point():
+        raise InputError(f"maps must be float [N, exits, h, w] (gradcam.maps_for_split), got {maps.dtype} {list(maps.shape)}")
+    return maps
+
+
 def valid(maps: Tensor) -> Tensor:
     """[N, exits] bool: the maps that are not all zero."""
-    return maps.flatten(2).amax(-1) > 0
+    return _maps(maps).flatten(2).amax(-1) > 0
 
 
 def span(maps: Tensor, level: float = 0.5) -> Tensor:
     """[N, exits]: the share of a map's cells at `level` of its maximum or more (the blog's "attention
-    span": how much of the image the exit looks at)."""
-    flat = maps.flatten(2)
+    span": how much of the image the exit looks at). level: a share of the maximum in (0, 1]."""
+    level = checks.number(level, "level", 0, 1, "a share of the map's maximum between 0 and 1 (0.5 for half)")
+    flat = _maps(maps).flatten(2)
     peak = flat.amax(-1, keepdim=True).clamp(min=1e-12)
     return (flat >= level * peak).double().mean(-1)
 
@@ -49,7 +59,7 @@ def span(maps: Tensor, level: float = 0.5) -> Tensor:
 def entropy(maps: Tensor) -> Tensor:
     """[N, exits]: the entropy of a map read as a distribution over its cells, divided by its largest
     possible value (log of the number of cells): 1 for a flat map, 0 for a single lit cell."""
-    flat = maps.flatten(2).double()
+    flat = _maps(maps).flatten(2).double()
     p = flat / flat.sum(-1, keepdim=True).clamp(min=1e-12)
     return -(p * p.clamp(min=1e-12).log()).sum(-1) / torch.log(torch.tensor(float(flat.shape[-1]), dtype=torch.float64))
 
@@ -63,13 +73,15 @@ def _standardized(maps: Tensor) -> Tensor:
 def map_correlation(maps: Tensor) -> Tensor:
     """[N, exits, exits]: per image, the Pearson correlation between the maps of every two exits
     (0 where a map is constant, all-zero maps included)."""
-    z = _standardized(maps)
+    z = _standardized(_maps(maps))
     return torch.einsum("nip,njp->nij", z, z)
 
 
 def consistency(maps: Tensor, reference: int = -1) -> Tensor:
     """[N, exits]: per image, the correlation of each exit's map with the reference exit's (the last by
     default): attention consistency, as early-exit explanation work measures it."""
+    n_exits = _maps(maps).shape[1]
+    reference = checks.whole(reference, "reference", low=-n_exits, high=n_exits - 1)
     z = _standardized(maps)
     return torch.einsum("nip,np->ni", z, z[:, reference])
 
@@ -77,27 +89,49 @@ def consistency(maps: Tensor, reference: int = -1) -> Tensor:
 def overthinking(preds: evaluate.Predictions) -> Tensor:
     """[N, exits] bool: exit k is right and the last exit wrong (Kaya et al., "Shallow-Deep Networks",
     2019): the network knew, and thought itself out of it."""
+    evaluate.check_predictions(preds)
     return preds.correct & ~preds.correct[:, -1:]
 
 
 # ----------------------------------------------------------------------------- the verdict rule
 
 
+def _values(values, name: str = "values") -> Tensor:
+    """`values` as float64 [N], or one clear error (a list, a 2-d tensor, booleans)."""
+    checks.tensor(values, name, "one number per image, [N]")
+    if values.dim() != 1 or values.dtype == torch.bool or values.is_complex():
+        raise InputError(f"{name} must be one number per image, [N], got {values.dtype} {list(values.shape)}")
+    return values.double()
+
+
+def _boot_args(n_boot, level, seed) -> tuple[int, float, int]:
+    """n_boot >= 1, level a share in (0, 1) and seed >= 0, or one clear error (level=95 is a percent)."""
+    level = checks.number(level, "level", 0, 1, "a share between 0 and 1 (0.95 for a 95% interval)")
+    if level in (0, 1):
+        raise InputError(f"level must be a share strictly between 0 and 1 (0.95 for a 95% interval), got {level:g}")
+    return checks.whole(n_boot, "n_boot"), level, checks.whole(seed, "seed", low=0)
+
+
 def _check_finite(v: Tensor) -> None:
     # A NaN would make every resampled mean NaN, and the verdict a silent NOT SUPPORTED.
     bad = (~torch.isfinite(v)).sum().item()
     if bad:
-        raise ValueError(f"{bad} of {v.numel()} values are NaN or infinite; drop them first "
+        raise InputError(f"{bad} of {v.numel()} values are NaN or infinite; drop them first "
                          "(e.g. values[torch.isfinite(values)], or keep the images where analysis.valid(maps) is true)")
 
 
 def bootstrap_ci(values: Tensor, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """(mean, low, high): the mean of `values` [N] and its percentile-bootstrap interval, resampling the
-    N values (images) with replacement, seeded."""
-    v = values.double().flatten()
+    N values (images) with replacement, seeded.
+
+    Args:
+        values: float [N], N >= 2. n_boot: resamples, >= 1. level: the interval's share, in (0, 1). seed: >= 0.
+    """
+    n_boot, level, seed = _boot_args(n_boot, level, seed)
+    v = _values(values)
     _check_finite(v)
     if v.numel() < 2:
-        raise ValueError(f"a bootstrap needs at least 2 values, got {v.numel()}")
+        raise InputError(f"a bootstrap needs at least 2 values, got {v.numel()}")
     g = torch.Generator().manual_seed(seed)
     means = torch.cat([v[torch.randint(0, len(v), (min(200, n_boot - i), len(v)), generator=g)].mean(1)
                        for i in range(0, n_boot, 200)])  # in chunks: 2,000 x 10,000 indices at once is 160 MB
@@ -121,11 +155,22 @@ class Verdict(NamedTuple):
 
 def judge_groups(values: Tensor, group: Tensor, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Verdict:
     """The rule for two groups of images: the effect is mean(values[group]) - mean(values[~group]),
-    its interval a bootstrap that resamples each group on its own (their sizes kept)."""
-    a, b = values[group].double(), values[~group].double()
-    _check_finite(values.double())
+    its interval a bootstrap that resamples each group on its own (their sizes kept).
+
+    Args:
+        values: float [N]. group: bool [N], True for the first group. n_boot, level, seed: as in bootstrap_ci.
+    """
+    n_boot, level, seed = _boot_args(n_boot, level, seed)
+    v = _values(values)
+    checks.tensor(group, "group", f"bool [{len(v)}]")
+    if group.dtype != torch.bool or group.shape != v.shape:
+        # an integer 0/1 group would index the values (values[group] picks images 0 and 1), not split them
+        raise InputError(f"group must be bool [{len(v)}], one per value (True: the first group), got {group.dtype} "
+                         f"{list(group.shape)}; for 0/1 labels pass group == 1")
+    a, b = v[group], v[~group]
+    _check_finite(v)
     if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"each group needs at least 2 images, got {len(a)} and {len(b)}")
+        raise InputError(f"each group needs at least 2 images, got {len(a)} and {len(b)}")
     g = torch.Generator().manual_seed(seed)
     boot = torch.stack([a[torch.randint(0, len(a), (len(a),), generator=g)].mean()
                         - b[torch.randint(0, len(b), (len(b),), generator=g)].mean() for _ in range(n_boot)])
@@ -134,10 +179,14 @@ def judge_groups(values: Tensor, group: Tensor, n_boot: int = 2000, level: float
     return _verdict((a.mean() - b.mean()).item(), low, high)
 
 
-def judge(values: Tensor, **kw) -> Verdict:
+def judge(values: Tensor, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Verdict:
     """The rule: the mean of per-image `values` (the claimed effect, positive if the claim holds) with
-    its bootstrap interval; SUPPORTED above zero, CONTRADICTED below, else NOT SUPPORTED."""
-    return _verdict(*bootstrap_ci(values, **kw))
+    its bootstrap interval; SUPPORTED above zero, CONTRADICTED below, else NOT SUPPORTED.
+
+    Args:
+        values: float [N], N >= 2. n_boot, level, seed: as in bootstrap_ci (level 0.95, not 95).
+    """
+    return _verdict(*bootstrap_ci(values, n_boot, level, seed))
 
 
 def _verdict(effect: float, low: float, high: float) -> Verdict:
@@ -166,6 +215,7 @@ def class_best_exits(preds: evaluate.Predictions, **kw) -> ClassBest:
     Args:
         kw: passed to judge (n_boot, level, seed).
     """
+    evaluate.check_predictions(preds)
     correct = preds.correct.double()
     overall = int(correct.mean(0).argmax())
     best, verdicts = [], []
@@ -190,7 +240,10 @@ def best_exit_null(preds: evaluate.Predictions, n_perm: int = 1000, seed: int = 
     """A permutation test of "the best exit differs between classes". Picking each class's best of ten
     exits gains something over the overall best exit even when classes do not matter at all, from noise
     alone. The null: shuffle the class labels over the images (groups of the same sizes, no class in
-    them) and measure the same gain. Only a gain well above the null's says the classes differ."""
+    them) and measure the same gain. Only a gain well above the null's says the classes differ.
+    n_perm: random groupings, >= 1; seed >= 0."""
+    evaluate.check_predictions(preds)
+    n_perm, seed = checks.whole(n_perm, "n_perm"), checks.whole(seed, "seed", low=0)
     correct = preds.correct.double()                      # [N, exits]
     n_classes = preds.logits.shape[-1]
     overall = int(correct.mean(0).argmax())               # the same for every grouping of the images
@@ -213,6 +266,10 @@ def best_exit_null(preds: evaluate.Predictions, n_perm: int = 1000, seed: int = 
 
 def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
     """Spearman's rank correlation between the rows of a and b [N, P] (ties share their average rank)."""
+    checks.tensor(a, "a", "[N, P]")
+    checks.tensor(b, "b", "[N, P]")
+    if a.dim() != 2 or a.shape != b.shape:
+        raise InputError(f"a and b must be [N, P] of the same shape, got {list(a.shape)} and {list(b.shape)}")
     return (_standardized(_average_ranks(a)[:, None]) * _standardized(_average_ranks(b)[:, None])).sum(-1)[:, 0]
 
 
@@ -239,6 +296,7 @@ def cascading_randomization(model: msdnet.MSDNet, x: Tensor, exit: int, seed: in
         [("up to <what was re-drawn>", rank correlations [N])], classifier first.
     """
     exit = msdnet.exit_number(exit, model.n_exits)
+    seed = checks.whole(seed, "seed", low=0)
     original = gradcam.gradcam(model, x, exit=exit).flatten(1)
     with msdnet.eval_mode(model), torch.no_grad():
         target = model(x, exits=exit)[exit - 1].argmax(1)  # explain the trained model's answer throughout

@@ -153,3 +153,48 @@ def test_a_nan_gets_no_verdict():
         analysis.judge(values)
     with pytest.raises(ValueError, match="NaN or infinite"):
         analysis.judge_groups(values, torch.tensor([True, True, False, False]))
+
+
+def test_a_0_1_integer_group_is_refused_not_used_as_indices():
+    g = torch.Generator().manual_seed(0)
+    values = torch.cat([torch.randn(500, generator=g) + 1.0, torch.randn(300, generator=g)])
+    as_ints = (torch.arange(800) < 500).long()  # values[as_ints] would pick images 0 and 1, 800 times
+    with pytest.raises(ValueError, match=r"group must be bool \[800\], .* got torch.int64 \[800\]; .* group == 1") as e:
+        analysis.judge_groups(values, as_ints)
+    assert "\n" not in str(e.value)
+    assert analysis.judge_groups(values, as_ints == 1).word == "SUPPORTED"
+    with pytest.raises(ValueError, match=r"group must be bool \[800\]"):
+        analysis.judge_groups(values, as_ints[:10] == 1)
+
+
+@pytest.mark.parametrize("kw, error, message", [
+    ({"level": 95}, ValueError, r"level must be a share between 0 and 1 \(0.95 for a 95% interval\), got 95"),
+    ({"level": 1.0}, ValueError, "strictly between 0 and 1"),
+    ({"n_boot": 0}, ValueError, "n_boot must be a whole number >= 1, got 0"),
+    ({"n_boot": 100.0}, TypeError, "n_boot must be a whole number >= 1, got 100.0"),
+    ({"seed": -1}, ValueError, "seed must be a whole number >= 0, got -1"),
+])
+def test_judge_refuses_a_percent_level_and_no_resamples_in_one_line(kw, error, message):
+    values = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    for run in (lambda: analysis.judge(values, **kw), lambda: analysis.bootstrap_ci(values, **kw),
+                lambda: analysis.judge_groups(values, torch.arange(50) < 25, **kw)):
+        with pytest.raises(error, match=message):
+            run()
+
+
+def test_judge_refuses_a_list_or_a_table_in_one_line():
+    with pytest.raises(TypeError, match=r"values must be a torch.Tensor, one number per image, \[N\], got list; "
+                                        r"convert it with torch.as_tensor"):
+        analysis.judge([0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"values must be one number per image, \[N\], got torch.float32 \[2, 3\]"):
+        analysis.judge(torch.rand(2, 3))
+    assert analysis.judge(torch.tensor([0.9, 1.1, 1.0, 1.05]), n_boot=50).word == "SUPPORTED"
+
+
+def test_maps_of_another_shape_and_a_span_level_in_percent_are_refused():
+    with pytest.raises(ValueError, match=r"maps must be float \[N, exits, h, w\] .* got torch.float32 \[3, 8, 8\]"):
+        analysis.span(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError, match="level must be a share of the map's maximum between 0 and 1"):
+        analysis.span(torch.rand(1, 2, 8, 8), level=50)
+    with pytest.raises(ValueError, match="reference must be a whole number between -2 and 1, got 2"):
+        analysis.consistency(torch.rand(1, 2, 8, 8), reference=2)
