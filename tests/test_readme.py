@@ -39,8 +39,17 @@ def test_the_test_command_is_the_one_any_user_types_and_ci_only_adds_the_data_so
     test_line = lines.index(fast)
     assert lines.index(slow) > test_line, "CI runs the fast lane first"
     assert any(line.startswith("export CIFAR10_SOURCE=") for line in lines[:test_line]), "CI must export CIFAR10_SOURCE first"
-    prose = " ".join(README.split())
-    assert "exports `CIFAR10_SOURCE`" in prose and "word for word" in prose
+    contributing = " ".join((ROOT / "CONTRIBUTING.md").read_text().split())
+    assert "exports `CIFAR10_SOURCE`" in contributing and "word for word" in contributing
+
+
+def test_the_front_page_is_for_learners_and_ci_lives_in_contributing():
+    """The README's site part (the site's landing page) says what the series is and how to start; how CI and
+    the tests are organised is CONTRIBUTING.md's, which the README links."""
+    included = README[README.index("<!-- site: start -->"):README.index("<!-- site: end -->")]
+    for word in (".ci/run", "CI ", "Contributing", "chromium"):
+        assert word not in included, word
+    assert "](CONTRIBUTING.md)" in README and (ROOT / "CONTRIBUTING.md").is_file()
 
 
 def test_the_two_lanes_together_run_every_test_once(pytestconfig):
