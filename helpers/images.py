@@ -5,16 +5,25 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["load_image", "MAX_PIXELS", "BACKGROUND"]
+from .checks import whole
+from .errors import InputError, InputTypeError
+
+__all__ = ["load_image", "MAX_PIXELS", "MAX_JPEG_BUFFER", "BACKGROUND"]
 
 MAX_PIXELS = 24_000_000
 """The most pixels a picture may have once decoded (JPEGs count after decoding at a reduced scale)."""
+
+MAX_JPEG_BUFFER = 200_000_000
+"""The most bytes a progressive JPEG's coefficients may take while it is decoded: libjpeg keeps them all
+at full size, whatever the reduced scale (1.4 GB for a CMYK picture at Pillow's limit). With the decoded
+pixels (MAX_PIXELS) this keeps any upload under 300 MB."""
 
 BACKGROUND = "white"
 """What transparent parts of a picture are composited on."""
@@ -35,9 +44,13 @@ def _open(content: bytes, size: int) -> Image.Image:
     except Image.DecompressionBombError:
         raise _too_large(f"over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,} pixels") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"that file is not an image Pillow can read ({e.__class__.__name__}); "
+        raise InputError(f"that file is not an image Pillow can read ({e.__class__.__name__}); "
                          "upload a PNG, JPEG, BMP or GIF") from None
     if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale, still well above `size`
+        need = _jpeg_buffer(img)
+        if need > MAX_JPEG_BUFFER:
+            raise _too_large(f"a progressive JPEG of {img.width:,} x {img.height:,} pixels, which takes about "
+                             f"{need / 1e6:,.0f} MB to decode, over the limit of {MAX_JPEG_BUFFER / 1e6:,.0f} MB")
         img.draft(img.mode, (4 * size, 4 * size))
     w, h = img.size
     if w * h > MAX_PIXELS:
@@ -45,9 +58,34 @@ def _open(content: bytes, size: int) -> Image.Image:
     try:
         img.load()
     except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"that file is not an image Pillow can read ({e.__class__.__name__}: {e}); "
+        raise InputError(f"that file is not an image Pillow can read ({e.__class__.__name__}: {e}); "
                          "upload a PNG, JPEG, BMP or GIF") from None
     return img
+
+
+def _jpeg_buffer(img: Image.Image) -> int:
+    """The bytes libjpeg holds while it decodes `img` (opened, not loaded): for a progressive JPEG, each
+    component's 64 coefficients of 2 bytes per 8x8 block at full size; a baseline one is decoded a few
+    rows at a time (0 here)."""
+    if not img.info.get("progressive"):
+        return 0
+    layers = getattr(img, "layer", None) or [(None, 1, 1, None)] * len(img.getbands())  # (id, h, v sampling, table)
+    h_max, v_max = max(l[1] for l in layers), max(l[2] for l in layers)
+    return sum(math.ceil(img.width * h / h_max / 8) * math.ceil(img.height * v / v_max / 8) * 64 * 2
+               for _, h, v, _ in layers)
+
+
+def _opaque(img: Image.Image) -> Image.Image:
+    """A one-channel picture of more than 8 bits with one transparent value (a PNG's tRNS chunk): that
+    value becomes the top of its range (white), i.e. composited on BACKGROUND. Resizing is linear, so
+    this equals compositing after the resize."""
+    transparent = img.info.get("transparency")
+    if not isinstance(transparent, (int, float)) or isinstance(transparent, bool):
+        return img
+    white = _value_range(img)[1]
+    pixels = np.array(img)  # a copy we may write: 2 or 4 bytes a pixel
+    pixels[pixels == transparent] = white
+    return Image.fromarray(pixels)
 
 
 def _value_range(img: Image.Image) -> tuple[float, float]:
@@ -77,8 +115,9 @@ def load_image(content: bytes, size: int = 32) -> torch.Tensor:
 
     Returns:
         float [3, size, size] in [0, 1], RGB. The EXIF orientation is applied; 16-bit and float pictures
-        are scaled by their value range (see below), not clipped; transparent parts are composited on white
-        (BACKGROUND); a grey picture gives three equal channels.
+        are scaled by their value range (see below), not clipped; transparent parts (an alpha channel, or
+        a transparent value at any bit depth) are composited on white (BACKGROUND); a grey picture gives
+        three equal channels.
 
     Raises:
         ValueError: a file that is no picture, a damaged one, or one too large to open safely.
@@ -86,12 +125,16 @@ def load_image(content: bytes, size: int = 32) -> torch.Tensor:
     16-bit pictures span 0..65535; float ones 0..1 (or 0..255 when their values exceed 1); other ranges
     are stretched from their minimum to their maximum.
     """
+    if not isinstance(content, (bytes, bytearray, memoryview)):
+        raise InputTypeError(f"content must be the file's bytes (open(path, 'rb').read()), got {type(content).__name__}")
+    size = whole(size, "size")
     img = _open(content, size)
     ImageOps.exif_transpose(img, in_place=True)
     side = min(img.size)  # the centre square: a resize alone would squash a wide or tall picture
     left, top = (img.width - side) // 2, (img.height - side) // 2
     box = (left, top, left + side, top + side)
     if img.mode in _HIGH_RANGE:
+        img = _opaque(img)
         lo, hi = _value_range(img)
         small = img.resize((size, size), Image.Resampling.BILINEAR, box=box)  # linear: scale afterwards
         x = np.nan_to_num((np.asarray(small, dtype=np.float32) - lo) / (hi - lo), nan=0.0)
@@ -101,7 +144,7 @@ def load_image(content: bytes, size: int = 32) -> torch.Tensor:
     try:
         img = img if img.mode == mode else img.convert(mode)
     except ValueError as e:  # e.g. a colour space Pillow cannot turn into RGB
-        raise ValueError(f"that picture's colours ({img.mode}) cannot be read as RGB: {e}") from None
+        raise InputError(f"that picture's colours ({img.mode}) cannot be read as RGB: {e}") from None
     small = img.resize((size, size), Image.Resampling.BILINEAR, box=box)  # RGBA: Pillow resizes premultiplied
     if alpha:
         small = Image.alpha_composite(Image.new("RGBA", small.size, BACKGROUND), small).convert("RGB")

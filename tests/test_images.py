@@ -102,3 +102,53 @@ def test_decoding_the_largest_picture_allowed_stays_under_300_mb(tmp_path):
     """)
     grew_mb = float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     assert grew_mb < 300
+
+
+def test_a_16_bit_grey_picture_with_a_transparent_value_is_composited_on_white():
+    grey = np.full((40, 40), 30000, dtype=np.uint16)
+    grey[:, :20] = 0  # left half: the tRNS value, transparent
+    img = Image.fromarray(grey)
+    assert img.mode == "I;16"
+    x = images.load_image(encode(img, transparency=0))
+    assert torch.allclose(x[:, :, :14], torch.ones(3, 32, 14))  # white, as an 8-bit grey PNG's transparent part
+    assert torch.allclose(x[:, :, 18:], torch.full((3, 32, 14), 30000 / 65535))
+    eight_bit = images.load_image(encode(Image.fromarray((grey // 257).astype(np.uint8)), transparency=0))
+    assert torch.allclose(eight_bit[:, :, :14], x[:, :, :14])
+
+
+def progressive_jpeg_declaring(width: int, height: int, mode: str = "CMYK") -> bytes:
+    """A small progressive JPEG whose header declares width x height: Pillow opens it at that size, and
+    libjpeg would set aside its whole coefficient buffer before finding the data short."""
+    content = bytearray(encode(Image.new(mode, (64, 64)), "jpeg", progressive=True))
+    sof = content.find(b"\xff\xc2")
+    content[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(content)
+
+
+def test_a_progressive_jpeg_too_large_to_decode_is_refused_before_decoding():
+    big = progressive_jpeg_declaring(6000, 6000)  # 36 M pixels x 4 components x 2 bytes: 288 MB of coefficients
+    with pytest.raises(ValueError, match=r"too large to open safely \(a progressive JPEG of 6,000 x 6,000 pixels, "
+                                         r"which takes about 288 MB to decode, over the limit of 200 MB\)") as e:
+        images.load_image(big)
+    assert "\n" not in str(e.value)
+    assert images.load_image(progressive_jpeg_declaring(3000, 3000)).shape == (3, 32, 32)  # 72 MB: decoded
+
+
+def test_any_upload_stays_under_300_mb_while_decoded():
+    cases = [progressive_jpeg_declaring(12000, 12000), progressive_jpeg_declaring(13000, 13000, "RGB"),
+             progressive_jpeg_declaring(4900, 4900), progressive_jpeg_declaring(8000, 8000, "RGB")]
+    script = textwrap.dedent("""
+        import resource, sys
+        from helpers import images
+        contents = [bytes.fromhex(line) for line in sys.stdin.read().split()]
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for content in contents:
+            try:
+                images.load_image(content)
+            except ValueError:
+                pass
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], input="\n".join(c.hex() for c in cases), capture_output=True,
+                         text=True, check=True)
+    assert float(run.stdout) < 300, f"{float(run.stdout):.0f} MB"
