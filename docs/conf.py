@@ -64,10 +64,10 @@ def _docstring_links(app, what, name, obj, options, lines: list[str]) -> None:
     lines[:] = [_DOCSTRING_NOTEBOOK_LINK.sub(r":doc:`\1 </notebooks/\2>`", line) for line in lines]
 
 
-# The modules docs/api.md documents. One that fails to import is left out of the page (its autodoc
-# warning is suppressed below, so the site still builds with -W) and named in the build's log.
-API_MODULES = ["msdnet", "layers", "data", "pretrained", "evaluate", "policies", "earlyexit", "gradcam",
-               "analysis", "faithfulness", "explorer", "viz"]
+# The modules docs/api.md documents: every module of the package (tests/test_course.py checks the page has
+# each). One that fails to import is left out of the page (its autodoc warning is suppressed below, so the
+# site still builds with -W) and named in the build's log.
+API_MODULES = sorted(p.stem for p in (_here.parent / "helpers").glob("*.py") if not p.stem.startswith("_"))
 
 
 def _report_unimportable(app) -> None:
@@ -123,9 +123,25 @@ suppress_warnings = [
 
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True}
+autodoc_inherit_docstrings = False  # a module's own methods only: no torch boilerplate under every `forward`
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # "Attributes:" as fields of the class, not a second description of each attribute
+
+
+def _attribute_docstring_as_written(self) -> list[str]:
+    """The docstring of an attribute, a property or module data, read as written.
+
+    Napoleon reads its first line as Google's "type: description" and cuts it at the first colon, so that
+    "The coarsest map [B, C, 8, 8]: what classifier k reads" showed as a type; helpers gives types as
+    annotations, never in these docstrings.
+    """
+    return self._consume_to_end()
+
+
+from sphinx.ext.napoleon.docstring import GoogleDocstring  # noqa: E402
+
+GoogleDocstring._parse_attribute_docstring = _attribute_docstring_as_written
 
 
 def _repository_url() -> str | None:

@@ -145,6 +145,7 @@ class EarlyExitStream:
     The images that stay after block k wait until `batch_size` of them have gathered, then go through
     block k+1 together; the answers are EarlyExit's, only the grouping differs. Feed batches as they
     arrive and call `finish` for the answers, or call the stream with all images at once.
+
     Args:
         early: the EarlyExit whose model, thresholds and score are used.
         batch_size: how many images every block runs on at once, >= 1; only `finish` runs fewer (the last

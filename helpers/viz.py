@@ -16,8 +16,12 @@ from . import data
 __all__ = ["to_hwc", "overlay", "show_overlay", "exit_grid", "RIGHT", "WRONG", "NEUTRAL", "png", "enlarged",
            "prediction_bars", "exit_strip", "ExplorerView", "explorer_view"]
 
-RIGHT, WRONG, NEUTRAL = "#2ca02c", "#d62728", "#787878"
-"""The colours of a right answer, a wrong one and one without a label (matplotlib's tab:green, tab:red, a grey)."""
+RIGHT = "#2ca02c"
+"""The colour of a right answer (matplotlib's ``tab:green``)."""
+WRONG = "#d62728"
+"""The colour of a wrong answer (matplotlib's ``tab:red``)."""
+NEUTRAL = "#787878"
+"""The colour of an answer without a label (a grey)."""
 
 
 def to_hwc(image: Tensor) -> np.ndarray:

@@ -367,3 +367,28 @@ def test_no_page_notebook_or_card_names_the_projects_own_data_folder():
     texts |= {p.name: p.read_text() for p in (ROOT / "data" / "pretrained").glob("*.json")}
     named = [name for name, text in texts.items() if "../shared" in text or "/work/shared" in text]
     assert not named, f"these name the project's own data folder: {named}"
+
+
+def test_the_api_page_documents_every_module_of_the_package():
+    """docs/api.md has an automodule for each module of helpers/ (the site's API_MODULES, read from the package),
+    and the site documents a method's own docstring only, never torch's under every `forward`."""
+    conf = runpy.run_path(str(DOCS / "conf.py"))
+    modules = {p.stem for p in (ROOT / "helpers").glob("*.py") if not p.stem.startswith("_")}
+    assert set(conf["API_MODULES"]) == modules
+    documented = re.findall(r"^\.\. automodule:: helpers\.(\w+)$", (DOCS / "api.md").read_text(), flags=re.M)
+    assert sorted(documented) == sorted(set(documented)), "a module is documented twice"
+    assert set(documented) == modules, f"missing: {sorted(modules - set(documented))}, gone: {sorted(set(documented) - modules)}"
+    assert conf["autodoc_inherit_docstrings"] is False
+
+
+def test_an_attribute_docstring_with_a_colon_renders_as_written():
+    """A property's docstring such as 'The coarsest map [B, C, 8, 8]: what classifier k reads' is prose on the
+    API page, not a type cut off at the colon (Napoleon's reading of Google attribute docstrings)."""
+    runpy.run_path(str(DOCS / "conf.py"))
+    from sphinx.ext.napoleon import Config
+    from sphinx.ext.napoleon.docstring import GoogleDocstring
+
+    text = "The coarsest map [B, C, 8, 8]: what classifier k reads."
+    for what in ("property", "attribute", "data"):
+        rendered = str(GoogleDocstring(text, Config(napoleon_use_ivar=True), what=what, name="features"))
+        assert ":type:" not in rendered and text in rendered, rendered
