@@ -15,8 +15,9 @@ from contextlib import contextmanager
 import ipywidgets as widgets
 import torch
 
-from . import data, evaluate, gradcam, images, msdnet, viz
+from . import checks, data, evaluate, gradcam, images, msdnet, viz
 from .cache import fingerprint
+from .errors import InputError
 from .images import load_image
 
 __all__ = ["Explorer", "explore", "load_image", "CHUNK_SECONDS", "SPLIT_NAMES"]
@@ -91,10 +92,11 @@ class Explorer:
     predictions in a background thread, chunk by chunk: filters cover the images predicted so far.
 
     Args:
-        model: an MSD-Net taking float images [B, 3, H, W] in [0, 1].
-        split: "train", "val", "trainval" or "test" (read with data.load from `source`), or a data.Split.
+        model: an MSD-Net taking float images [B, 3, H, W] in [0, 1], on any device (the app computes there).
+        split: "train", "val", "trainval" or "test" (read with data.load from `source`), or a data.Split
+            (images uint8 in 0..255, or float in [0, 1]).
         preds: every exit's predictions for the split; default: evaluate's cache, else predicted here.
-        classes: the class names, indexed by label.
+        classes: the class names, indexed by label: one distinct string per class of the model.
         chunk: images per background chunk; None: as many as take about CHUNK_SECONDS.
         split_name: what the text calls the images; None: SPLIT_NAMES[split] for a split named, else nothing.
     """
@@ -104,6 +106,12 @@ class Explorer:
         if isinstance(split, str):
             split_name = SPLIT_NAMES.get(split, split) if split_name is None else split_name
             split = data.load(split, source)
+        checks.split(split)
+        n_classes = model.config.num_classes
+        if isinstance(classes, str) or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes) \
+                or len(classes) != n_classes:
+            raise InputError(f"classes must be {n_classes} distinct names, one per class of the model, got {classes!r}")
+        classes = tuple(classes)
         self.model = copy.deepcopy(model).eval()
         self.split, self.classes, self.n_exits, n = split, classes, model.n_exits, len(split)
         self._image = f"{split_name} image" if split_name else "image"
@@ -114,8 +122,9 @@ class Explorer:
         if preds is None:  # predicted in the background
             preds = evaluate.Predictions(torch.full((n, model.n_exits, model.config.num_classes), float("nan")),
                                          split.labels.clone())
+        evaluate.check_predictions(preds)
         if len(preds) != n:
-            raise ValueError(f"predictions for {len(preds)} images, but the split has {n}")
+            raise InputError(f"predictions for {len(preds)} images, but the split has {n}")
         self.preds, self.difficulty = preds, evaluate.difficulty(preds) if self._known.all() else torch.zeros(n).long()
         self.uploaded, self.last_redraw_s = None, 0.0  # uploaded: float [3, H, W] in [0, 1], or None
         self._maps, self._finest_of_exit, self._indices = {}, {}, torch.zeros(0, dtype=torch.long)
@@ -209,7 +218,7 @@ class Explorer:
                         return
                     idx, start = order[i : i + n], time.perf_counter()
                     with torch.no_grad():
-                        logits = torch.stack(self.model(self.split.images[idx].to(device).float() / 255), 1)
+                        logits = torch.stack(self.model(checks.unit_images(self.split.images[idx].to(device))), 1)
                     took = time.perf_counter() - start
                     self._publish(idx, logits.float().cpu())
                 i += len(idx)
@@ -261,7 +270,8 @@ class Explorer:
         """The shown image, float [3, H, W] in [0, 1], or None."""
         with self._turns.take():
             i = self.current_index()
-            return self.uploaded if self.uploaded is not None else None if i is None else self.split.images[i].float() / 255
+            return self.uploaded if self.uploaded is not None else None if i is None else \
+                checks.unit_images(self.split.images[i : i + 1])[0]
 
     @property
     def indices(self) -> torch.Tensor:
@@ -320,10 +330,13 @@ class Explorer:
             self.scale.options = sizes
             self.scale.value = keep
 
-    def _target(self, index: int | None) -> tuple[str, torch.Tensor | None]:
-        """(target, labels) for gradcam.compute; an upload has no true class: "true" explains the prediction."""
+    def _target(self, index: int | None) -> tuple[str | int, torch.Tensor | None]:
+        """(target, labels) for gradcam.compute; an upload has no true class: "true" explains the prediction.
+        A class is passed by its index: the names are this app's (`classes`), not necessarily CIFAR-10's."""
         if self.target.value == "true":
             return ("true", self.preds.labels[index : index + 1]) if index is not None else ("predicted", None)
+        if self.target.value in self.classes:
+            return self.classes.index(self.target.value), None
         return self.target.value, None
 
     def maps(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,28 +353,28 @@ class Explorer:
             key = (index if index is not None else fingerprint([self.uploaded]), target, method)
             if len(self._maps) > 256:
                 self._maps.clear()
+            x = image[None].to(next(self.model.parameters()).device)  # the model's device; answers kept on the CPU
             if key not in self._maps:  # all exits at the classifiers' own maps: one trunk pass
-                cam = gradcam.compute(self.model, image[None], list(range(1, self.n_exits + 1)), target, None, method, labels)
-                self._maps[key] = (gradcam.normalize(cam.maps[0], size), cam.logits[0])
+                cam = gradcam.compute(self.model, x, list(range(1, self.n_exits + 1)), target, None, method, labels)
+                self._maps[key] = (gradcam.normalize(cam.maps[0], size).cpu(), cam.logits[0].cpu())
             maps, logits = self._maps[key]
             if self.scale.value == self.model.config.coarsest_size:
                 return maps, logits
             fine_key = (*key, k, self.scale.value)  # a finer map exists for this exit only
             if fine_key not in self._maps:
                 site = self._finest_of_exit[k][self.scale.value]
-                fine = gradcam.compute(self.model, image[None], [k], target, site, method, labels)
-                self._maps[fine_key] = gradcam.normalize(fine.maps[0, 0], size)
+                fine = gradcam.compute(self.model, x, [k], target, site, method, labels)
+                self._maps[fine_key] = gradcam.normalize(fine.maps[0, 0], size).cpu()
             maps = maps.clone()
             maps[k - 1] = self._maps[fine_key]
             return maps, logits
 
     def show(self, index: int) -> None:
         """Show image `index` (0-based, into the split), clearing the filters so that every image can be reached."""
-        if not 0 <= index < len(self.split):
-            raise ValueError(f"index must be between 0 and {len(self.split) - 1}, got {index}")
+        index = checks.whole(index, "index", low=0, high=len(self.split) - 1)
         with self.start()._turns.take():
             if not self._known[index]:
-                raise ValueError(f"image {index} is not predicted yet: call wait() first")
+                raise InputError(f"image {index} is not predicted yet: call wait() first")
             self._on_back()
             for w, value in ((self.class_filter, "all"), (self.difficulty_filter, "any"), (self.correct_filter, "any")):
                 w.value = value

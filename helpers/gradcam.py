@@ -18,6 +18,7 @@ backward passes through the heads.
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Callable, NamedTuple
 
 import torch
@@ -25,8 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import data, msdnet
+from . import checks, data, layers, msdnet
 from .cache import cached, fingerprint
+from .errors import InputError, InputTypeError
 
 __all__ = ["Site", "CAM", "Method", "METHODS", "TARGETS", "targets_for", "class_activation_map", "default_site", "sites",
            "latest_sites", "latest_site", "compute", "gradcam",
@@ -76,7 +78,7 @@ def latest_site(model: msdnet.MSDNet, exit: int, size: int | None = None) -> Sit
     latest = latest_sites(model, exit)
     size = max(latest) if size is None else size
     if size not in latest:
-        raise ValueError(f"exit B{exit} depends on maps of {sorted(latest)} pixels, not {size}")
+        raise InputError(f"exit B{exit} depends on maps of {sorted(latest)} pixels, not {size}")
     return latest[size]
 
 
@@ -97,9 +99,18 @@ def _is_index(v) -> bool:
         return False
 
 
+def _check_images(x) -> None:
+    """One line for what is not a tensor of images at all (a NumPy array, a list); the model checks the rest."""
+    if not isinstance(x, Tensor):
+        hint = "torch.from_numpy(x) (HWC arrays: .permute(2, 0, 1)[None])" if hasattr(x, "__array__") else "torch.as_tensor(x)"
+        raise InputTypeError(f"Grad-CAM takes a torch.Tensor of float images [B, 3, H, W] in [0, 1], got "
+                             f"{type(x).__name__}; convert it with {hint}")
+
+
 def _differentiable(model: msdnet.MSDNet, x: Tensor) -> Tensor:
     """A checked copy of the images that autograd tracks: every map computed from it then has a gradient,
     even when the caller froze the model's parameters."""
+    _check_images(x)
     model.check_input(x)
     if torch.is_inference_mode_enabled():
         raise RuntimeError("Grad-CAM needs gradients, which torch.inference_mode() turns off for good: call it outside "
@@ -115,17 +126,17 @@ def _resolve(model: msdnet.MSDNet, site, exit: int) -> Site:
         else:
             # pytorch-grad-cam's target_layers are modules; here a map is named by block, module and size
             got = f"a module ({type(site).__name__})" if isinstance(site, torch.nn.Module) else repr(site)
-            raise TypeError(f"site must be a gradcam.Site(block, module, size), e.g. gradcam.Site({exit}, -1, "
+            raise InputTypeError(f"site must be a gradcam.Site(block, module, size), e.g. gradcam.Site({exit}, -1, "
                             f"{model.config.coarsest_size}), or one of gradcam.sites(model, {exit}) (for several exits, "
                             f"a list of them, one per exit); got {got}")
     if not 1 <= site.block <= model.n_exits:
-        raise ValueError(f"{site}: block must be between 1 and {model.n_exits}")
+        raise InputError(f"{site}: block must be between 1 and {model.n_exits}")
     if site.block > exit:
-        raise ValueError(f"{site} does not influence exit B{exit}: block {site.block} runs after it; "
+        raise InputError(f"{site} does not influence exit B{exit}: block {site.block} runs after it; "
                          f"choose a block between 1 and {exit}")
     n_modules = model.block_length(site.block)
     if not -n_modules <= site.module < n_modules:
-        raise ValueError(f"{site}: block {site.block} has {n_modules} modules (module 0..{n_modules - 1}, or -1)")
+        raise InputError(f"{site}: block {site.block} has {n_modules} modules (module 0..{n_modules - 1}, or -1)")
     return Site(site.block, site.module % n_modules, site.size)
 
 
@@ -148,7 +159,7 @@ def _check_site_has_map(model: msdnet.MSDNet, maps: dict, site: Site) -> None:
         with msdnet.eval_mode(model), torch.enable_grad():
             every = _run(model, x, site.block, keep_all=True)[0]
         sizes = sorted({s.size for s in every if s.block == site.block and s.module == site.module}, reverse=True)
-        raise ValueError(f"{site}: that module has no {site.size}x{site.size} map (its scales: {sizes})")
+        raise InputError(f"{site}: that module has no {site.size}x{site.size} map (its scales: {sizes})")
 
 
 # ----------------------------------------------------------------------------- the weights: the one thing methods change
@@ -188,12 +199,16 @@ METHODS = {
 }
 
 
+# The code that computes maps: a change to any of it (the forward path, a CAM method) names the cache files anew.
+_CODE = (msdnet, layers, sys.modules[__name__])
+
+
 def class_activation_map(score: Tensor, fmap: Tensor, method: str = "gradcam", retain_graph: bool = False) -> Tensor:
     """The map [B, h, w] for a scalar `score` (summed over the batch) computed from `fmap` [B, K, h, w].
     These are the lines the method is: gradient, weights per channel, ReLU of the weighted sum."""
     (grads,) = torch.autograd.grad(score, fmap, retain_graph=retain_graph, allow_unused=True)
     if grads is None:
-        raise ValueError("the score does not depend on this feature map")
+        raise InputError("the score does not depend on this feature map")
     a = fmap.detach()
     weights = METHODS[method].weights(grads, a)  # [B, K] or [B, K, h, w]
     if weights.dim() == 2:
@@ -226,30 +241,30 @@ def targets_for(target, logits: Tensor, labels: Tensor | None = None) -> Tensor:
         return logits.argmax(1)
     if isinstance(target, str) and target == "true":
         if labels is None:
-            raise ValueError("target='true' needs the true labels: pass labels= (one class index per image)")
+            raise InputError("target='true' needs the true labels: pass labels= (one class index per image)")
         target = labels
     elif isinstance(target, str):
         if target not in names:
-            raise ValueError(f"{usage}; got {target!r}")
+            raise InputError(f"{usage}; got {target!r}")
         target = names.index(target)
     if isinstance(target, bool):
-        raise ValueError(f"{usage}; got {target!r}")
+        raise InputError(f"{usage}; got {target!r}")
     if isinstance(target, int):
         t = torch.full((b,), target, dtype=torch.long, device=logits.device)
     else:
         try:
             t = torch.as_tensor(target, device=logits.device)
         except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"{usage}; got {target!r}") from None
+            raise InputError(f"{usage}; got {target!r}") from None
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"{usage}; got values of dtype {t.dtype}")
+            raise InputError(f"{usage}; got values of dtype {t.dtype}")
         t = t.long().reshape(-1)
         if t.numel() == 1:
             t = t.expand(b)
     if t.shape != (b,):
-        raise ValueError(f"{usage}; got {tuple(t.shape)}")
+        raise InputError(f"{usage}; got {tuple(t.shape)}")
     if ((t < 0) | (t >= n)).any():
-        raise ValueError(f"target classes must be between 0 and {n - 1}")
+        raise InputError(f"target classes must be between 0 and {n - 1}")
     return t
 
 
@@ -260,17 +275,20 @@ def compute(model: msdnet.MSDNet, x: Tensor, exits: list[int], target=None, site
     target: one of TARGETS (see targets_for); "true" explains the classes in `labels`.
     site: one per exit (default: the map each classifier reads).
     """
+    _check_images(x)
     if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    if not exits:
-        raise ValueError("exits must name at least one exit")
+        raise InputError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if isinstance(exits, (str, bytes)) or not hasattr(exits, "__len__"):
+        raise InputTypeError(f"exits must be a list of exit numbers (e.g. [1, 5, 10]), got {exits!r}")
+    if not len(exits):
+        raise InputError("exits must name at least one exit")
     exits = [_check_exit(model, k) for k in exits]
     if site is None:
         site_list = [default_site(k, model) for k in exits]
     else:
         site_list = list(site) if isinstance(site, list) else [site] * len(exits)
     if len(site_list) != len(exits):
-        raise ValueError("give one site per exit")
+        raise InputError(f"give one site per exit: {len(exits)} exits, got {len(site_list)} sites")
     site_list = [_resolve(model, s, k) for s, k in zip(site_list, exits)]
     with msdnet.eval_mode(model), torch.enable_grad():  # batch statistics would couple the images' gradients
         maps, logits = _run(model, x.detach(), max(exits), keep=set(site_list))
@@ -283,7 +301,7 @@ def compute(model: msdnet.MSDNet, x: Tensor, exits: list[int], target=None, site
             try:
                 cam = class_activation_map(score, maps[s], method, retain_graph=i < len(exits) - 1)
             except ValueError:
-                raise ValueError(f"{s} does not influence exit B{k}; choose one of gradcam.sites(model, {k})") from None
+                raise InputError(f"{s} does not influence exit B{k}; choose one of gradcam.sites(model, {k})") from None
             out_maps.append(cam)
             out_logits.append(z.detach())
             out_targets.append(t)
@@ -295,6 +313,10 @@ def compute(model: msdnet.MSDNet, x: Tensor, exits: list[int], target=None, site
 
 def normalize(maps: Tensor, size: int | None = None) -> Tensor:
     """Upsample [..., h, w] maps bilinearly to size x size and scale each to [0, 1] (an all-zero map stays 0)."""
+    checks.tensor(maps, "maps", "[..., h, w]")
+    if maps.dim() < 2 or not maps.is_floating_point():
+        raise InputError(f"maps must be float [..., h, w], got {maps.dtype} {list(maps.shape)}")
+    size = None if size is None else checks.whole(size, "size")
     shape = maps.shape
     flat = maps.reshape(-1, 1, *shape[-2:]).float()
     if size is not None and size != shape[-1]:
@@ -329,19 +351,22 @@ def maps_for_split(model: msdnet.MSDNet, split, method: str = "gradcam", target=
     split's labels), one class for every image, or one class per image of the split.
 
     Streams the split in batches with a progress bar, keeps only the low-resolution maps (upsample what
-    you show with normalize), and is cached on disk like the predictions.
+    you show with normalize), and is cached on disk like the predictions, under a name that includes
+    this code's and the model's source. Images uint8 in 0..255 or float in [0, 1]; batch_size >= 1.
     """
     # Resolve once for the whole split, so that a bad target fails before any work and per-image
     # targets can be sliced per batch; the logits are not needed for that, only their shape.
-    if len(split) == 0:
-        raise ValueError("the split holds no images; pass a data.Split with at least one image")
+    checks.split(split)
+    batch_size = checks.whole(batch_size, "batch_size")
+    if method not in METHODS:
+        raise InputError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     fixed = None if target is None or (isinstance(target, str) and target == "predicted") else targets_for(
         target, torch.zeros(len(split), model.config.num_classes), split.labels)
 
     def run() -> dict:
         out = []
         for i in tqdm(range(0, len(split), batch_size), desc=f"{method} maps", unit="batch", leave=False):
-            x = split.images[i : i + batch_size].float() / 255
+            x = checks.unit_images(split.images[i : i + batch_size])
             t = None if fixed is None else fixed[i : i + batch_size]
             out.append(compute(model, x.to(_device(model)), list(range(1, model.n_exits + 1)), t, None, method).maps.cpu())
         return {"maps": torch.cat(out)}
@@ -353,7 +378,15 @@ def maps_for_split(model: msdnet.MSDNet, split, method: str = "gradcam", target=
     else:  # any other choice of classes: named by its contents, so two choices never share a cache file
         which = "t" + fingerprint([fixed])
     kind = f"{method.replace('+', 'p')}-{which}"
-    return cached(kind, model, split.images, split.labels, run, cache_dir, enabled=cache)["maps"]
+    shape = [len(split), model.n_exits]
+
+    def wrong(saved: dict) -> str | None:
+        maps = saved.get("maps")
+        if not isinstance(maps, Tensor):
+            return f"keys {sorted(saved)}, not maps"
+        return None if maps.dim() == 4 and list(maps.shape[:2]) == shape else f"maps {list(maps.shape)}, not {shape} + [h, w]"
+
+    return cached(kind, model, split.images, split.labels, run, cache_dir, enabled=cache, expect=wrong, code=_CODE)["maps"]
 
 
 # ----------------------------------------------------------------------------- Guided Grad-CAM
@@ -397,6 +430,7 @@ def guided_backprop(model: msdnet.MSDNet, x: Tensor, exit: int | None = None, ta
     """Guided backpropagation of exit `exit`'s score (default: the last exit's) for `target` (as in
     compute) to the pixels: [B, 3, H, W], the fine detail that Guided Grad-CAM multiplies by the coarse map."""
     exit = _check_exit(model, exit)
+    _check_images(x)
     with msdnet.eval_mode(model), torch.enable_grad(), _GuidedReLUs(model):
         x = _differentiable(model, x)
         z = model(x, exits=exit)[exit - 1]

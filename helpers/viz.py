@@ -12,9 +12,11 @@ from matplotlib import colormaps
 from torch import Tensor
 
 from . import data
+from .errors import InputError
 
 __all__ = ["to_hwc", "overlay", "show_overlay", "exit_grid", "RIGHT", "WRONG", "NEUTRAL", "png", "enlarged",
-           "prediction_bars", "exit_strip", "ExplorerView", "explorer_view"]
+           "prediction_bars", "exit_strip", "ExplorerView", "explorer_view", "NetworkLayout", "network_layout",
+           "show_network"]
 
 RIGHT = "#2ca02c"
 """The colour of a right answer (matplotlib's ``tab:green``)."""
@@ -46,11 +48,11 @@ def overlay(image: Tensor, cam: Tensor, alpha: float = 0.5, cmap: str = "jet") -
         float [H, W, 3] in [0, 1].
     """
     if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be between 0 and 1, got {alpha}")
+        raise InputError(f"alpha must be between 0 and 1, got {alpha}")
     img = to_hwc(image)
     heat = colormaps[cmap](cam.detach().cpu().float().clamp(0, 1).numpy())[..., :3]
     if heat.shape[:2] != img.shape[:2]:
-        raise ValueError(f"the map is {tuple(heat.shape[:2])} but the image is {tuple(img.shape[:2])}: "
+        raise InputError(f"the map is {tuple(heat.shape[:2])} but the image is {tuple(img.shape[:2])}: "
                          "upsample it first (gradcam.normalize(maps, size))")
     return (1 - alpha) * img + alpha * heat
 
@@ -199,3 +201,108 @@ def explorer_view(image: Tensor, maps: Tensor, logits: Tensor, chosen: int, alph
     pngs = (png(enlarged(image, None, 0, 6)), png(enlarged(image, maps[k - 1], alpha, 6)),
             png(prediction_bars(conf.tolist(), names, right, k)), png(exit_strip(image, maps, right, k, alpha)))
     return ExplorerView(title, explains, pngs)
+
+
+class NetworkLayout(NamedTuple):
+    """What a network's figure draws, read off the model's own modules.
+
+    Attributes:
+        sizes: the side of each scale's maps, finest first (32, 16, 8 on CIFAR).
+        columns: per module of the trunk, in order: (block 1..n, kind "first", "layer" or "transition",
+            the scales it outputs as indices into `sizes`).
+        exits: per classifier: (exit number 1..n, the scale it reads, the channels of that map).
+    """
+
+    sizes: list[int]
+    columns: list[tuple[int, str, tuple[int, ...]]]
+    exits: list[tuple[int, int, int]]
+
+
+def network_layout(model) -> NetworkLayout:
+    """The scales every module of `model` (an MSDNet, or a preset name) keeps and where each classifier reads.
+
+    Returns:
+        NetworkLayout; a scale missing from a column was pruned before it.
+    """
+    from . import layers, msdnet
+
+    if isinstance(model, (str, msdnet.MSDNetConfig)):
+        model = msdnet.build(model)
+    if not isinstance(model, msdnet.MSDNet):
+        raise InputError(f"network_layout needs an msdnet.MSDNet or a preset name, got {type(model).__name__}")
+    cfg = model.config
+    n = cfg.n_scales
+    sizes = [cfg.image_size // 2**s for s in range(n)]
+    columns = []
+    for b, block in enumerate(model.blocks, start=1):
+        for module in block:
+            if isinstance(module, layers.FirstLayer):
+                columns.append((b, "first", tuple(range(n - len(module.convs), n))))
+            elif isinstance(module, layers.MSDLayer):
+                columns.append((b, "layer", tuple(range(n - module.scales_out, n))))
+            elif isinstance(module, layers.Transition):
+                columns.append((b, "transition", tuple(range(n - len(module.convs), n))))
+            else:
+                raise InputError(f"block {b} holds a {type(module).__name__}, which this figure cannot draw")
+    exits = [(k, n - 1, classifier.features[0][0].in_channels) for k, classifier in enumerate(model.classifiers, start=1)]
+    return NetworkLayout(sizes, columns, exits)
+
+
+def show_network(model, ax=None, title: str | None = None):
+    """Draw MSD-Net as the paper's Figure 2 does: scales as rows, modules as columns, a classifier per block.
+
+    Each dot is a module's output map at one scale (dense connections: every layer also receives all
+    earlier maps of its scale); arrows show the regular path along a scale and the strided path from the
+    next finer one; hollow grey dots mark scales already pruned; square boxes are the classifiers, under
+    the map they read.
+
+    Args:
+        model: an MSDNet, or a preset name (e.g. "cifar10-anytime", "seed").
+        ax: a matplotlib Axes to draw on (default: a new figure's).
+        title: the figure's title (default: one read off the layout).
+    Returns:
+        the Axes.
+    """
+    layout = network_layout(model)
+    n, cols = len(layout.sizes), layout.columns
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(8.0, 0.42 * len(cols) + 1.5), 0.75 * n + 1.9))
+    colour = {"first": "#1f77b4", "layer": "#1f77b4", "transition": "#ff7f0e"}
+    last_of_block = {b: i for i, (b, _, _) in enumerate(cols)}
+    for i, (b, kind, kept) in enumerate(cols):
+        if b % 2 == 0 and (i == 0 or cols[i - 1][0] != b):
+            ax.axvspan(i - 0.5, last_of_block[b] + 0.5, color="#f0f0f0", zorder=0)
+        if i == 0 or cols[i - 1][0] != b:
+            ax.text((i + last_of_block[b]) / 2, -0.75, f"block {b}", ha="center", va="bottom", fontsize=8)
+        for s in range(n):
+            if s in kept:
+                ax.plot(i, s, "o", color=colour[kind], markersize=6, zorder=3)
+            else:
+                ax.plot(i, s, "o", mfc="none", mec="#c8c8c8", markersize=5, zorder=3)
+        if i == 0:
+            for s in kept[1:]:  # the first layer: each coarser scale a strided conv of the finer one
+                ax.annotate("", (i, s), (i, s - 1), arrowprops=dict(arrowstyle="->", color="#555555", lw=0.8))
+            continue
+        before = cols[i - 1][2]
+        for s in kept:
+            if s in before:
+                ax.annotate("", (i, s), (i - 1, s), arrowprops=dict(arrowstyle="->", color="#555555", lw=0.8))
+            if kind == "layer" and s - 1 in before:
+                ax.annotate("", (i, s), (i - 1, s - 1), arrowprops=dict(arrowstyle="->", color="#9a9a9a", lw=0.8))
+    for k, scale, channels in layout.exits:
+        i = last_of_block[k]
+        ax.annotate("", (i, n + 0.35), (i, scale), arrowprops=dict(arrowstyle="->", color=WRONG, lw=1.0))
+        ax.text(i, n + 0.6, f"B{k}", ha="center", va="center", fontsize=8, color="white",
+                bbox=dict(boxstyle="square,pad=0.3", fc=WRONG, ec="none"))
+    ax.set_yticks(range(n), [f"{size}x{size}" for size in layout.sizes], fontsize=8)
+    ax.set_xticks([])
+    ax.set_xlim(-0.8, len(cols) - 0.2)
+    ax.set_ylim(n + 1.1, -1.0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    coarse = layout.sizes[layout.exits[0][1]]
+    layers_n = sum(kind == "layer" for _, kind, _ in cols)
+    ax.set_title(title or f"{len(layout.exits)} blocks, {layers_n} MSD layers (blue), "
+                 f"{sum(kind == 'transition' for _, kind, _ in cols)} transitions (orange); "
+                 f"every classifier reads the {coarse}x{coarse} map", fontsize=9)
+    return ax

@@ -1,4 +1,5 @@
 """The explorer driven from Python: moving its widgets changes what it shows as it must."""
+import copy
 import functools
 import io
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import data, evaluate, explorer, msdnet
+from helpers import data, evaluate, explorer, gradcam, msdnet
 
 
 @pytest.fixture
@@ -225,6 +226,7 @@ def test_a_split_named_val_is_called_validation(tiny_folder, monkeypatch):
     assert unnamed.count.value.endswith(" of 10 images that pass the filters (of 10)")
 
 
+@pytest.mark.slow  # it asserts wall-clock times: on two busy cores that belongs with the benchmarks
 def test_every_control_answers_within_150_ms_while_the_background_predicts():
     torch.manual_seed(0)
     model = msdnet.build("tiny").eval()
@@ -341,3 +343,46 @@ def test_the_explorers_pictures_are_drawn_by_viz_with_known_colours():
     assert strip.size == (3 * (64 + 6), 64 + 16)
     assert viz.png(strip).startswith(b"\x89PNG")
     assert viz.enlarged(image, None, 0, 6).shape == (192, 192, 3)
+
+
+def test_show_refuses_what_is_not_an_image_number_in_one_line(app):
+    for bad, error in ((True, TypeError), (2.0, TypeError), ("3", TypeError), (-1, ValueError)):
+        with pytest.raises(error, match=f"index must be a whole number between 0 and 19, got {bad!r}") as e:
+            app.show(bad)
+        assert "\n" not in str(e.value)
+
+
+def test_class_names_of_its_own_are_targets_the_maps_accept(tiny_folder):
+    split = data.load("test", source=tiny_folder)
+    torch.manual_seed(0)
+    model = msdnet.build("tiny").eval()
+    names = tuple(f"kind {i}" for i in range(10))
+    app = explorer.Explorer(model, split, evaluate.predict(model, split, cache=False), classes=names).start()
+    assert app.target.options[2:] == names
+    app.target.value = "kind 3"  # refused by gradcam.targets_for before: it knows CIFAR-10's names only
+    assert "kind 3" in app.explains.value or "kind 3" in app.title.value
+    maps, _ = app.maps()
+    want = gradcam.normalize(gradcam.compute(model, app.current_image()[None], [4], 3).maps[0, 0], 32)
+    assert torch.allclose(maps[3], want, atol=1e-5)
+    for bad in (names[:9], names[:9] + ("kind 0",), "abcdefghij"):
+        with pytest.raises(ValueError, match="classes must be 10 distinct names, one per class of the model"):
+            explorer.Explorer(model, split, classes=bad)
+
+
+def test_images_go_to_the_models_device(app, monkeypatch):
+    # No second device in CI: the app's model is moved to "meta" (shapes only), and a stand-in gradcam.compute
+    # checks where the images are, then answers from a CPU copy of the model for the image shown.
+    cpu_model, seen = copy.deepcopy(app.model), []
+    real = gradcam.compute
+
+    def compute(model, x, *args, **kw):
+        seen.append((x.device.type, next(model.parameters()).device.type))
+        return real(cpu_model, app.current_image()[None], *args, **kw)
+
+    monkeypatch.setattr(gradcam, "compute", compute)
+    app.model.to("meta")
+    app._maps.clear()
+    app.exit.value, app.scale.value = "B2", 32  # the maps of every exit, and a finer one for B2
+    assert len(seen) == 2 and all(images == model == "meta" for images, model in seen)
+    maps, logits = app.maps()
+    assert maps.device.type == logits.device.type == "cpu"

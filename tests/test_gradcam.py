@@ -343,3 +343,56 @@ def test_uint8_images_get_the_models_own_message(model):
                 lambda: gradcam.gradcam_all_exits(model, x)):
         with pytest.raises(TypeError, match=r"convert uint8 images with x.float\(\) / 255"):
             run()
+
+
+def test_a_numpy_array_gets_one_line_saying_how_to_convert_it(model, images):
+    array = images.numpy()
+    for run in (lambda: gradcam.gradcam(model, array, exit=2), lambda: gradcam.gradcam_all_exits(model, array),
+                lambda: gradcam.guided_gradcam(model, array, exit=2), lambda: gradcam.guided_backprop(model, array)):
+        with pytest.raises(TypeError, match=r"Grad-CAM takes a torch.Tensor of float images \[B, 3, H, W\] in \[0, 1\], "
+                                            r"got ndarray; convert it with torch.from_numpy\(x\)") as e:
+            run()
+        assert "\n" not in str(e.value)
+
+
+def test_maps_for_a_split_of_floats_in_0_1_are_those_of_its_uint8_copy(model, tiny_folder, tmp_path):
+    from helpers import data
+
+    split = data.load("test", source=tiny_folder)
+    want = gradcam.maps_for_split(model, split, cache=False)
+    floats = data.Split(split.images.float() / 255, split.labels)
+    assert torch.allclose(gradcam.maps_for_split(model, floats, cache=False), want, atol=1e-6)  # not divided twice
+    with pytest.raises(ValueError, match="float between 0 and 2"):
+        gradcam.maps_for_split(model, data.Split(split.images.float(), split.labels), cache=False)
+    for size in (0, -3):
+        with pytest.raises(ValueError, match=f"batch_size must be a whole number >= 1, got {size}"):
+            gradcam.maps_for_split(model, split, batch_size=size, cache=False)
+    with pytest.raises(ValueError, match=r"one integer label per image, \[20\], got torch.int64 \[19\]"):
+        gradcam.maps_for_split(model, data.Split(split.images, split.labels[:19]), cache=False)
+
+
+def test_a_stored_map_file_of_another_shape_is_recomputed_with_one_warning(model, tiny_folder, tmp_path):
+    import warnings
+
+    from helpers import data
+
+    split = data.load("test", source=tiny_folder)
+    want = gradcam.maps_for_split(model, split, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("gradcam-*.pt")
+    for other in ({"maps": torch.zeros(len(split), 2, 8, 8)}, {"logits": torch.zeros(3)}):
+        torch.save(other, path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = gradcam.maps_for_split(model, split, cache_dir=tmp_path)
+        assert torch.equal(got, want)
+        (said,) = [str(w.message) for w in caught]
+        assert said.startswith(f"the cache file {path} holds something else (") and "\n" not in said
+
+
+def test_mismatched_sites_and_exits_are_refused_in_one_line(model, images):
+    with pytest.raises(ValueError, match="give one site per exit: 2 exits, got 1 sites"):
+        gradcam.compute(model, images, [1, 2], site=[Site(1, -1, 8)])
+    with pytest.raises(TypeError, match="exits must be a list of exit numbers"):
+        gradcam.compute(model, images, 3)
+    with pytest.raises(ValueError, match=r"size must be a whole number >= 1, got 0"):
+        gradcam.normalize(torch.rand(2, 8, 8), 0)
