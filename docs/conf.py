@@ -6,6 +6,7 @@ that hold what the README leaves out (how the checkpoint was made, benchmarks, A
 Nothing is executed (the notebooks are committed executed), so it builds in about a minute on any machine.
 """
 import importlib
+import json
 import re
 import shutil
 import sys
@@ -64,6 +65,22 @@ def _docstring_links(app, what, name, obj, options, lines: list[str]) -> None:
     lines[:] = [_DOCSTRING_NOTEBOOK_LINK.sub(r":doc:`\1 </notebooks/\2>`", line) for line in lines]
 
 
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def _without_stored_widgets(app, docname: str, source: list[str]) -> None:
+    """A notebook's stored widgets are dead controls without a kernel, drawn by scripts from a CDN: the site's page
+    of a notebook leaves out the widget state and the outputs that show widgets (the download keeps them)."""
+    if not docname.startswith("notebooks/") or "application/vnd.jupyter.widget" not in source[0]:
+        return
+    nb = json.loads(source[0])
+    nb.get("metadata", {}).pop("widgets", None)
+    for cell in nb.get("cells", []):
+        if "outputs" in cell:
+            cell["outputs"] = [o for o in cell["outputs"] if _WIDGET_VIEW not in o.get("data", {})]
+    source[0] = json.dumps(nb, ensure_ascii=False)
+
+
 # The modules docs/api.md documents: every module of the package (tests/test_course.py checks the page has
 # each). One that fails to import is left out of the page (its autodoc warning is suppressed below, so the
 # site still builds with -W) and named in the build's log.
@@ -99,6 +116,7 @@ def setup(app) -> None:
             handler.filters.insert(0, _DocstringSlipsAreNotFatal())  # before -W's filter and the count
     app.connect("builder-inited", _copy_sources)
     app.connect("builder-inited", _report_unimportable)
+    app.connect("source-read", _without_stored_widgets)
     app.connect("source-read", _links_for_the_site)
     app.connect("autodoc-process-docstring", _docstring_links)
     app.add_css_file("custom.css")

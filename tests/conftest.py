@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -73,6 +75,16 @@ def real_cifar(tmp_path_factory):
     load = lambda split, **kw: data.load(split, source=path, data_dir=cache, **kw)  # noqa: E731
     load.source, load.data_dir = path, cache  # for code that finds the data as a user's does (env, data folder)
     return load
+
+
+@pytest.fixture(scope="session")
+def site(tmp_path_factory) -> Path:
+    """The site built from this checkout (warnings as errors), once per test session."""
+    out = tmp_path_factory.mktemp("site")
+    done = subprocess.run([sys.executable, "-m", "sphinx", "-W", "-b", "html", "docs", str(out)],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"the site does not build without warnings:\n{done.stderr[-3000:]}"
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,15 +15,6 @@ from test_browser import _importable, need
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
-
-
-@pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("site")
-    done = subprocess.run([sys.executable, "-m", "sphinx", "-W", "-b", "html", "docs", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"the site does not build without warnings:\n{done.stderr[-3000:]}"
-    return out
 
 
 def test_reading_the_sites_configuration_writes_nothing(tmp_path):
@@ -66,7 +56,7 @@ def test_the_site_has_a_front_page_every_notebook_and_the_reference_pages(site):
         assert f'href="{page}.html"' in index, f"the front page does not link {page}"
 
 
-PAGES = ["appendix", "benchmarks", "api", "glossary"]
+PAGES = ["explorer", "appendix", "benchmarks", "api", "glossary"]
 
 
 @pytest.mark.slow
