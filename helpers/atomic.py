@@ -4,15 +4,24 @@ A crash, a full disk or a second writer never leaves half a checkpoint, cache or
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import secrets
+import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: writers of one folder do not take turns
+    fcntl = None
+
 import torch
 
-__all__ = ["save", "write_text", "write_bytes", "load_or_discard", "save_or_warn"]
+__all__ = ["save", "write_text", "write_bytes", "replace_files", "load_or_discard", "save_or_warn"]
 
 
 def _alive(pid: int) -> bool:
@@ -152,3 +161,99 @@ def save_or_warn(obj, path: Path, problem: str | None = None, then: str = "", st
             stacklevel=stacklevel + 1,
         )
         return False
+
+
+# ----------------------------------------------------------------------------- several files at once
+
+
+def _sync(path: Path) -> None:
+    if os.name != "posix" and path.is_dir():
+        return  # no fsync of a folder there
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic rename where the system and file system can; False where not."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):
+            rc = libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2)  # AT_FDCWD, RENAME_EXCHANGE
+        elif sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+            rc = libc.renamex_np(os.fsencode(a), os.fsencode(b), 2)  # RENAME_SWAP
+        else:
+            return False
+    except OSError:
+        return False
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _tidy(folder: Path) -> None:
+    """Finish or undo what a killed writer left beside `folder`: its staged and its set-aside copies."""
+    for old in folder.parent.glob(f".{folder.name}.old*"):
+        if not folder.exists():  # killed between the two renames: the old set goes back
+            os.rename(old, folder)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for new in folder.parent.glob(f".{folder.name}.new*"):
+        shutil.rmtree(new, ignore_errors=True)
+
+
+def replace_files(folder: str | os.PathLike, files: dict[str, bytes]) -> None:
+    """Write `files` (name -> content) into `folder` together: a reader finds all the old ones or all the new.
+
+    The new set is staged in a folder beside `folder` (the files already there, hard-linked), which then
+    takes its place in one atomic exchange (two renames where the system has none). Two writers of the
+    same folder take turns; what a killed writer left is cleaned up by the next one.
+
+    Raises:
+        OSError: the folder cannot be written (the message names it); it is left as it was.
+    """
+    folder = Path(os.path.realpath(folder))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(folder.parent / f".{folder.name}.lock", "w")
+    except OSError as e:
+        raise _naming(e, folder) from e
+    with lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a second writer waits for the first to finish
+        _tidy(folder)
+        token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        new, old = folder.with_name(f".{folder.name}.new{token}"), folder.with_name(f".{folder.name}.old{token}")
+        try:
+            new.mkdir()
+            if folder.exists():
+                for entry in folder.iterdir():
+                    if entry.name not in files and entry.is_file() and not entry.is_symlink():
+                        try:
+                            os.link(entry, new / entry.name)
+                        except OSError:
+                            shutil.copy2(entry, new / entry.name)
+                    elif entry.name not in files:
+                        shutil.copytree(entry, new / entry.name, symlinks=True) if entry.is_dir() \
+                            else os.symlink(os.readlink(entry), new / entry.name)
+                shutil.copymode(folder, new)
+            for name, content in files.items():
+                (new / name).write_bytes(content)
+                _sync(new / name)
+            _sync(new)
+            if not folder.exists():
+                os.rename(new, folder)
+            elif not _exchange(new, folder):
+                os.rename(folder, old)
+                os.rename(new, folder)
+            _sync(folder.parent)
+        except OSError as e:
+            raise _naming(e, folder) from e
+        finally:
+            for leftover in (new, old):  # the unfinished set, or after the switch the old one
+                shutil.rmtree(leftover, ignore_errors=True)

@@ -1,8 +1,8 @@
 """Checkpoints: tensors and plain types only, stamped with their format, written atomically, read with
 weights_only=True.
 
-    python -m helpers.checkpoint compact runs/X/last.pt small.pt   # half precision, no optimizer
-    python -m helpers.checkpoint upgrade old.pt new.pt             # weights of an older format, re-saved
+    msdnet checkpoint compact --weights runs/X/last.pt --out small.pt   # half precision, no optimizer
+    msdnet checkpoint upgrade --weights old.pt --out new.pt             # weights of an older format, re-saved
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def read(path: str | os.PathLike, map_location="cpu") -> dict:
     if ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is a checkpoint of format {ckpt.get('format')!r}, these helpers read format {FORMAT} only. "
-            f"Weights: convert them with `python -m helpers.checkpoint upgrade {path} NEW.pt`; a run's last.pt: "
+            f"Weights: convert them with `msdnet checkpoint upgrade --weights {path} --out NEW.pt`; a run's last.pt: "
             "finish it with the helpers that started it, or train again")
     return ckpt
 
@@ -144,33 +144,13 @@ def half(state: dict) -> dict:
 def compact(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """A training checkpoint small enough to carry: weights and average in half precision, no optimizer.
 
-    `--resume` continues from it at the same step, with the momentum starting again from zero.
+    A run goes on from it at the same step, with the momentum starting again from zero.
     """
+    if Path(src).resolve() == Path(dst).resolve():
+        raise ValueError(f"the compact copy would replace {src} itself: write it to another file")
     ckpt = read(src)
     small = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scaler")}
     small["model"] = half(ckpt["model"])
-    if "average" in ckpt:
+    if ckpt.get("average") is not None:
         small["average"] = half(ckpt["average"])
     write(small, dst)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m helpers.checkpoint")
-    p.add_argument("command", choices=["compact", "upgrade"],
-                   help="compact: half precision, no optimizer; upgrade: weights of an older format re-saved")
-    p.add_argument("src")
-    p.add_argument("dst")
-    args = p.parse_args(argv)
-    try:
-        (compact if args.command == "compact" else upgrade)(args.src, args.dst)
-    except (CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.dst}: {Path(args.dst).stat().st_size / 1e6:.1f} MB")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-__all__ = ["main", "parser"]
+__all__ = ["main", "parser", "recipe_of"]
 
 _EXAMPLES = {
     "train": "msdnet train --recipe overnight --compile      # the shipped checkpoint's run; again to go on after a stop",
@@ -87,15 +87,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def recipe_of(args: argparse.Namespace):
+    """The recipe ``msdnet train`` runs: the named ``--recipe`` with the settings given on the line."""
+    from .recipe import RECIPES
+
+    settings = {f.name: getattr(args, f.name) for f in fields(RECIPES[args.recipe]) if getattr(args, f.name) is not None}
+    return replace(RECIPES[args.recipe], **settings)
+
+
 def _train(args: argparse.Namespace) -> int:
     import torch
 
     from . import train
+    from .evaluate import accuracy_line
     from .interrupts import TimeUp
-    from .recipe import RECIPES
 
-    settings = {f.name: getattr(args, f.name) for f in fields(RECIPES[args.recipe]) if getattr(args, f.name) is not None}
-    recipe = replace(RECIPES[args.recipe], **settings)
+    recipe = recipe_of(args)
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
     if args.time_limit < 0:
@@ -112,16 +119,18 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     if record.get("acc"):
-        print(f"done: {out}; validation {train.accuracy_line(record.get('acc_average', record['acc']))}")
+        print(f"done: {out}; validation {accuracy_line(record.get('acc_average', record['acc']))}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from . import data, evaluate, pretrained
-    from .train import accuracy_line
+    from . import cards, data, evaluate, pretrained
+    from .evaluate import accuracy_line
 
-    model = pretrained.load(args.weights, device=args.device,
-                            verify=args.weights is None or pretrained.card_path(args.weights).is_file())
+    uncarded = args.weights is not None and not cards.card_path(args.weights).is_file() and not cards.is_shipped(args.weights)
+    model = pretrained.load(args.weights, device=args.device, verify=not uncarded)
+    if uncarded:
+        print(f"{args.weights} has no card beside it: evaluated without a SHA-256 check", file=sys.stderr)
     test = data.load("test", args.source)
     print(f"test accuracy per exit: {accuracy_line(evaluate.exit_accuracies(model, test))}")
     if args.flip:
@@ -131,7 +140,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from . import export, pretrained
-    from .train import accuracy_line
+    from .evaluate import accuracy_line
 
     out = args.out or pretrained.PRETRAINED_DIR
     card = export.export(args.run, out, source=args.source, allow_worse=args.allow_worse,
@@ -144,8 +153,6 @@ def _export(args: argparse.Namespace) -> int:
 def _checkpoint(args: argparse.Namespace) -> int:
     from . import checkpoint
 
-    if args.weights.resolve() == args.out.resolve():
-        raise ValueError(f"--out is --weights ({args.out}): write to another file, so the original stays")
     (checkpoint.compact if args.action == "compact" else checkpoint.upgrade)(args.weights, args.out)
     print(f"{args.out}: {args.out.stat().st_size / 1e6:.1f} MB")
     return 0

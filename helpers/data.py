@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import atomic
+from .errors import OneLineError
 
 __all__ = [
     "CLASSES",
@@ -45,7 +46,7 @@ SPLITS = ("train", "val", "test", "trainval")
 _SHOWN_ENTRIES, _SHOWN_FILES = 10, 3
 
 
-class DataNotFoundError(RuntimeError):
+class DataNotFoundError(OneLineError, RuntimeError):
     """CIFAR-10 could not be found or read; the message says how to provide it."""
 
 
@@ -65,15 +66,11 @@ class Split(NamedTuple):
 
 
 def _no_data_message(detail: str, data_dir: Path | None = None) -> str:
+    """One line: what went wrong, then the ways to provide CIFAR-10."""
     folder = data_dir or DATA_DIR  # where the torchvision source reads and downloads
-    return (
-        f"CIFAR-10 could not be loaded: {detail}\n"
-        "Provide it in one of these ways:\n"
-        f"  - online: let torchvision download it (the default source, saved under {folder});\n"
-        f"  - offline: copy cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/) into {folder};\n"
-        f"  - a folder or .tar.gz laid out train/<class>/*, test/<class>/*: pass source=PATH or set "
-        f"{ENV_SOURCE}=PATH (on the project's machines: {ENV_SOURCE}=../shared/data/cifar10-jpeg.tar.gz)."
-    )
+    return (f"CIFAR-10 could not be loaded: {detail}. Provide it: online, torchvision downloads it into {folder}; "
+            f"offline, copy cifar-10-python.tar.gz into {folder}, or point --source (in Python source=, or the "
+            f"environment variable {ENV_SOURCE}) at a folder or .tar.gz laid out train/<class>/*, test/<class>/*")
 
 
 def resolve_source(source: str | os.PathLike | None) -> str:
@@ -252,9 +249,22 @@ def _from_torchvision(root: Path) -> dict[str, Split]:
         try:
             ds = CIFAR10(root, train=split == "train", download=True)
         except Exception as e:  # offline: URLError, socket errors, ...; corrupt files: RuntimeError
-            raise DataNotFoundError(_no_data_message(f"torchvision could not find or download it into {root} ({e})", root)) from e
+            archive = root / CIFAR10.filename
+            if archive.is_file() and not _torchvision_archive_ok(archive):
+                raise DataNotFoundError(f"{archive} is damaged (its MD5 is not CIFAR-10's): delete it, and torchvision "
+                                        "downloads it again, or copy a good one there") from None
+            raise DataNotFoundError(_no_data_message(f"torchvision could not find or download it into {root} "
+                                                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__})", root)) from None
         out[split] = Split(torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets))
     return out
+
+
+def _torchvision_archive_ok(archive: Path) -> bool:
+    """Whether `archive` is torchvision's CIFAR-10 download, whole (its published MD5)."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    return check_integrity(str(archive), CIFAR10.tgz_md5)
 
 
 def _load_decoded(source: str, data_dir: Path) -> dict[str, Split]:

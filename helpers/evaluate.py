@@ -38,6 +38,7 @@ __all__ = [
     "class_exit_accuracy",
     "difficulty",
     "right_then_wrong",
+    "accuracy_line",
 ]
 
 SCORES = ("confidence", "margin", "entropy")
@@ -286,3 +287,8 @@ def right_then_wrong(preds: Predictions) -> Tensor:
     check_predictions(preds)
     c = preds.correct.double()
     return c.T @ (1 - c) / len(preds)
+
+
+def accuracy_line(accs: list[float]) -> str:
+    """Every exit's accuracy as the project prints it: ``B1=86.20 B2=88.13 ...`` (percent)."""
+    return " ".join(f"B{k + 1}={a * 100:.2f}" for k, a in enumerate(accs))

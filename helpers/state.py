@@ -125,12 +125,16 @@ class TrainingState:
                               f"{data_id['train_fingerprint']}): give --source the copy of CIFAR-10 the run began with")
         state = cls.start(recipe, device, data_id)
         checkpoint.load_weights(state.model, saved, path)
-        state.optimizer.load_state_dict(saved["optimizer"])
-        if saved["scaler"]:
+        if "optimizer" in saved:
+            state.optimizer.load_state_dict(saved["optimizer"])
+        else:  # a compact copy (checkpoint.compact): weights only
+            print(f"{path} carries no optimizer state: the momentum starts again from zero", flush=True)
+        if saved.get("scaler"):
             state.use_fp16_scaler()
             state.scaler.load_state_dict(saved["scaler"])
         if state.average is not None:
-            state.average.load_state_dict(saved["average"])
+            state.average.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                           for k, v in saved["average"].items()})
         state.generator.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])
         state.progress = Progress.from_dict(saved["progress"])

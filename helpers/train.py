@@ -163,11 +163,6 @@ def _batch(state: TrainingState, images: data.Split, processes: machine.Processe
     return x, images.labels[idx][mine]
 
 
-def accuracy_line(accs: list[float]) -> str:
-    """Every exit's accuracy as the project prints it: ``B1=86.20 B2=88.13 ...`` (percent)."""
-    return " ".join(f"B{k + 1}={a * 100:.2f}" for k, a in enumerate(accs))
-
-
 def _validate(state: TrainingState, val: data.Split, device: torch.device) -> dict:
     """Every exit's validation accuracy, of the trained weights and of their average."""
     start = time.perf_counter()
@@ -296,8 +291,8 @@ def _loop(state: TrainingState, images: TrainingData, folder: RunFolder, process
                     with stop.abandonable():  # a second Ctrl-C here: validated again on resume
                         record.update(_validate(state, images.val, dev))
                     _keep_best(state, record, folder)
-                    say(f"epoch {p.epoch + 1}/{recipe.epochs}: validation {accuracy_line(record['acc'])}"
-                        + (f"; {recipe.average} {accuracy_line(record['acc_average'])}" if state.average else ""), flush=True)
+                    say(f"epoch {p.epoch + 1}/{recipe.epochs}: validation {evaluate.accuracy_line(record['acc'])}"
+                        + (f"; {recipe.average} {evaluate.accuracy_line(record['acc_average'])}" if state.average else ""), flush=True)
                 record["elapsed_s"] = round(p.elapsed_s, 1)
                 p.epoch, p.step, p.order, p.epoch_time_s, p.epoch_loss_sum = p.epoch + 1, 0, None, 0.0, 0.0
                 p.last_record = record

@@ -121,12 +121,26 @@ def test_no_data_offline_says_how_to_provide_it(monkeypatch, tmp_path):
         data.load("test")  # default source: torchvision, which must download here
     message = str(e.value)
     assert "no network" in message and data.ENV_SOURCE in message and "cifar-10-python.tar.gz" in message
+    assert "\n" not in message and "--source" in message and "shared" not in message  # one line, for a user
+    assert e.value._render_traceback_() == [f"DataNotFoundError: {message}"]  # a notebook shows that line alone
     with pytest.raises(data.DataNotFoundError) as e:
         data.load("test", data_dir=tmp_path)  # the advice names the folder that is read, not the default one
-    assert f"cifar-10-batches-py/) into {tmp_path};" in str(e.value)
+    assert f"copy cifar-10-python.tar.gz into {tmp_path}," in str(e.value)
     with pytest.raises(data.DataNotFoundError) as e:  # a missing source, too
         data.load("test", source=tmp_path / "nowhere.tar.gz", data_dir=tmp_path)
-    assert f"cifar-10-batches-py/) into {tmp_path};" in str(e.value)
+    assert f"copy cifar-10-python.tar.gz into {tmp_path}," in str(e.value)
+
+
+def test_a_damaged_torchvision_archive_is_named_as_damaged(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"half a download")
+    with pytest.raises(data.DataNotFoundError) as e:
+        data.load("test", data_dir=tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'cifar-10-python.tar.gz'} is damaged (its MD5 is not CIFAR-10's): delete "
+                            "it, and torchvision downloads it again, or copy a good one there")
 
 
 def test_a_missing_path_says_how_to_provide_it(tmp_path):

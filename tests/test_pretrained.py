@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import checkpoint, machine, msdnet, pretrained
+from helpers import cards, checkpoint, machine, msdnet, pretrained
 
-SHIPPED = pretrained.PRETRAINED_DIR / pretrained.WEIGHTS_NAME
+SHIPPED = pretrained.PRETRAINED_DIR / cards.WEIGHTS_NAME
 CARD = json.loads(SHIPPED.with_suffix(".json").read_text())
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,12 +29,12 @@ def test_shipped_weights_load_as_the_paper_model_in_eval_mode():
 
 def test_shipped_files_fit_the_size_budget_and_match_their_card():
     total = sum(f.stat().st_size for f in pretrained.PRETRAINED_DIR.iterdir() if f.is_file())
-    cards = pretrained.shipped_presets()
+    cards = cards.shipped_presets()
     assert cards[0] == "cifar10-anytime" and len(cards) <= 2  # the paper's model, and at most a second (the blog's)
     assert total <= 12 * 1024 * 1024 * len(cards)
-    assert CARD["format"] == pretrained.CARD_FORMAT and checkpoint.read(SHIPPED)["format"] == checkpoint.FORMAT
-    assert CARD["sha256"] == pretrained.sha256(SHIPPED) and CARD["file_bytes"] == SHIPPED.stat().st_size
-    assert CARD["training_log"] == pretrained.log_name()
+    assert CARD["format"] == cards.CARD_FORMAT and checkpoint.read(SHIPPED)["format"] == checkpoint.FORMAT
+    assert CARD["sha256"] == cards.sha256(SHIPPED) and CARD["file_bytes"] == SHIPPED.stat().st_size
+    assert CARD["training_log"] == cards.log_name()
     log = [json.loads(line) for line in (pretrained.PRETRAINED_DIR / CARD["training_log"]).read_text().splitlines()]
     assert len(log) == CARD["training"]["total_epochs"]
     # half precision moved no exit's test accuracy by 0.1 point or more
@@ -48,7 +48,7 @@ def test_the_shipped_cards_weights_say_which_average_they_hold():
 
 def test_loading_imports_nothing_of_training():
     code = ("import sys; from helpers import pretrained; pretrained.load(); "
-            "print([m for m in ('helpers.train', 'helpers.export') if m in sys.modules])")
+            "print([m for m in ('helpers.train', 'helpers.export', 'helpers.augment', 'helpers.state', 'helpers.recipe') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
@@ -56,8 +56,8 @@ def test_loading_imports_nothing_of_training():
 
 
 def test_the_names_of_presets_files_never_collide():
-    names = [pretrained.weights_name(p) for p in msdnet.PRESETS] + [pretrained.log_name(p) for p in msdnet.PRESETS]
-    names += [pretrained.card_path(pretrained.weights_name(p)).name for p in msdnet.PRESETS]
+    names = [cards.weights_name(p) for p in msdnet.PRESETS] + [cards.log_name(p) for p in msdnet.PRESETS]
+    names += [cards.card_path(cards.weights_name(p)).name for p in msdnet.PRESETS]
     assert len(set(names)) == 3 * len(msdnet.PRESETS)
 
 
@@ -109,7 +109,7 @@ def test_a_checkpoint_of_an_older_format_is_refused_and_upgrade_converts_its_wei
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"old.pt is a checkpoint of format 'msdnet-weights/1', these helpers read format 2 only\. "
-                             r"Weights: convert them with `python -m helpers.checkpoint upgrade "):
+                             r"Weights: convert them with `msdnet checkpoint upgrade --weights "):
         pretrained.load(tmp_path / "old.pt", verify=False)
     del old["format"]
     torch.save(old, tmp_path / "older.pt")
@@ -134,11 +134,11 @@ def test_missing_weights_say_how_to_restore_them(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path)  # a shipped file lost: git brings it back
     with pytest.raises(checkpoint.CheckpointError, match="restore them with `git checkout -- "):
         pretrained.load()
-    (tmp_path / pretrained.WEIGHTS_NAME).symlink_to(tmp_path / "annex" / "not-pulled")  # a dangling link, as git-annex leaves
+    (tmp_path / cards.WEIGHTS_NAME).symlink_to(tmp_path / "annex" / "not-pulled")  # a dangling link, as git-annex leaves
     with pytest.raises(checkpoint.CheckpointError, match="restore them with `git checkout -- "):
         pretrained.load()
     with pytest.raises(checkpoint.CheckpointError, match="restore them with `git checkout -- "):
-        pretrained.load(tmp_path / pretrained.WEIGHTS_NAME)
+        pretrained.load(tmp_path / cards.WEIGHTS_NAME)
 
 
 def test_a_preset_without_shipped_weights_is_named(monkeypatch):
@@ -152,8 +152,8 @@ def test_a_preset_without_shipped_weights_is_named(monkeypatch):
 
 
 def test_weights_of_another_preset_under_a_cards_name_are_refused(tmp_path, monkeypatch):
-    checkpoint.save(msdnet.build("tiny"), tmp_path / pretrained.WEIGHTS_NAME)
-    card = {**CARD, "sha256": pretrained.sha256(tmp_path / pretrained.WEIGHTS_NAME)}
+    checkpoint.save(msdnet.build("tiny"), tmp_path / cards.WEIGHTS_NAME)
+    card = {**CARD, "sha256": cards.sha256(tmp_path / cards.WEIGHTS_NAME)}
     (tmp_path / "msdnet-cifar10-anytime.json").write_text(json.dumps(card))
     monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path)
     with pytest.raises(checkpoint.CheckpointError, match="holds another model than the preset 'cifar10-anytime'"):
@@ -207,40 +207,3 @@ def test_the_cards_test_accuracy_is_what_evaluate_measures(real_cifar):
     assert measured == pytest.approx(CARD["test_accuracy_per_exit"], abs=1e-4)
 
 
-def test_evaluate_takes_a_weights_file_without_a_card(tmp_path, tiny_folder, capsys):
-    checkpoint.save(msdnet.build("tiny"), tmp_path / "best.pt")
-    assert pretrained.main(["evaluate", "--weights", str(tmp_path / "best.pt"), "--source", str(tiny_folder)]) == 0
-    out, err = capsys.readouterr()
-    assert out.startswith("test accuracy per exit: B1=") and "B4=" in out
-    assert "best.pt has no card beside it: evaluated without a SHA-256 check" in err
-    (tmp_path / "best.json").write_text("{}")  # a card beside the weights is checked
-    assert pretrained.main(["evaluate", "--weights", str(tmp_path / "best.pt"), "--source", str(tiny_folder)]) == 2
-    assert "best.json is a card of format None" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("argv, words", [
-    (["--device", "foo"], "error: unknown device 'foo': use one of cpu"),
-    (["--device", "cuda:99"], "error: device 'cuda:99' is not on this machine"),
-    (["--weights", "nowhere.pt"], "error: no weights at nowhere.pt: check the path"),
-])
-def test_evaluate_refuses_bad_arguments_in_one_line(argv, words, capsys):
-    assert pretrained.main(["evaluate", *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(words) and err.count("\n") == 1
-
-
-def test_evaluate_reports_bad_data_in_one_line(tmp_path, tiny_folder, capsys):
-    (tiny_folder / "test" / "unicorn").mkdir()
-    from PIL import Image
-
-    Image.new("RGB", (32, 32)).save(tiny_folder / "test" / "unicorn" / "0.png")
-    assert pretrained.main(["evaluate", "--source", str(tiny_folder)]) == 2
-    err = capsys.readouterr().err
-    assert "error: " in err and "unicorn is not a CIFAR-10 class" in err and "Traceback" not in err
-
-
-def test_the_evaluate_command_exits_with_its_message_alone(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "helpers.pretrained", "evaluate", "--device", "cuda:99"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 2 and done.stderr.startswith("error: device 'cuda:99' is not on this machine")
-    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
