@@ -2,9 +2,14 @@
 
 Extra arguments go to Voila, e.g. `python -m helpers.app --port=8867 --no-browser`. Needs the repository
 checkout (the page lives in app/) and Voila (`pip install -e ".[test]"`, or `pip install voila`).
+
+Voila runs in a session of its own (so that a signal reaches it and its kernels together). On Linux it is
+also told to stop when the process that started it dies, however it dies (kill -9 included): nothing
+is left serving. Its kernels stop with it (Jupyter kernels watch the server that started them).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -21,6 +26,25 @@ GRACE_S = 20.0
 """How long the server has to stop, kernels included, after a forwarded signal before it is killed."""
 
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+# Run before the server's own program (exec'd in its place): PR_SET_PDEATHSIG asks Linux to send SIGTERM
+# when the starting thread's process dies; a parent already gone by then is caught by the pid check.
+_GUARD = ("import ctypes, os, signal, sys\n"
+          "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+          "if os.getppid() != int(sys.argv[1]): sys.exit(128 + signal.SIGTERM)\n"
+          "os.execvp(sys.argv[2], sys.argv[2:])\n")
+
+
+def guarded(args: list[str]) -> list[str]:
+    """`args` run so that the process ends (SIGTERM) when this one dies, even by SIGKILL; as they are
+    where the system has no such signal (not Linux).
+
+    Returns:
+        the command line to start instead of `args`.
+    """
+    if not sys.platform.startswith("linux"):
+        return list(args)
+    return [sys.executable, "-c", _GUARD, str(os.getpid()), *args]
 
 
 def command(extra: list[str] = ()) -> tuple[list[str], dict]:
@@ -73,7 +97,7 @@ def serve(args: list[str], env: dict | None = None, cwd: str | os.PathLike | Non
     Returns:
         the server's exit status; 128 + n when signal n ended it.
     """
-    child = subprocess.Popen(args, env=env, cwd=cwd, start_new_session=True)
+    child = subprocess.Popen(guarded(args), env=env, cwd=cwd, start_new_session=True)
     signalled: list[float] = []
     below: list = []
 
@@ -133,7 +157,8 @@ def running(env_update: dict | None = None, log=None, wait_s: float = 60.0):
         else:
             env[key] = value
     out = log if log is not None else subprocess.DEVNULL
-    server = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(guarded(args), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     try:
         deadline = time.monotonic() + wait_s
         while True:
@@ -159,14 +184,27 @@ def running(env_update: dict | None = None, log=None, wait_s: float = 60.0):
             server.wait()
 
 
+def parser() -> argparse.ArgumentParser:
+    """The command line's own options (only --help); everything else is passed on to Voila."""
+    return argparse.ArgumentParser(
+        prog="python -m helpers.app", allow_abbrev=False,
+        description="Serve the MSD-Net explorer (app/explorer.ipynb) as a web page with Voila, on this machine "
+                    "only (127.0.0.1), until stopped with Ctrl+C.",
+        epilog="Other options are passed on to Voila, e.g. --port=8867 (the port; default 8866) and --no-browser "
+               "(do not open a browser); `python -m voila --help-all` lists them all. The page needs CIFAR-10 "
+               "as the notebooks do (see the README).")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m helpers.app [voila options]`: serve the explorer until stopped; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _, extra = parser().parse_known_args(argv)  # --help prints ours and exits; the rest is Voila's
     try:
         import voila  # noqa: F401
     except ImportError:
         print('helpers.app needs Voila: pip install -e ".[test]" (or pip install voila)', file=sys.stderr)
         return 1
-    args, env = command(sys.argv[1:] if argv is None else argv)
+    args, env = command(extra)
     return serve(args, env, ROOT)
 
 

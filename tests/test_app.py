@@ -113,3 +113,41 @@ def test_sigterm_stops_voila_and_its_kernel(tmp_path):
         log.close()
     assert outer.returncode == 0, (tmp_path / "voila.log").read_text()[-3000:]
     assert not left, f"still running after helpers.app ended: {left}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_kill_9_of_the_app_stops_the_server_and_what_it_started(tmp_path):
+    pids, stopped = tmp_path / "pids", tmp_path / "stopped"
+    outer = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from helpers import app; "
+        f"sys.exit(app.serve([sys.executable, '-c', {SERVER!r}, {str(pids)!r}, {str(stopped)!r}, 'polite']))")],
+        cwd=ROOT)
+    started = []
+    try:
+        started = list(map(int, wait_for(pids).split()))
+        outer.kill()  # SIGKILL: the app runs no code of its own any more
+        outer.wait(timeout=30)
+        assert wait_for(stopped) == str(int(signal.SIGTERM))  # the server was told, and stopped its kernel
+        deadline = time.monotonic() + 30
+        while not all(gone(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [pid for pid in started if not gone(pid)]
+    finally:
+        for p in started:  # whatever happened, leave nothing behind
+            if not gone(p):
+                os.kill(p, signal.SIGKILL)
+    assert not left, "still running after helpers.app was killed: the server or its kernel"
+
+
+def test_help_is_the_apps_own_and_other_options_go_to_voila(capsys):
+    from helpers import app
+
+    with pytest.raises(SystemExit) as e:
+        app.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: python -m helpers.app") and "NOTEBOOK_FILENAME" not in out
+    assert "--port=8867" in out and "--no-browser" in out
+    assert app.parser().parse_known_args(["--port=8867", "--no-browser", "--help-all"])[1] == [
+        "--port=8867", "--no-browser", "--help-all"]
+    run = subprocess.run([sys.executable, "-m", "helpers.app", "-h"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.startswith("usage: python -m helpers.app") and not run.stderr
