@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 from matplotlib import colormaps
 from torch import Tensor
 
-from . import data
+from . import checks, data
 from .errors import InputError
 
 __all__ = ["to_hwc", "overlay", "show_overlay", "exit_grid", "RIGHT", "WRONG", "NEUTRAL", "png", "enlarged",
@@ -34,6 +34,9 @@ def to_hwc(image: Tensor) -> np.ndarray:
     Returns:
         float [H, W, 3] in [0, 1].
     """
+    checks.tensor(image, "image", "[3, H, W], uint8 in 0..255 or float in [0, 1]")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise InputError(f"image must be one image [3, H, W] (for a batch, pass x[i]), got {list(image.shape)}")
     img = image.detach().cpu()
     img = img.float() / 255 if not img.is_floating_point() else img.float()
     return img.clamp(0, 1).permute(1, 2, 0).numpy()
@@ -47,8 +50,10 @@ def overlay(image: Tensor, cam: Tensor, alpha: float = 0.5, cmap: str = "jet") -
     Returns:
         float [H, W, 3] in [0, 1].
     """
-    if not 0 <= alpha <= 1:
-        raise InputError(f"alpha must be between 0 and 1, got {alpha}")
+    alpha = checks.number(alpha, "alpha", 0, 1, "an opacity between 0 and 1")
+    checks.tensor(cam, "cam", "[H, W] in [0, 1]")
+    if cam.dim() != 2:
+        raise InputError(f"cam must be one map [H, W] (gradcam.normalize(maps, size)[i]), got {list(cam.shape)}")
     img = to_hwc(image)
     heat = colormaps[cmap](cam.detach().cpu().float().clamp(0, 1).numpy())[..., :3]
     if heat.shape[:2] != img.shape[:2]:
@@ -78,6 +83,10 @@ def exit_grid(images: Tensor, maps: Tensor, labels: Tensor, predicted: Tensor, e
         the matplotlib figure; titles and frames green when right, red when wrong.
     """
     n = len(images)
+    if not (len(maps) == len(labels) == len(predicted) == n) or (n_right is not None and len(n_right) != n):
+        raise InputError(f"images, maps, labels, predicted (and n_right) must hold one entry per image, got "
+                         f"{[len(images), len(maps), len(labels), len(predicted)] + ([len(n_right)] if n_right is not None else [])}")
+    exits = [checks.whole(k, "each of exits", 1, maps.shape[1]) for k in exits]
     fig, axes = plt.subplots(n, len(exits) + 1, figsize=(size * (len(exits) + 1), size * n * 1.1), squeeze=False)
     for i in range(n):
         label = classes[int(labels[i])]
@@ -120,6 +129,7 @@ def enlarged(image: Tensor, cam: Tensor | None, alpha: float, scale: int) -> np.
     Returns:
         uint8 [H * scale, W * scale, 3].
     """
+    scale = checks.whole(scale, "scale")
     img = to_hwc(image) if cam is None else overlay(image, cam, alpha)
     img = (img * 255).astype(np.uint8)
     return img.repeat(scale, 0).repeat(scale, 1)
@@ -132,6 +142,10 @@ def prediction_bars(confidence: Sequence[float], names: Sequence[str], right: Se
         confidence: per exit, in [0, 1]. names: the predicted classes. right: per exit, True, False or None.
         chosen: the exit outlined, 1-based.
     """
+    if not len(confidence) == len(names) == len(right):
+        raise InputError(f"confidence, names and right must hold one entry per exit, got {len(confidence)}, "
+                         f"{len(names)} and {len(right)}")
+    chosen = checks.whole(chosen, "chosen", 1, len(names))
     row, top, label_w, bar_w = 17, 16, 28, 150
     img = Image.new("RGB", (label_w + bar_w + 120, top + row * len(names) + 4), "white")
     d = ImageDraw.Draw(img)
@@ -151,6 +165,9 @@ def exit_strip(image: Tensor, maps: Tensor, right: Sequence[bool | None], chosen
     Args:
         image: [3, H, W] in [0, 1]. maps: [exits, H, W] in [0, 1]. right: per exit, True, False or None.
     """
+    if len(right) != len(maps):
+        raise InputError(f"right must hold one entry per map, {len(maps)}, got {len(right)}")
+    chosen = checks.whole(chosen, "chosen", 1, len(maps))
     tile, gap = 2 * image.shape[-1], 6
     strip = Image.new("RGB", (len(maps) * (tile + gap), tile + 16), "white")
     d = ImageDraw.Draw(strip)
@@ -185,7 +202,12 @@ def explorer_view(image: Tensor, maps: Tensor, logits: Tensor, chosen: int, alph
         explained: the class the maps explain.
         target: why that class: "predicted", "true" or a class name.
     """
-    k, n_exits = chosen, len(logits)
+    checks.tensor(logits, "logits", "[exits, classes]")
+    if logits.dim() != 2 or len(maps) != len(logits) or logits.shape[1] != len(classes):
+        raise InputError(f"maps must be [exits, H, W] and logits [exits, {len(classes)}] (one per class name), got "
+                         f"{list(maps.shape)} and {list(logits.shape)}")
+    k, n_exits = checks.whole(chosen, "chosen", 1, len(logits)), len(logits)
+    explained = checks.whole(explained, "explained", 0, len(classes) - 1)
     conf, predicted = logits.softmax(-1).max(-1)
     right = [None if label is None else int(p) == label for p in predicted]
     name = "your image" if label is None else f"{classes[label].capitalize()} ({n_right}/{n_exits})"
