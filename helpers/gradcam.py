@@ -314,8 +314,8 @@ def compute(model: msdnet.MSDNet, x: Tensor, exits: list[int], target=None, site
 def normalize(maps: Tensor, size: int | None = None) -> Tensor:
     """Upsample [..., h, w] maps bilinearly to size x size and scale each to [0, 1] (an all-zero map stays 0)."""
     checks.tensor(maps, "maps", "[..., h, w]")
-    if maps.dim() < 2 or not maps.is_floating_point():
-        raise InputError(f"maps must be float [..., h, w], got {maps.dtype} {list(maps.shape)}")
+    if maps.dim() < 2 or maps.is_complex() or maps.dtype == torch.bool:
+        raise InputError(f"maps must be real numbers [..., h, w], got {maps.dtype} {list(maps.shape)}")
     size = None if size is None else checks.whole(size, "size")
     shape = maps.shape
     flat = maps.reshape(-1, 1, *shape[-2:]).float()
