@@ -116,11 +116,3 @@ class Processes:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
-
-    def broadcast_int(self, value: int, device: torch.device) -> int:
-        """Rank 0's `value` on every rank."""
-        if self.world == 1:
-            return value
-        box = torch.tensor([value], device=device if device.type == "cuda" else "cpu")
-        dist.broadcast(box, 0)
-        return int(box.item())

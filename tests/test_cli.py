@@ -135,3 +135,23 @@ def test_checkpoint_compact_never_replaces_its_own_source(tmp_path, capsys):
     assert "would replace" in capsys.readouterr().err and (tmp_path / "last.pt").read_bytes() == before
     assert cli.main(["checkpoint", "compact", "--weights", str(tmp_path / "last.pt"), "--out", str(tmp_path / "s.pt")]) == 0
     assert checkpoint.read(tmp_path / "s.pt")["model"]["classifiers.0.linear.weight"].dtype == torch.float16
+
+
+def test_every_msdnet_command_the_readme_and_the_site_show_parses():
+    """A command quoted in the README, the site or a notebook is one the parser takes as written."""
+    import re
+
+    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "notebooks").glob("*.ipynb")]
+    found = []
+    for path in texts:
+        for line in re.findall(r"(?:^|`|\n)\s*(msdnet [^`\n#]+)", path.read_text()):
+            words = line.replace("\\n", " ").replace('\\"', "").split()
+            if any(w in ("COMMAND", "...") or w.startswith("<") for w in words):
+                continue  # a pattern, not a command
+            found.append(words)
+            try:
+                cli.parser().parse_args(words[1:])
+            except SystemExit as e:
+                if e.code != 0:  # --help exits with 0
+                    pytest.fail(f"{path.name}: `{' '.join(words)}` is not a command msdnet takes")
+    assert len(found) >= 5
