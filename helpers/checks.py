@@ -99,6 +99,6 @@ def unit_images(images: Tensor) -> Tensor:
     Args:
         images: [B, 3, H, W] of a split checked by :func:`split`.
     Returns:
-        float [B, 3, H, W] in [0, 1]; a new tensor for uint8 images, else `images` itself when float32.
+        float32 [B, 3, H, W] in [0, 1], always a new tensor: what a caller does to it leaves the split alone.
     """
-    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    return images.float() / 255 if images.dtype == torch.uint8 else images.to(torch.float32, copy=True)
