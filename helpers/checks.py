@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import torch
@@ -46,8 +47,8 @@ def number(value, name: str, low: float, high: float, want: str) -> float:
     Args:
         want: how the error describes the range and its unit, e.g. "a share between 0 and 1 (0.95 for 95%)".
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
-            isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex):
+    scalar_tensor = isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or scalar_tensor):  # NumPy's floats are Real
         raise InputTypeError(f"{name} must be {want}, got {value!r} ({type(value).__name__})")
     v = float(value)
     if not (math.isfinite(v) and low <= v <= high):
