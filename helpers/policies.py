@@ -99,8 +99,13 @@ def exit_shares(q: float, n_exits: int) -> Tensor:
     Returns:
         float64 [n_exits], summing to 1.
     """
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not (math.isfinite(q) and q > 0):
+    try:
+        ok = not isinstance(q, (bool, str)) and math.isfinite(float(q)) and float(q) > 0
+    except (TypeError, ValueError, RuntimeError):  # not a number, or a tensor of several
+        ok = False
+    if not ok:
         raise InputError(f"q must be a positive number (the paper sweeps 0.05 .. 1.95), got {q!r}")
+    q = float(q)
     n_exits = checks.whole(n_exits, "n_exits")
     k = torch.arange(1, n_exits + 1, dtype=torch.float64)
     # q**k / sum(q**k) in logarithms: q = 1e300 (or 1e-300) would overflow (underflow) to inf / inf = NaN.
