@@ -3,7 +3,7 @@
     CIFAR10_SOURCE=/path/to/cifar10 python tools/build_site_explorer.py
 
 For a fixed, seeded selection of test images (100 per class: up to 4 of each difficulty k/10, the rest
-drawn at random from the class) it writes docs/_static/explorer/data.js: the images (one PNG), every
+drawn at random from the class) it writes docs/_static/explorer/data.js: the images (PNGs of 100), every
 exit's prediction and confidence, and every exit's Grad-CAM and Grad-CAM++ map (8x8, each scaled to
 its own range, uint8) for its own prediction and, where the exit is wrong, for the true class (where it
 is right the two are the same map). The page upsamples a map bilinearly to 32x32 and rescales it to
@@ -32,6 +32,7 @@ from helpers.cache import fingerprint  # noqa: E402
 OUT = ROOT / "docs" / "_static" / "explorer" / "data.js"
 METHODS = ("gradcam", "gradcam++")
 PREFIX = "window.EXPLORER_DATA = "
+IMAGES_PER_PNG = 100
 
 
 def choose(preds: evaluate.Predictions, per_class: int = 100, per_difficulty: int = 4, seed: int = 0) -> torch.Tensor:
@@ -71,22 +72,25 @@ def quantize(raw: torch.Tensor) -> np.ndarray:
     return (scaled * 255).round().to(torch.uint8).reshape(raw.shape).numpy()
 
 
-def atlas(images: torch.Tensor) -> bytes:
-    """The images side by side in one PNG, row-major, as many columns as fit a square.
+def atlases(images: torch.Tensor, per_png: int = 100) -> list[bytes]:
+    """The images side by side in PNGs of `per_png` images each (the page decodes the first one's PNG first).
 
     Args:
-        images: uint8 [n, 3, s, s]. Returns: the PNG's bytes, ceil(sqrt(n)) images wide.
+        images: uint8 [n, 3, s, s]. Returns: PNG bytes, each ceil(sqrt(per_png)) images wide, row-major.
     """
-    n, _, s, _ = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * s, cols * s, 3), dtype=np.uint8)
-    for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
-        r, c = divmod(i, cols)
-        grid[r * s : (r + 1) * s, c * s : (c + 1) * s] = img
-    buf = io.BytesIO()
-    Image.fromarray(grid).save(buf, format="png", optimize=True)
-    return buf.getvalue()
+    _, _, s, _ = images.shape
+    cols = math.ceil(math.sqrt(per_png))
+    out = []
+    for start in range(0, len(images), per_png):
+        part = images[start : start + per_png].permute(0, 2, 3, 1).numpy()
+        grid = np.zeros((math.ceil(len(part) / cols) * s, cols * s, 3), dtype=np.uint8)
+        for i, img in enumerate(part):
+            r, c = divmod(i, cols)
+            grid[r * s : (r + 1) * s, c * s : (c + 1) * s] = img
+        buf = io.BytesIO()
+        Image.fromarray(grid).save(buf, format="png", optimize=True)
+        out.append(buf.getvalue())
+    return out
 
 
 def _jet() -> bytes:
@@ -112,7 +116,7 @@ def build(model: msdnet.MSDNet, split: data.Split, preds: evaluate.Predictions, 
         true = gradcam.maps_for_split(model, picked, method=method, target="true")
         blobs += [quantize(own).tobytes(), quantize(true)[wrong].tobytes()]
     return {
-        "format": 1,
+        "format": 2,
         "classes": list(data.CLASSES),
         "exits": model.n_exits,
         "size": model.config.image_size,
@@ -125,7 +129,8 @@ def build(model: msdnet.MSDNet, split: data.Split, preds: evaluate.Predictions, 
         "predicted": logits.argmax(-1).reshape(-1).tolist(),
         "confidence": (evaluate.score(logits) * 1000).round().long().reshape(-1).tolist(),  # per mille
         "jet": base64.b64encode(_jet()).decode(),
-        "images": "data:image/png;base64," + base64.b64encode(atlas(picked.images)).decode(),
+        "images_per_png": IMAGES_PER_PNG,
+        "images": [base64.b64encode(png).decode() for png in atlases(picked.images, IMAGES_PER_PNG)],
         "maps": base64.b64encode(b"".join(blobs)).decode(),
     }
 
@@ -147,11 +152,14 @@ def read(path: Path = OUT) -> dict:
         raise ValueError(f"{path} is not the explorer's data (it does not start with {PREFIX.strip()!r})")
     d = json.loads(text[len(PREFIX):].rstrip().rstrip(";"))
     n, e, s, m = len(d["label"]), d["exits"], d["size"], d["map_size"]
-    with Image.open(io.BytesIO(base64.b64decode(d["images"].split(",", 1)[1]))) as im:
-        grid = np.asarray(im.convert("RGB"))
-    cols = grid.shape[1] // s
-    d["images"] = np.stack([grid[(i // cols) * s : (i // cols + 1) * s, (i % cols) * s : (i % cols + 1) * s]
-                            for i in range(n)]).transpose(0, 3, 1, 2)
+    images = []
+    for png in d["images"]:
+        with Image.open(io.BytesIO(base64.b64decode(png))) as im:
+            grid = np.asarray(im.convert("RGB"))
+        cols = grid.shape[1] // s
+        images += [grid[(i // cols) * s : (i // cols + 1) * s, (i % cols) * s : (i % cols + 1) * s]
+                   for i in range(min(d["images_per_png"], n - len(images)))]
+    d["images"] = np.stack(images).transpose(0, 3, 1, 2)
     wrong = np.asarray(d["predicted"]).reshape(n, e) != np.asarray(d["label"])[:, None]
     blob, at, maps = np.frombuffer(base64.b64decode(d["maps"]), dtype=np.uint8), 0, {}
     for method, _ in d["methods"]:

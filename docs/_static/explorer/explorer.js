@@ -10,11 +10,13 @@
   if (!root) return;
   const $ = (id) => document.getElementById(id);
   const D = window.EXPLORER_DATA;
-  // ms since the navigation began (the data parsed, the images decoded, the first picture), and each redraw's ms
+  // ms since the navigation began (the data parsed, the first PNG of images decoded, the first picture drawn),
+  // and each redraw's ms
   const times = (window.explorerTimes = { dataParsed: performance.now(), imagesDecoded: null, firstPicture: null,
                                           redraws: [] });
-  if (!D) {
-    $("ex-title").textContent = "The explorer's data (_static/explorer/data.js) did not load: rebuild the site.";
+  if (!D || D.format !== 2) {
+    $("ex-title").textContent = D ? "The explorer's data is of another format: run python tools/build_site_explorer.py."
+      : "The explorer's data (_static/explorer/data.js) did not load: rebuild the site.";
     return;
   }
 
@@ -25,8 +27,6 @@
     for (let i = 0; i < s.length; i++) out[i] = s.charCodeAt(i);
     return out;
   }
-  // The images: one PNG, decoded by the browser off the main thread while the maps are read below.
-  const decoded = createImageBitmap(new Blob([bytes(D.images.split(",", 2)[1])], { type: "image/png" }));
   const maps = bytes(D.maps), jet = bytes(D.jet);
 
   // Which exits are right, each image's difficulty k/E, and where each wrong answer's true-class map sits.
@@ -78,11 +78,28 @@
     return out;
   }
 
-  let atlas = null, atlasColumns = 0;  // the images' pixels, RGBA, decoded once from the PNG
+  // The images come in PNGs of D.images_per_png, each decoded once (by the browser, off the main thread) into
+  // RGBA pixels: first the one that holds the image to show, then the others in turn.
+  const perPng = D.images_per_png, pngs = D.images.map(() => null), decoding = D.images.map(() => null);
+
+  function decode(c) {
+    if (!decoding[c]) {
+      decoding[c] = createImageBitmap(new Blob([bytes(D.images[c])], { type: "image/png" })).then((png) => {
+        const canvas = document.createElement("canvas");
+        canvas.width = png.width;
+        canvas.height = png.height;
+        const ctx = canvas.getContext("2d", { willReadFrequently: true });
+        ctx.drawImage(png, 0, 0);
+        pngs[c] = { pixels: ctx.getImageData(0, 0, png.width, png.height).data, columns: png.width / S };
+      });
+    }
+    return decoding[c];
+  }
 
   function paint(canvas, i, cam, alpha) {
     const ctx = canvas.getContext("2d"), out = ctx.createImageData(S, S), px = out.data;
-    const row0 = Math.floor(i / atlasColumns) * S, col0 = (i % atlasColumns) * S, width = atlasColumns * S;
+    const { pixels: atlas, columns } = pngs[Math.floor(i / perPng)], j = i % perPng;
+    const row0 = Math.floor(j / columns) * S, col0 = (j % columns) * S, width = columns * S;
     for (let y = 0; y < S; y++) {
       for (let x = 0; x < S; x++) {
         const p = y * S + x, a = ((row0 + y) * width + col0 + x) * 4, o = p * 4;
@@ -187,6 +204,13 @@
     $("ex-explains").append(`${methodTitle} shows where B${state.exit} looked for `, what,
                             ` (${why}); each map is scaled to its own maximum.`);
     $("ex-overlay-caption").textContent = `${methodTitle}, B${state.exit}`;
+    // What is shown, for tests and scripts: the image (its place in data.js), exit, target, method, opacity.
+    Object.assign(root.dataset, { image: String(i), exit: String(state.exit), target: state.target,
+                                  method: state.method, alpha: String(state.alpha) });
+    if (!pngs[Math.floor(i / perPng)]) {  // its PNG is still being decoded: the pictures follow when it is
+      decode(Math.floor(i / perPng)).then(draw);
+      return;
+    }
     paint($("ex-image-canvas"), i, null, 0);
     for (let j = 0; j < E; j++) {
       const cam = heat(rawMap(i, j, state.method, state.target));
@@ -202,9 +226,7 @@
     const took = performance.now() - start;
     if (times.firstPicture === null) times.firstPicture = performance.now();
     times.redraws.push(took);
-    // What is drawn, for tests and scripts: the image (its place in data.js), exit, target, method, opacity.
-    Object.assign(root.dataset, { drawn: String(times.redraws.length), image: String(i), exit: String(state.exit),
-                                  target: state.target, method: state.method, alpha: String(state.alpha) });
+    root.dataset.drawn = String(times.redraws.length);  // how many pictures have been drawn
   }
 
   function onFilter() {
@@ -260,15 +282,9 @@
     root.dataset.ready = "yes";
   }
 
-  decoded.then((png) => {
-    const c = document.createElement("canvas");
-    c.width = png.width;
-    c.height = png.height;
-    const ctx = c.getContext("2d", { willReadFrequently: true });
-    ctx.drawImage(png, 0, 0);
-    atlas = ctx.getImageData(0, 0, png.width, png.height).data;
-    atlasColumns = png.width / S;
+  decode(0).then(() => {
     times.imagesDecoded = performance.now();
     start();
+    D.images.reduce((previous, _, c) => previous.then(() => decode(c)), Promise.resolve());  // the rest, in turn
   }, () => { $("ex-title").textContent = "The explorer's images could not be decoded: rebuild the site."; });
 })();
