@@ -238,7 +238,11 @@ def cheapest_matching(val: Predictions, costs: Costs, target: float,
 
 def _check_target(target: float) -> None:
     # A share, not a percentage: 89.8 could never be reached, and every exit would silently switch off.
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:  # NaN fails too
+    try:
+        value = math.nan if isinstance(target, (bool, str)) else float(target)  # a one-element tensor will do
+    except (TypeError, ValueError, RuntimeError):
+        value = math.nan
+    if not 0 < value <= 1:  # NaN fails too
         raise InputError(f"target is an accuracy between 0 and 1 (0.898 for 89.8%), got {target!r}")
 
 
