@@ -100,6 +100,12 @@ def moves(p, chromium: str, site: Path, n: int) -> dict[str, tuple[list[float], 
         browser.close()
 
 
+def fail(message: str) -> None:
+    """End on what the user can fix: the message alone after "error:", exit status 2, as the other scripts do."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--site", type=Path, default=ROOT / "docs" / "_build" / "html", help="the built site "
@@ -109,15 +115,15 @@ def main() -> None:
     _report.add_option(p)
     args = p.parse_args()
     if not (args.site / "explorer.html").is_file():
-        sys.exit(f"error: {args.site} holds no built explorer page: build the site first with "
+        fail(f"{args.site} holds no built explorer page: build the site first with "
                  f"python -m sphinx -W -b html docs {args.site}")
     chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        sys.exit("error: no chromium found: apt-get install chromium, or set CHROMIUM to its path")
+        fail("no chromium found: apt-get install chromium, or set CHROMIUM to its path")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        sys.exit('error: Playwright is not installed: pip install -e ".[test]"')
+        fail('Playwright is not installed: pip install -e ".[test]"')
 
     first: dict[str, list[float]] = {"files (file://)": [], "a web server on this machine (http://)": []}
     with sync_playwright() as pw, served(args.site) as url:
@@ -129,7 +135,7 @@ def main() -> None:
                 seconds, files, outside = cold_load(pw, chromium, where, args.site)
                 first[kind].append(seconds)
                 if outside:
-                    sys.exit(f"error: the page asked another site: {outside[:3]}")
+                    fail(f"the page asked another site: {outside[:3]}")
         timed = moves(pw, chromium, args.site, args.moves)
     weight = sum(f.stat().st_size for f in set(files) if f.is_file())
     data_js = (args.site / "_static" / "explorer" / "data.js").stat().st_size

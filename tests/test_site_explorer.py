@@ -227,3 +227,19 @@ def test_the_site_links_the_explorer_and_notebook_07_stores_no_dead_widgets(site
     page = (site / "notebooks" / "07_explorer.html").read_text()
     assert 'explorer.html"' in page, "notebook 07's page does not link the explorer"
     assert "widget-state+json" not in page and "jupyter-widgets" not in page and "require.min.js" not in page
+
+
+@pytest.mark.slow
+def test_the_scripts_end_on_what_the_user_can_fix_with_one_line(tmp_path):
+    import subprocess
+
+    env = {**os.environ, "CIFAR10_SOURCE": str(tmp_path / "no-such-cifar.tar.gz"), "OMP_NUM_THREADS": "1"}
+    build = subprocess.run([sys.executable, str(ROOT / "tools" / "build_site_explorer.py"), "--out", str(tmp_path / "d.js")],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 2 and "error: CIFAR-10 could not be loaded" in build.stderr, build.stderr
+    assert "Traceback" not in build.stderr and not (tmp_path / "d.js").exists()
+    bench = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "site_explorer.py"), "--site", str(tmp_path),
+                            "--results", ""], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bench.returncode == 2 and bench.stderr.strip() == (
+        f"error: {tmp_path} holds no built explorer page: build the site first with "
+        f"python -m sphinx -W -b html docs {tmp_path}")
