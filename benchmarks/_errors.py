@@ -1,5 +1,5 @@
 """How a benchmark ends on what the user can fix (no dataset, a damaged checkpoint): the message alone on
-stderr after "error:", and exit status 2, as `python -m helpers.train` does; a traceback would bury the
+stderr after "error:", and exit status 2, as `msdnet` does; a traceback would bury the
 fix (where to put CIFAR-10, how to restore the weights) under library frames."""
 import sys
 from collections.abc import Callable

@@ -4,7 +4,7 @@
 
 Full training steps (forward, the 10-exit loss, backward, SGD) on random images, the batch sizes
 interleaved round by round so a busy moment of the machine does not favour one. The winner is
-what `python -m helpers.train --batch-size` should use on this machine, with the learning rate
+what `msdnet train --batch-size` should use on this machine, with the learning rate
 scaled in proportion (the linear scaling rule, Goyal et al. 2017). The table is also written to
 docs/results/batch_size.md, which the site's Benchmarks page includes.
 """

@@ -6,7 +6,7 @@ For each variant: images/s of full training steps (forward, the 10-exit loss, ba
 `cifar10-anytime` at the given batch size, the same random batches for every variant and the
 steps interleaved (one variant after another, round by round) so a busy moment of the machine does
 not favour one; and the test accuracy of the shipped checkpoint evaluated in that variant, which
-shows what its numerics cost. Pick for `python -m helpers.train` what wins (`--channels-last`,
+shows what its numerics cost. Pick for `msdnet train` what wins (`--channels-last`,
 `--amp bf16`). The table is also written to docs/results/train_speed.md, which the site's Benchmarks
 page includes.
 """
@@ -32,7 +32,7 @@ VARIANTS = {  # name: (channels_last, autocast dtype)
 
 
 def step_time(model, optimizer, x, y, channels_last: bool, dtype) -> float:
-    """Seconds of one `train.train_step` (the step `python -m helpers.train` takes)."""
+    """Seconds of one `train.train_step` (the step `msdnet train` takes)."""
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     start = time.perf_counter()

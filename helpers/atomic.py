@@ -75,6 +75,9 @@ def _replace(path: str | os.PathLike, write) -> None:
             pass
         if isinstance(e, OSError):
             raise _naming(e, path) from e
+        if isinstance(e, RuntimeError) and "write" in str(e):  # torch's writer on a full disk: "file write failed"
+            raise OSError(errno.ENOSPC, f"could not write {path}: the disk may be full "
+                                        f"({str(e).strip().splitlines()[-1].strip()}); free some space") from None
         raise
 
 

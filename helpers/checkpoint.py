@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
+from .errors import OneLineError
 from .msdnet import MSDNet, MSDNetConfig
 
 __all__ = ["FORMAT", "CheckpointError", "save", "write", "read", "check_config", "load_weights", "half", "compact",
@@ -23,7 +24,7 @@ FORMAT = 2  # the "format" every checkpoint carries; read() refuses any other
 _PLAIN = (torch.Tensor, str, int, float, bool, type(None))
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(OneLineError, RuntimeError):
     """A checkpoint that is missing, unreadable, of another format or made for another network."""
 
 
@@ -66,13 +67,14 @@ def read(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    if path.suffix == ".json":
+        raise CheckpointError(f"{path} is a card, not weights: pass the .pt file beside it")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (corrupt, truncated, or not made by torch.save: {e}). "
-            "Delete it and train again, or restore the file (git checkout / re-download)."
-        ) from e
+        raise CheckpointError(  # torch's own message is pages of advice about unsafe loading: not for here
+            f"{path} is not a readable checkpoint (damaged, cut short, or not made by these helpers: "
+            f"{type(e).__name__}); restore the file, or train again") from None
     if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise CheckpointError(
             f"{path} holds a bare state dict, without the config that says which network it fits: save weights "

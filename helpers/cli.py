@@ -175,6 +175,13 @@ def _errors() -> tuple[type[BaseException], ...]:
     return CheckpointError, DataNotFoundError, FolderBusy, Diverged, ValueError, OSError
 
 
+def _message(e: BaseException) -> str:
+    """An error as one line: an OSError without its "[Errno N]" prefix, naming its file."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     """``msdnet``: 0 when done, 2 with one line on stderr for what the user can fix, 130 when stopped."""
     args = parser().parse_args(argv)
@@ -182,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run[args.command](args)
     except _errors() as e:
-        print(f"msdnet {args.command}: error: {e}", file=sys.stderr)
+        print(f"msdnet {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

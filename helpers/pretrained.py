@@ -37,6 +37,8 @@ def load(path: str | os.PathLike | None = None, device: str | torch.device = "cp
     if path and preset:
         raise ValueError("pass either path (weights of your own) or preset (a shipped card), not both")
     dev = device_for(device)
+    if path and Path(path).suffix == ".json":
+        raise checkpoint.CheckpointError(f"{path} is a card, not weights: pass the .pt file beside it")
     preset = preset or DEFAULT_PRESET
     weights = Path(path) if path else PRETRAINED_DIR / weights_name(preset)
     card = card_path(weights)

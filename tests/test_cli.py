@@ -155,3 +155,46 @@ def test_every_msdnet_command_the_readme_and_the_site_show_parses():
                 if e.code != 0:  # --help exits with 0
                     pytest.fail(f"{path.name}: `{' '.join(words)}` is not a command msdnet takes")
     assert len(found) >= 5
+
+
+def test_a_full_disk_at_an_epochs_end_is_one_line_and_the_last_good_state_stays(tmp_path, tiny_folder, monkeypatch,
+                                                                                  capsys):
+    from helpers import cards
+
+    real, saves = torch.save, []
+
+    def full_disk(obj, f, *args, **kwargs):  # the second state write (epoch 2's) finds the disk full
+        if ".last.pt.tmp" in str(f):
+            saves.append(f)
+            if len(saves) == 2:
+                Path(f).write_bytes(b"half")
+                raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing "
+                                   "file data/3: file write failed")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    argv = ["train", "--preset", "tiny", "--epochs", "2", "--batch-size", "16", "--val-size", "12", "--source",
+            str(tiny_folder), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    assert cli.main(argv) == 2
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()  # after the data's progress bar
+    errors = [line for line in lines if line.startswith("msdnet train: error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1]
+    assert errors[0].startswith(f"msdnet train: error: could not write {tmp_path / 'run' / 'last.pt'}: the disk "
+                                "may be full") and errors[0].endswith("free some space")
+    assert checkpoint.read(tmp_path / "run" / "last.pt")["progress"]["epoch"] == 1  # the last good state
+    assert [p.name for p in (tmp_path / "run").iterdir() if ".tmp" in p.name] == []
+    monkeypatch.setattr(torch, "save", real)
+    assert cli.main(argv) == 0  # room again: the same command goes on
+    assert [r["epoch"] for r in cards.read_log(tmp_path / "run" / "log.jsonl")] == [1, 2]
+
+
+def test_weights_that_are_no_checkpoint_are_one_line(tmp_path, capsys):
+    (tmp_path / "notes.pt").write_text("not weights")
+    assert cli.main(["evaluate", "--weights", str(tmp_path / "notes.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"msdnet evaluate: error: {tmp_path / 'notes.pt'} is not a readable checkpoint")
+    assert err.count("\n") == 1 and "weights_only" not in err
+    card = tmp_path / "msdnet-cifar10-anytime.json"
+    card.write_text("{}")
+    assert cli.main(["evaluate", "--weights", str(card)]) == 2
+    assert "is a card, not weights: pass the .pt file beside it" in capsys.readouterr().err

@@ -29,9 +29,9 @@ def test_shipped_weights_load_as_the_paper_model_in_eval_mode():
 
 def test_shipped_files_fit_the_size_budget_and_match_their_card():
     total = sum(f.stat().st_size for f in pretrained.PRETRAINED_DIR.iterdir() if f.is_file())
-    cards = cards.shipped_presets()
-    assert cards[0] == "cifar10-anytime" and len(cards) <= 2  # the paper's model, and at most a second (the blog's)
-    assert total <= 12 * 1024 * 1024 * len(cards)
+    presets = cards.shipped_presets()
+    assert presets[0] == "cifar10-anytime" and len(presets) <= 2  # the paper's model, and at most a second (the blog's)
+    assert total <= 12 * 1024 * 1024 * len(presets)
     assert CARD["format"] == cards.CARD_FORMAT and checkpoint.read(SHIPPED)["format"] == checkpoint.FORMAT
     assert CARD["sha256"] == cards.sha256(SHIPPED) and CARD["file_bytes"] == SHIPPED.stat().st_size
     assert CARD["training_log"] == cards.log_name()
@@ -115,7 +115,9 @@ def test_a_checkpoint_of_an_older_format_is_refused_and_upgrade_converts_its_wei
     torch.save(old, tmp_path / "older.pt")
     with pytest.raises(checkpoint.CheckpointError, match="format None"):
         checkpoint.read(tmp_path / "older.pt")
-    assert checkpoint.main(["upgrade", str(tmp_path / "older.pt"), str(tmp_path / "new.pt")]) == 0
+    from helpers import cli
+
+    assert cli.main(["checkpoint", "upgrade", "--weights", str(tmp_path / "older.pt"), "--out", str(tmp_path / "new.pt")]) == 0
     new, shipped = pretrained.load(tmp_path / "new.pt", verify=False), pretrained.load()
     assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), shipped.state_dict().values()))
 
@@ -131,7 +133,8 @@ def test_missing_weights_say_how_to_restore_them(tmp_path, monkeypatch):
         pretrained.load(tmp_path / "nothing.pt")
     with pytest.raises(checkpoint.CheckpointError, match="is a folder: pass the weights file in it"):
         pretrained.load(tmp_path)
-    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path)  # a shipped file lost: git brings it back
+    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path)
+    monkeypatch.setattr(cards, "PRETRAINED_DIR", tmp_path)  # a shipped file lost: git brings it back
     with pytest.raises(checkpoint.CheckpointError, match="restore them with `git checkout -- "):
         pretrained.load()
     (tmp_path / cards.WEIGHTS_NAME).symlink_to(tmp_path / "annex" / "not-pulled")  # a dangling link, as git-annex leaves
@@ -156,6 +159,7 @@ def test_weights_of_another_preset_under_a_cards_name_are_refused(tmp_path, monk
     card = {**CARD, "sha256": cards.sha256(tmp_path / cards.WEIGHTS_NAME)}
     (tmp_path / "msdnet-cifar10-anytime.json").write_text(json.dumps(card))
     monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path)
+    monkeypatch.setattr(cards, "PRETRAINED_DIR", tmp_path)
     with pytest.raises(checkpoint.CheckpointError, match="holds another model than the preset 'cifar10-anytime'"):
         pretrained.load()
 
