@@ -3,8 +3,8 @@
 msdnet and layers (the model), data (CIFAR-10), pretrained (loading the shipped weights), cards (their
 records), evaluate (every exit's predictions and their accuracy), policies (which exit an image leaves at),
 earlyexit (the real early-exit runtime), gradcam (Grad-CAM and its relatives), analysis and faithfulness
-(judging the maps), images (a person's picture as the model's input), viz (figures), explorer and app (the
-explorer); training: recipe (what a run computes), train (the loss, the step and the loop), state (what a
+(judging the maps), images (a person's picture as the model's input), viz (figures), explorer, turns and app
+(the explorer); training: recipe (what a run computes), train (the loss, the step and the loop), state (what a
 run saves), augment, schedule, averaging, distill, interrupts and runfolder its pieces, machine (devices,
 shared with loading), export (a finished run into a card); cli (the `msdnet` command); checkpoint, atomic,
 cache, checks and errors underneath.
@@ -17,7 +17,7 @@ import importlib
 __all__ = ["analysis", "app", "atomic", "augment", "averaging", "cache", "cards", "checkpoint", "checks", "cli",
            "data", "distill", "earlyexit", "errors", "evaluate", "explorer", "export", "faithfulness", "gradcam",
            "images", "interrupts", "layers", "machine", "msdnet", "policies", "pretrained", "recipe", "reference",
-           "runfolder", "schedule", "state", "train", "viz"]
+           "runfolder", "schedule", "state", "train", "turns", "viz"]
 
 
 def __getattr__(name: str):

@@ -19,6 +19,7 @@ from . import checks, data, evaluate, gradcam, images, msdnet, viz
 from .cache import fingerprint
 from .errors import InputError
 from .images import load_image
+from .turns import Turns
 
 __all__ = ["Explorer", "explore", "load_image", "CHUNK_SECONDS", "SPLIT_NAMES"]
 
@@ -27,34 +28,6 @@ CHUNK_SECONDS = 0.03
 
 SPLIT_NAMES = {"train": "training", "val": "validation", "trainval": "training", "test": "test"}
 """What the app calls the images of each split data.load reads."""
-
-
-class _Turns:
-    """The model and the app's state, one thread at a time (reentrant); controls go before the background."""
-
-    def __init__(self) -> None:
-        self._cond, self._owner, self._depth, self._controls_waiting = threading.Condition(), None, 0, 0
-
-    @contextmanager
-    def take(self, control: bool = True):
-        me = threading.get_ident()
-        with self._cond:
-            if self._owner != me:
-                self._controls_waiting += control
-                try:
-                    self._cond.wait_for(lambda: self._owner is None and (control or not self._controls_waiting))
-                finally:
-                    self._controls_waiting -= control
-                self._owner = me
-            self._depth += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._depth -= 1
-                if not self._depth:
-                    self._owner = None
-                    self._cond.notify_all()
 
 
 _RUNNING: weakref.WeakSet = weakref.WeakSet()
@@ -115,7 +88,7 @@ class Explorer:
         self.model = copy.deepcopy(model).eval()
         self.split, self.classes, self.n_exits, n = split, classes, model.n_exits, len(split)
         self._image = f"{split_name} image" if split_name else "image"
-        self._turns, self._quiet, self._started, self._published = _Turns(), False, False, 0.0
+        self._turns, self._quiet, self._started, self._published = Turns(), False, False, 0.0
         self._stop, self._thread, self._error, self._chunk = threading.Event(), None, None, chunk
         preds = evaluate.cached_predictions(model, split) if preds is None else preds
         self._known = torch.full((n,), preds is not None)
