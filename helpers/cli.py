@@ -132,9 +132,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if uncarded:
         print(f"{args.weights} has no card beside it: evaluated without a SHA-256 check", file=sys.stderr)
     test = data.load("test", args.source)
-    print(f"test accuracy per exit: {accuracy_line(evaluate.exit_accuracies(model, test))}")
+    print(f"test accuracy per exit: {accuracy_line(evaluate.exit_accuracies(model, test, progress='test split'))}")
     if args.flip:
-        print(f"with flip TTA (2x MACs): {accuracy_line(evaluate.exit_accuracies(model, test, flip=True))}")
+        flipped = evaluate.exit_accuracies(model, test, flip=True, progress="test split, flipped too")
+        print(f"with flip TTA (2x MACs): {accuracy_line(flipped)}")
     return 0
 
 

@@ -150,12 +150,13 @@ def exit_logits(model: nn.Module, x: Tensor, flip: bool = False) -> list[Tensor]
 
 @torch.no_grad()
 def exit_accuracies(model: nn.Module, split: data.Split, batch_size: int = 500, device=None,
-                    flip: bool = False) -> list[float]:
+                    flip: bool = False, progress: str | None = None) -> list[float]:
     """The share of `split` each exit classifies correctly, batch by batch; nothing is cached.
 
     Args:
         split: a data.Split, images uint8 in 0..255 (or float in [0, 1]).
         batch_size: images per forward pass, >= 1.
+        progress: a progress bar's label (tqdm.auto), or None for none.
     Returns:
         one accuracy in [0, 1] per exit, B1 first.
     """
@@ -163,8 +164,13 @@ def exit_accuracies(model: nn.Module, split: data.Split, batch_size: int = 500, 
     batch_size = checks.whole(batch_size, "batch_size")
     device = device or next(model.parameters()).device
     correct = None
+    starts = range(0, len(split), batch_size)
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False)
     with msdnet.eval_mode(model):
-        for i in range(0, len(split), batch_size):
+        for i in starts:
             x = checks.unit_images(split.images[i : i + batch_size].to(device))
             y = split.labels[i : i + batch_size].to(device)
             hits = torch.stack([(z.argmax(1) == y).sum() for z in exit_logits(model, x, flip)])

@@ -110,6 +110,7 @@ def test_evaluate_prints_accuracy_the_one_way_and_names_weights_without_a_card(t
     out, err = capsys.readouterr()
     assert out.startswith("test accuracy per exit: B1=") and "B4=" in out and "%" not in out
     assert "best.pt has no card beside it: evaluated without a SHA-256 check" in err
+    assert "test split: " in err  # a progress bar while it measures, never a silent minute
     (tmp_path / "best.json").write_text("{}")  # a card beside the weights is checked
     assert cli.main(["evaluate", "--weights", str(tmp_path / "best.pt"), "--source", str(tiny_folder)]) == 2
     assert "best.json is a card of format None" in capsys.readouterr().err
