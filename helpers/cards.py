@@ -155,5 +155,5 @@ def command_for(recipe: dict, recipes: dict) -> str:
     def flags(base: dict) -> list[str]:
         return [f"--{k.replace('_', '-')} {v}" for k, v in recipe.items() if base.get(k) != v]
 
-    name = min(recipes, key=lambda n: (len(flags(recipes[n])), n != "overnight"))
+    name = min(recipes, key=lambda n: (len(flags(recipes[n])), n != "laptop"))
     return " ".join(["msdnet train --recipe", name, *flags(recipes[name])])

@@ -15,10 +15,10 @@ from pathlib import Path
 __all__ = ["main", "parser", "recipe_of"]
 
 _EXAMPLES = {
-    "train": "msdnet train --recipe overnight --compile      # the shipped checkpoint's run; again to go on after a stop",
+    "train": "msdnet train --recipe laptop --compile         # the shipped checkpoint's run; again to go on after a stop",
     "evaluate": "msdnet evaluate                                # the shipped checkpoint on the test split",
-    "export": "msdnet export --run runs/overnight             # its chosen weights into data/pretrained/",
-    "checkpoint": "msdnet checkpoint compact --weights runs/overnight/last.pt --out small.pt",
+    "export": "msdnet export --run runs/laptop                # its chosen weights into data/pretrained/",
+    "checkpoint": "msdnet checkpoint compact --weights runs/laptop/last.pt --out small.pt",
     "app": "msdnet app                                     # the explorer as a web page",
 }
 
@@ -47,8 +47,8 @@ def parser() -> argparse.ArgumentParser:
     subs = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = _sub(subs, "train", "train MSD-Net on CIFAR-10 from random weights, or go on with the run in --out")
-    t.add_argument("--recipe", default="overnight", choices=sorted(RECIPES),
-                   help="the settings to start from (default: overnight, the shipped checkpoint's)")
+    t.add_argument("--recipe", default="laptop", choices=sorted(RECIPES),
+                   help="the settings to start from (default: laptop, the shipped checkpoint's)")
     t.add_argument("--out", type=Path, default=None, help="the run's folder (default: runs/<recipe>)")
     t.add_argument("--compile", action="store_true", help="torch.compile the training step (faster after minutes "
                                                           "of compiling; needs a C++ compiler on a CPU)")

@@ -1,8 +1,8 @@
 """A finished training run as a shipped checkpoint: its chosen weights measured on the test split and written,
 in half precision, with their card and the run's log.
 
-    msdnet export --run runs/overnight                 # into data/pretrained/
-    msdnet export --run runs/overnight --out DIR       # anywhere else
+    msdnet export --run runs/laptop                    # into data/pretrained/
+    msdnet export --run runs/laptop --out DIR          # anywhere else
 
 The three files replace the old ones together (helpers.atomic.replace_files): a reader finds either the old
 set or the new one, and two exports into one folder take turns.

@@ -3,7 +3,7 @@
 
     from helpers import train
     from helpers.recipe import RECIPES
-    train.train(RECIPES["overnight"], "runs/overnight")    # `msdnet train --recipe overnight` from Python
+    train.train(RECIPES["laptop"], "runs/laptop")          # `msdnet train --recipe laptop` from Python
 
 Run the same call again after a stop and it goes on where it stopped.
 """

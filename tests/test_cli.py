@@ -93,7 +93,7 @@ def test_an_out_folder_that_cannot_be_written_is_one_line(tmp_path, tiny_folder,
 
 
 def test_train_runs_a_recipe_and_goes_on_with_the_same_command(tmp_path, tiny_folder, capsys):
-    argv = ["train", "--recipe", "overnight", "--preset", "tiny", "--epochs", "2", "--batch-size", "16",
+    argv = ["train", "--recipe", "laptop", "--preset", "tiny", "--epochs", "2", "--batch-size", "16",
             "--val-size", "12", "--source", str(tiny_folder), "--out", str(tmp_path / "run"), "--device", "cpu"]
     assert cli.main([*argv, "--time-limit", "1e-9"]) == 0
     assert "--time-limit 1e-09 s reached: run the same command to go on" in capsys.readouterr().err
@@ -142,7 +142,8 @@ def test_every_msdnet_command_the_readme_and_the_site_show_parses():
     """A command quoted in the README, the site or a notebook is one the parser takes as written."""
     import re
 
-    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "notebooks").glob("*.ipynb")]
+    generated = {ROOT / "docs" / "README.md"}  # the site's copy of the README, written by its build
+    texts = [ROOT / "README.md", *(set((ROOT / "docs").glob("*.md")) - generated), *(ROOT / "notebooks").glob("*.ipynb")]
     found = []
     for path in texts:
         for line in re.findall(r"(?:^|`|\n)\s*(msdnet [^`\n#]+)", path.read_text()):

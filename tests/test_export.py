@@ -16,7 +16,7 @@ from helpers.evaluate import exit_accuracies
 from helpers.recipe import RECIPES, Recipe
 
 WEIGHTS, CARD, LOG = cards.weights_name("tiny"), cards.card_path(cards.weights_name("tiny")).name, cards.log_name("tiny")
-TINY = replace(RECIPES["overnight"], preset="tiny", epochs=2, batch_size=16, val_size=12, warmup_epochs=0.5,
+TINY = replace(RECIPES["laptop"], preset="tiny", epochs=2, batch_size=16, val_size=12, warmup_epochs=0.5,
                ema_decay=0.5)
 
 
@@ -58,7 +58,7 @@ def test_export_writes_half_weights_a_card_and_the_log_that_load_back(tmp_path, 
     # One command from random weights, the recipe it stands for, the hardware, time and speed of the run.
     training = card["training"]
     assert training["init_from"] is None and training["recipe"] == TINY.to_dict()
-    assert training["command"] == ("msdnet train --recipe overnight --preset tiny --epochs 2 --batch-size 16 "
+    assert training["command"] == ("msdnet train --recipe laptop --preset tiny --epochs 2 --batch-size 16 "
                                    "--warmup-epochs 0.5 --ema-decay 0.5 --val-size 12")
     log = cards.read_log(out / LOG)
     assert [r["epoch"] for r in log] == [1, 2] and log == cards.read_log(run / "log.jsonl")
@@ -71,11 +71,11 @@ def test_the_command_a_card_records_trains_the_same_recipe():
     from helpers import cli
 
     named = {n: r.to_dict() for n, r in RECIPES.items()}
-    for recipe in (RECIPES["overnight"], replace(RECIPES["paper"], epochs=10, cutout=8), TINY):
+    for recipe in (RECIPES["laptop"], replace(RECIPES["paper"], epochs=10, cutout=8), TINY):
         command = cards.command_for(recipe.to_dict(), named)
         args = cli.parser().parse_args(command.split()[1:])
         assert cli.recipe_of(args) == recipe, command
-    assert cards.command_for(RECIPES["overnight"].to_dict(), named) == "msdnet train --recipe overnight"
+    assert cards.command_for(RECIPES["laptop"].to_dict(), named) == "msdnet train --recipe laptop"
 
 
 def test_an_unfinished_run_is_not_exported(tmp_path, runs):

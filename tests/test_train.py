@@ -52,7 +52,7 @@ def test_the_paper_recipe_is_the_papers_settings():
     paper = RECIPES["paper"]
     assert (paper.epochs, paper.batch_size, paper.lr, paper.momentum, paper.weight_decay, paper.schedule) == \
         (300, 64, 0.1, 0.9, 1e-4, "paper")
-    assert Recipe.from_dict(RECIPES["overnight"].to_dict()) == RECIPES["overnight"]
+    assert Recipe.from_dict(RECIPES["laptop"].to_dict()) == RECIPES["laptop"]
 
 
 @pytest.mark.parametrize("change, words", [

@@ -13,10 +13,10 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 OUT=${OUT:-runs/gpu}
-RUN=${RUN:-runs/overnight}
+RUN=${RUN:-runs/laptop}
 mkdir -p "$OUT"
 set +e
-$PY -m helpers train --recipe overnight --out "$RUN" --device cuda --amp bf16 --channels-last --compile \
+$PY -m helpers train --recipe laptop --out "$RUN" --device cuda --amp bf16 --channels-last --compile \
   --time-limit "${TIME_LIMIT:-480}" ${SOURCE:+--source "$SOURCE"} "$@" 2>&1 | tee "$OUT/train.log"
 status=${PIPESTATUS[0]}
 set -e
