@@ -121,3 +121,28 @@ def test_the_explorers_picture_is_made_from_the_live_page(voila_url, tmp_path):
     assert 600 <= width <= 900 and height >= 300, (width, height)
     assert colours > 100, "the picture is nearly blank: the app was not drawn"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["explorer.png"], "a temporary file was left"
+
+
+@pytest.mark.slow
+def test_without_cifar10_the_page_shows_the_data_message_alone(tmp_path):
+    """The app's page, where a learner looks, says what to do in the message's one line: no traceback, no
+    chained network errors, no folder only this project's machines have."""
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    need("chromium", chromium is not None, "apt-get install chromium (or set CHROMIUM to its path)")
+    need("playwright", _importable("playwright"), 'pip install -e ".[test]"')
+    need("voila", shutil.which("voila") is not None or _importable("voila"), 'pip install -e ".[test]"')
+    from playwright.sync_api import sync_playwright
+
+    env = {"CIFAR10_SOURCE": str(tmp_path / "no-cifar.tar.gz"), "MSDNET_DATA_DIR": str(tmp_path / "data")}
+    with open(tmp_path / "voila.log", "w") as log, app.running(env, log) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(url, timeout=240_000)
+            message = page.get_by_text("CIFAR-10 could not be loaded")
+            message.first.wait_for(timeout=240_000)
+            text = page.inner_text("body")
+        finally:
+            browser.close()
+    assert "no-cifar.tar.gz does not exist" in text and "--source" in text
+    assert "Traceback" not in text and "shared" not in text and "File \"" not in text
