@@ -5,7 +5,8 @@ checkout (the page lives in app/) and Voila (`pip install -e ".[test]"`, or `pip
 
 Voila runs in a POSIX process session of its own (setsid), so that a signal reaches it and its kernels
 together. On Linux it is also told to stop when the process that started it dies, however it dies
-(kill -9 included): nothing is left serving. Its kernels stop with it (Jupyter kernels watch the server that started them).
+(kill -9 included): nothing is left serving. Its kernels stop with it (Jupyter kernels watch the server
+that started them).
 """
 from __future__ import annotations
 
