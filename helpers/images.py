@@ -21,9 +21,10 @@ MAX_PIXELS = 24_000_000
 """The most pixels a picture may have once decoded (JPEGs count after decoding at a reduced scale)."""
 
 MAX_JPEG_BUFFER = 200_000_000
-"""The most bytes a progressive JPEG's coefficients may take while it is decoded: libjpeg keeps them all
-at full size, whatever the reduced scale (1.4 GB for a CMYK picture at Pillow's limit). With the decoded
-pixels (MAX_PIXELS) this keeps any upload under 300 MB."""
+"""The most bytes a JPEG's coefficients may take while it is decoded when it comes in several scans
+(progressive, or one colour at a time): libjpeg keeps them all at full size, whatever the reduced scale
+(1.4 GB for a CMYK picture at Pillow's limit). With the decoded pixels (MAX_PIXELS) this keeps any upload
+under 300 MB."""
 
 BACKGROUND = "white"
 """What transparent parts of a picture are composited on."""
@@ -47,9 +48,10 @@ def _open(content: bytes, size: int) -> Image.Image:
         raise InputError(f"that file is not an image Pillow can read ({e.__class__.__name__}); "
                          "upload a PNG, JPEG, BMP or GIF") from None
     if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale, still well above `size`
-        need = _jpeg_buffer(img)
+        kind = "progressive" if img.info.get("progressive") else "multi-scan" if _multi_scan(content) else None
+        need = _jpeg_buffer(img) if kind else 0
         if need > MAX_JPEG_BUFFER:
-            raise _too_large(f"a progressive JPEG of {img.width:,} x {img.height:,} pixels, which takes about "
+            raise _too_large(f"a {kind} JPEG of {img.width:,} x {img.height:,} pixels, which takes about "
                              f"{need / 1e6:,.0f} MB to decode, over the limit of {MAX_JPEG_BUFFER / 1e6:,.0f} MB")
         img.draft(img.mode, (4 * size, 4 * size))
     w, h = img.size
@@ -64,15 +66,36 @@ def _open(content: bytes, size: int) -> Image.Image:
 
 
 def _jpeg_buffer(img: Image.Image) -> int:
-    """The bytes libjpeg holds while it decodes `img` (opened, not loaded): for a progressive JPEG, each
-    component's 64 coefficients of 2 bytes per 8x8 block at full size; a baseline one is decoded a few
-    rows at a time (0 here)."""
-    if not img.info.get("progressive"):
-        return 0
+    """The bytes libjpeg holds for the coefficients of a JPEG decoded in several scans (`img` opened, not
+    loaded): each component's 64 coefficients of 2 bytes per 8x8 block, at full size."""
     layers = getattr(img, "layer", None) or [(None, 1, 1, None)] * len(img.getbands())  # (id, h, v sampling, table)
     h_max, v_max = max(l[1] for l in layers), max(l[2] for l in layers)
     return sum(math.ceil(img.width * h / h_max / 8) * math.ceil(img.height * v / v_max / 8) * 64 * 2
                for _, h, v, _ in layers)
+
+
+_STANDALONE = {0x01, *range(0xD0, 0xDA)}  # markers without a length: TEM, RSTn, SOI, EOI
+_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOFn; C4, C8 and CC are tables and a reserved code
+
+
+def _multi_scan(content: bytes) -> bool:
+    """Whether a sequential JPEG's first scan holds fewer colours than its frame, so that libjpeg, like for
+    a progressive one, buffers the whole picture's coefficients before it can draw a row."""
+    pos, colours = 2, None
+    while pos + 4 <= len(content) and content[pos] == 0xFF:
+        marker = content[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if marker in _FRAMES and pos + 10 <= len(content):
+            colours = content[pos + 9]
+        if marker == 0xDA:  # start of the first scan: its own count of colours follows the length
+            return colours is not None and content[pos + 4] < colours
+        pos += 2 + int.from_bytes(content[pos + 2 : pos + 4], "big")
+    return False
 
 
 def _opaque(img: Image.Image) -> Image.Image:

@@ -125,6 +125,29 @@ def progressive_jpeg_declaring(width: int, height: int, mode: str = "CMYK") -> b
     return bytes(content)
 
 
+def multi_scan_jpeg_declaring(width: int, height: int) -> bytes:
+    """A small sequential JPEG whose header declares width x height and whose first scan holds one colour
+    of three: libjpeg buffers such a picture's coefficients as it does a progressive one's."""
+    content = bytearray(encode(Image.new("RGB", (64, 64)), "jpeg"))
+    sof = content.find(b"\xff\xc0")
+    content[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    sos = content.find(b"\xff\xda")
+    length = int.from_bytes(content[sos + 2 : sos + 4], "big")
+    one_colour = b"\xff\xda\x00\x08\x01" + content[sos + 5 : sos + 7] + b"\x00\x3f\x00"
+    return bytes(content[:sos] + one_colour + content[sos + 2 + length :])
+
+
+def test_a_multi_scan_jpeg_too_large_to_decode_is_refused_before_decoding():
+    with pytest.raises(ValueError, match=r"too large to open safely \(a multi-scan JPEG of 12,000 x 12,000 pixels, "
+                                         r"which takes about 432 MB to decode"):
+        images.load_image(multi_scan_jpeg_declaring(12000, 12000))  # 4:2:0, 1.5 x 144 M / 64 blocks x 128 bytes
+    assert images.load_image(multi_scan_jpeg_declaring(8000, 8000)).shape == (3, 32, 32)  # 192 MB: decoded
+    baseline = bytearray(encode(Image.new("RGB", (64, 64)), "jpeg"))
+    sof = baseline.find(b"\xff\xc0")
+    baseline[sof + 5 : sof + 9] = (12000).to_bytes(2, "big") * 2  # one scan: decoded a few rows at a time
+    assert images.load_image(bytes(baseline)).shape == (3, 32, 32)
+
+
 def test_a_progressive_jpeg_too_large_to_decode_is_refused_before_decoding():
     big = progressive_jpeg_declaring(6000, 6000)  # 36 M pixels x 4 components x 2 bytes: 288 MB of coefficients
     with pytest.raises(ValueError, match=r"too large to open safely \(a progressive JPEG of 6,000 x 6,000 pixels, "
@@ -136,7 +159,8 @@ def test_a_progressive_jpeg_too_large_to_decode_is_refused_before_decoding():
 
 def test_any_upload_stays_under_300_mb_while_decoded():
     cases = [progressive_jpeg_declaring(12000, 12000), progressive_jpeg_declaring(13000, 13000, "RGB"),
-             progressive_jpeg_declaring(4900, 4900), progressive_jpeg_declaring(8000, 8000, "RGB")]
+             progressive_jpeg_declaring(4900, 4900), progressive_jpeg_declaring(8000, 8000, "RGB"),
+             multi_scan_jpeg_declaring(12000, 12000), multi_scan_jpeg_declaring(8000, 8000)]
     script = textwrap.dedent("""
         import resource, sys
         from helpers import images
