@@ -1,6 +1,6 @@
 """Real early exit against the full network at the same accuracy, on this machine's CPU.
 
-    CIFAR10_SOURCE=../shared/data/cifar10-jpeg.tar.gz python benchmarks/early_exit.py
+    python benchmarks/early_exit.py
 
 Three exit policies, each with thresholds chosen on the validation hold-out only, as the cheapest
 whose validation accuracy reaches the last exit's even Z standard errors below it (the margin of

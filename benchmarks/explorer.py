@@ -1,6 +1,6 @@
 """How fast the explorer opens and answers its controls, with the shipped model on this machine.
 
-    CIFAR10_SOURCE=../shared/data/cifar10-jpeg.tar.gz python benchmarks/explorer.py
+    python benchmarks/explorer.py
 
 1. A fresh clone (an empty data/ folder): `explorer.explore(pretrained.load())`, the time to its first
    image, then every control moved while the background predicts the split (the goal: each answers

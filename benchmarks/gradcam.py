@@ -1,6 +1,6 @@
 """All ten exits' Grad-CAM maps from one pass through the trunk, against the straightforward way.
 
-    CIFAR10_SOURCE=../shared/data/cifar10-jpeg.tar.gz python benchmarks/gradcam.py
+    python benchmarks/gradcam.py
 
 The straightforward way runs, for each exit, a forward pass of the network and a backward pass
 from that exit's score to the map its classifier reads. gradcam_all_exits runs the trunk once and

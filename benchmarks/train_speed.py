@@ -1,6 +1,6 @@
 """Training speed of float32, channels_last and bfloat16 autocast on this machine, side by side.
 
-    CIFAR10_SOURCE=../shared/data/cifar10-jpeg.tar.gz python benchmarks/train_speed.py
+    python benchmarks/train_speed.py
 
 For each variant: images/s of full training steps (forward, the 10-exit loss, backward, SGD) of
 `cifar10-anytime` at the given batch size, the same random batches for every variant and the

@@ -365,6 +365,8 @@ def test_no_page_notebook_or_card_names_the_projects_own_data_folder():
     texts |= {f"docs/{p.name}": p.read_text() for p in DOCS.glob("*.md") if p.name != "README.md"}
     texts |= {p.name: p.read_text() for p in [ROOT / "README.md", ROOT / "CONTRIBUTING.md"] if p.exists()}
     texts |= {p.name: p.read_text() for p in (ROOT / "data" / "pretrained").glob("*.json")}
+    texts |= {f"{p.parent.name}/{p.name}": p.read_text() for folder in ("helpers", "benchmarks", "tools")
+              for p in (ROOT / folder).glob("*.py")}  # docstrings and --help
     named = [name for name, text in texts.items() if "../shared" in text or "/work/shared" in text]
     assert not named, f"these name the project's own data folder: {named}"
 

@@ -1,7 +1,7 @@
 """A picture of the live explorer for places where no kernel runs (GitHub, the site): the app served by
 `python -m helpers.app` (Voila), opened in chromium through Playwright, photographed once it has drawn.
 
-    CIFAR10_SOURCE=../shared/data/cifar10-jpeg.tar.gz python tools/screenshot_explorer.py
+    python tools/screenshot_explorer.py
 
 Writes docs/_static/explorer.png (temporary name, then rename); notebook 07 and the site show it.
 Needs chromium (`apt-get install chromium`, or CHROMIUM=path) and the test extra (Playwright, Voila).
