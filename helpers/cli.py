@@ -12,6 +12,8 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
+from .errors import OneLineError
+
 __all__ = ["main", "parser", "recipe_of"]
 
 _EXAMPLES = {
@@ -166,14 +168,8 @@ def _app(args: argparse.Namespace) -> int:
     return app.main(voila)
 
 
-def _errors() -> tuple[type[BaseException], ...]:
-    """The errors a user can fix, shown as their one line."""
-    from .checkpoint import CheckpointError
-    from .data import DataNotFoundError
-    from .runfolder import FolderBusy
-    from .train import Diverged
-
-    return CheckpointError, DataNotFoundError, FolderBusy, Diverged, ValueError, OSError
+USER_ERRORS = (OneLineError, ValueError, OSError)
+"""The errors a user can fix (the project's own, bad values, files and disks), shown as their one line."""
 
 
 def _message(e: BaseException) -> str:
@@ -189,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     run = {"train": _train, "evaluate": _evaluate, "export": _export, "checkpoint": _checkpoint, "app": _app}
     try:
         return run[args.command](args)
-    except _errors() as e:
+    except USER_ERRORS as e:
         print(f"msdnet {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from . import msdnet
+from .errors import OneLineError
 
 __all__ = ["SCHEDULES", "AVERAGES", "Recipe", "RECIPES", "RecipeError"]
 
@@ -20,7 +21,7 @@ SCHEDULES = ("paper", "cosine", "constant")
 AVERAGES = ("none", "ema", "swa")
 
 
-class RecipeError(ValueError):
+class RecipeError(OneLineError, ValueError):
     """A recipe that cannot train: the message names the setting, what it got and what it needs."""
 
 

@@ -7,6 +7,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import OneLineError
+
 try:
     import fcntl
 except ImportError:  # Windows: no lock
@@ -15,7 +17,7 @@ except ImportError:  # Windows: no lock
 __all__ = ["FolderBusy", "RunFolder"]
 
 
-class FolderBusy(RuntimeError):
+class FolderBusy(OneLineError, RuntimeError):
     """Another run writes to the folder."""
 
 

@@ -25,6 +25,7 @@ from . import augment, checkpoint, data, evaluate, machine
 from .averaging import WeightAverage
 from .cache import fingerprint
 from .distill import soft_losses
+from .errors import OneLineError
 from .interrupts import StopRequest
 from .recipe import Recipe
 from .runfolder import RunFolder
@@ -34,7 +35,7 @@ from .state import TrainingState
 __all__ = ["Diverged", "multi_exit_loss", "train_step", "compiled", "TrainingData", "load_training_data", "train"]
 
 
-class Diverged(RuntimeError):
+class Diverged(OneLineError, RuntimeError):
     """The loss is no longer finite: the run stops before the step that would spoil the weights."""
 
 
