@@ -123,11 +123,11 @@ def main() -> None:
     for name, (thresholds, score, z) in choices.items():
         v, t = policies.budgeted(val, thresholds, costs, score), policies.budgeted(test, thresholds, costs, score)
         t_sec = policies.budgeted(test, thresholds, seconds_per_exit, score).average_cost
-        print(f"{name:42s} {z:3g} {v.accuracy:8.2%} {t.accuracy:8.2%} {t.average_macs / 1e6:7.1f} "
-              f"{full_macs / t.average_macs:5.2f}x {t_sec * 1e3:6.3f} {full_seconds / t_sec:5.2f}x  "
+        print(f"{name:42s} {z:3g} {v.accuracy:8.2%} {t.accuracy:8.2%} {t.average_cost / 1e6:7.1f} "
+              f"{full_macs / t.average_cost:5.2f}x {t_sec * 1e3:6.3f} {full_seconds / t_sec:5.2f}x  "
               f"{t.exit_counts}{switched_off(thresholds)}")
-        policy_rows.append([name, f"{z:g}", f"{v.accuracy:.2%}", f"{t.accuracy:.2%}", f"{t.average_macs / 1e6:.1f}",
-                            f"{full_macs / t.average_macs:.2f}x", f"{full_seconds / t_sec:.2f}x",
+        policy_rows.append([name, f"{z:g}", f"{v.accuracy:.2%}", f"{t.accuracy:.2%}", f"{t.average_cost / 1e6:.1f}",
+                            f"{full_macs / t.average_cost:.2f}x", f"{full_seconds / t_sec:.2f}x",
                             " ".join(map(str, t.exit_counts)) + switched_off(thresholds)])
         v_sec = policies.budgeted(val, thresholds, seconds_per_exit, score).average_cost
         if v_sec < best_val_seconds:  # chosen on validation, like the thresholds, by the time it predicts
@@ -149,7 +149,7 @@ def main() -> None:
     # each block alone: the cumulative count up to its exit, less the one before and its own classifier
     block_macs = [c.macs - (costs[k - 1].macs if k else 0) - c.classifier_macs for k, c in enumerate(costs)]
     print(f"\ntimed with '{chosen}' (the fastest on validation by the measured costs), {len(split):,} test images "
-          f"({full_macs / 1e6:.1f} vs {sim.average_macs / 1e6:.1f} M MACs per image: {full_macs / sim.average_macs:.2f}x fewer); "
+          f"({full_macs / 1e6:.1f} vs {sim.average_cost / 1e6:.1f} M MACs per image: {full_macs / sim.average_cost:.2f}x fewer); "
           "'simulated': early exit's time predicted from the full network's own block and classifier times in the "
           "same run, batch by batch, for the images that reached each block")
     print(f"{'batch':>6s} {'full network':>13s} {'early exit':>11s} {'speed-up':>9s} {'simulated':>9s} "
@@ -176,7 +176,7 @@ def main() -> None:
     report.text(f"Real early exit with '{chosen}' (the fastest on validation by the block times) against the full "
                 f"network, both in the {args.memory_format} memory format, batch by batch in turn on {len(split):,} test images; 'simulated': early exit's time "
                 "predicted from the full network's own block and classifier times in the same run, for the images "
-                f"that reached each block. From the multiply-accumulates: {full_macs / sim.average_macs:.2f}x.")
+                f"that reached each block. From the multiply-accumulates: {full_macs / sim.average_cost:.2f}x.")
     report.table(["batch", "full network, images/s", "early exit, images/s", "speed-up", "streamed, images/s",
                   "streamed speed-up", "simulated", "early exit / simulated", "streamed / simulated"],
                  [[b, f"{len(split) / r.full:.0f}", f"{len(split) / r.early:.0f}", f"{r.full / r.early:.2f}x",
@@ -197,7 +197,7 @@ def main() -> None:
           f"{best}: {len(split) / modes[best]:.0f} images/s, {rows[b_full].full / modes[best]:.2f}x")
     print(f"early exit, measured against simulated from the same run's block times: "
           + ", ".join(f"batch {b} {r.measured_share(r.early):.0%} (streamed {r.measured_share(r.streamed):.0%})" for b, r in rows.items())
-          + f", one image at a time {lat.measured_share(lat.early):.0%}; multiply-accumulates: {full_macs / sim.average_macs:.2f}x; "
+          + f", one image at a time {lat.measured_share(lat.early):.0%}; multiply-accumulates: {full_macs / sim.average_cost:.2f}x; "
           f"accuracy {acc_early:.2%} vs {acc_full:.2%} (full network)")
     report.text(f"Each at its fastest: full network {len(split) / rows[b_full].full:.0f} images/s (batch {b_full}), "
                 f"{best}: {len(split) / modes[best]:.0f} images/s, {rows[b_full].full / modes[best]:.2f}x; "

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import checks, msdnet
 from .errors import InputError, InputTypeError, StateError
-from .evaluate import score as score_of
+from .evaluate import scores
 from .policies import ExitTime, check_thresholds
 
 __all__ = ["EarlyExit", "EarlyExitStream", "LastExitOnly", "timed_costs"]
@@ -70,7 +70,7 @@ class EarlyExit(nn.Module):
         logits = self.model.classify(exit, maps)
         if last:
             return torch.ones(n, dtype=torch.bool, device=device), logits.argmax(-1)
-        return score_of(logits, self.score) >= self.thresholds[exit - 1], logits.argmax(-1)
+        return scores(logits, self.score) >= self.thresholds[exit - 1], logits.argmax(-1)
 
 
 def _layout(t: Tensor) -> torch.memory_format:

@@ -26,7 +26,7 @@ from .errors import InputError, InputTypeError
 
 __all__ = [
     "SCORES",
-    "score",
+    "scores",
     "Predictions",
     "exit_logits",
     "exit_accuracies",
@@ -47,7 +47,7 @@ SCORES = ("confidence", "margin", "entropy")
 _CODE = (msdnet, layers, sys.modules[__name__])
 
 
-def score(logits: Tensor, kind: str = "confidence") -> Tensor:
+def scores(logits: Tensor, kind: str = "confidence") -> Tensor:
     """How sure a classifier is, from its logits; higher is surer.
 
     Args:
@@ -101,12 +101,12 @@ class Predictions(NamedTuple):
 
     @property
     def confidence(self) -> Tensor:
-        """[N, exits] in [0, 1]: the top softmax probability, score(logits, "confidence")."""
-        return score(self.logits, "confidence")
+        """[N, exits] in [0, 1]: the top softmax probability, scores(logits, "confidence")."""
+        return scores(self.logits, "confidence")
 
-    def score(self, kind: str = "confidence") -> Tensor:
-        """[N, exits]: how sure each exit is, by one of SCORES (see evaluate.score)."""
-        return score(self.logits, kind)
+    def scores(self, kind: str = "confidence") -> Tensor:
+        """[N, exits]: how sure each exit is, by one of SCORES (see evaluate.scores)."""
+        return scores(self.logits, kind)
 
 
 def _check_not_empty(n: int, what: str) -> None:

@@ -312,11 +312,11 @@ class Explorer:
             return self.classes.index(self.target.value), None
         return self.target.value, None
 
-    def maps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The shown image's maps and logits, kept per image, target and method.
+    def heatmaps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shown image's heatmaps and logits, kept per image, target and method.
 
         Returns:
-            maps [exits, H, W] in [0, 1], the chosen exit's at the chosen scale; logits [exits, classes].
+            heatmaps [exits, H, W] in [0, 1], the chosen exit's at the chosen scale; logits [exits, classes].
         """
         with self._turns.take():
             index, image = self.current_index(), self.current_image()
@@ -329,7 +329,7 @@ class Explorer:
             x = image[None].to(next(self.model.parameters()).device)  # the model's device; answers kept on the CPU
             if key not in self._maps:  # all exits at the classifiers' own maps: one trunk pass
                 cam = gradcam.compute(self.model, x, list(range(1, self.n_exits + 1)), target, None, method, labels)
-                self._maps[key] = (gradcam.normalize(cam.maps[0], size).cpu(), cam.logits[0].cpu())
+                self._maps[key] = (gradcam.normalize(cam.heatmaps[0], size).cpu(), cam.logits[0].cpu())
             maps, logits = self._maps[key]
             if self.scale.value == self.model.config.coarsest_size:
                 return maps, logits
@@ -337,7 +337,7 @@ class Explorer:
             if fine_key not in self._maps:
                 site = self._finest_of_exit[k][self.scale.value]
                 fine = gradcam.compute(self.model, x, [k], target, site, method, labels)
-                self._maps[fine_key] = gradcam.normalize(fine.maps[0, 0], size).cpu()
+                self._maps[fine_key] = gradcam.normalize(fine.heatmaps[0, 0], size).cpu()
             maps = maps.clone()
             maps[k - 1] = self._maps[fine_key]
             return maps, logits
@@ -415,7 +415,7 @@ class Explorer:
             for p in self._pictures:
                 p.layout.display = "none"
             return
-        maps, logits = self.maps()
+        maps, logits = self.heatmaps()
         (target, labels), k = self._target(index), self.exit_number
         explained = int(gradcam.targets_for(target, logits[k - 1 : k], labels)[0])
         label, n_right = (None, None) if index is None else (int(self.preds.labels[index]), int(self.difficulty[index]))

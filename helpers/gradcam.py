@@ -38,7 +38,7 @@ __all__ = ["Site", "CAM", "Method", "METHODS", "TARGETS", "targets_for", "class_
 class Site(NamedTuple):
     """Where to take the feature map: block (1-based, like the exits), module (the position of a module
     in that block's nn.Sequential, from 0: an MSD layer or a transition; -1: the block's output), and
-    the scale by its size in pixels. model.site(block, module) is the module itself."""
+    the scale by its size in pixels. model.module_at(block, module) is the module itself."""
 
     block: int
     module: int = -1
@@ -217,10 +217,10 @@ def class_activation_map(score: Tensor, fmap: Tensor, method: str = "gradcam", r
 
 
 class CAM(NamedTuple):
-    """compute()'s result: the raw maps [B, exits, H, W] at the feature map's resolution, each exit's
+    """compute()'s result: the raw heatmaps [B, exits, H, W] at the feature map's resolution, each exit's
     logits [B, exits, classes], and the class each map explains [B, exits]."""
 
-    maps: Tensor  # [B, exits, H, W]: raw ReLU(sum_k w_k A_k) at the feature map's resolution
+    heatmaps: Tensor  # [B, exits, H, W]: raw ReLU(sum_k w_k A_k) at the feature map's resolution
     logits: Tensor  # [B, exits, classes]
     targets: Tensor  # [B, exits]: the class each map explains
 
@@ -332,7 +332,7 @@ def gradcam(model: msdnet.MSDNet, x: Tensor, exit: int | None = None, target=Non
     """The map of exit `exit` (1-based; default: the last) for each image: [B, 32, 32] in [0, 1], or with
     raw=True the unnormalized map at the feature map's own resolution."""
     cam = compute(model, x, [_check_exit(model, exit)], target, site, method, labels)
-    maps = cam.maps[:, 0]
+    maps = cam.heatmaps[:, 0]
     return maps if raw else normalize(maps, model.config.image_size)
 
 
@@ -341,7 +341,7 @@ def gradcam_all_exits(model: msdnet.MSDNet, x: Tensor, target=None, method: str 
     """The maps of all exits, [B, exits, 32, 32] in [0, 1] (raw=True: [B, exits, 8, 8] unnormalized),
     from one forward pass through the trunk."""
     cam = compute(model, x, list(range(1, model.n_exits + 1)), target, None, method, labels)
-    return cam.maps if raw else normalize(cam.maps, model.config.image_size)
+    return cam.heatmaps if raw else normalize(cam.heatmaps, model.config.image_size)
 
 
 def maps_for_split(model: msdnet.MSDNet, split, method: str = "gradcam", target=None, batch_size: int = 200,
@@ -368,7 +368,7 @@ def maps_for_split(model: msdnet.MSDNet, split, method: str = "gradcam", target=
         for i in tqdm(range(0, len(split), batch_size), desc=f"{method} maps", unit="batch", leave=False):
             x = checks.unit_images(split.images[i : i + batch_size])
             t = None if fixed is None else fixed[i : i + batch_size]
-            out.append(compute(model, x.to(_device(model)), list(range(1, model.n_exits + 1)), t, None, method).maps.cpu())
+            out.append(compute(model, x.to(_device(model)), list(range(1, model.n_exits + 1)), t, None, method).heatmaps.cpu())
         return {"maps": torch.cat(out)}
 
     if fixed is None:

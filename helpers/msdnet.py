@@ -289,7 +289,7 @@ class MSDNet(nn.Module):
         """How many modules (first layer, MSD layers, transitions) block `block` (1..n_exits) runs in turn."""
         return len(self.blocks[exit_number(block, self.n_exits, "block") - 1])
 
-    def site(self, block: int, module: int) -> nn.Module:
+    def module_at(self, block: int, module: int) -> nn.Module:
         """The module at position `module` (from 0; -1: the last) of block `block` (1..n_exits)."""
         return self.blocks[exit_number(block, self.n_exits, "block") - 1][module]
 

@@ -62,10 +62,6 @@ class Budgeted(NamedTuple):
     average_cost: float
     exit_counts: list[int]
 
-    @property
-    def average_macs(self) -> float:
-        """average_cost, named for costs from msdnet.exit_costs."""
-        return self.average_cost
 
 
 def check_thresholds(thresholds, n_exits: int, score: str = "confidence") -> Tensor:
@@ -183,7 +179,7 @@ class _Table:
             raise InputTypeError(f"costs must be a list of msdnet.ExitCost or policies.ExitTime, got {costs!r}")
         if len(costs) != preds.n_exits:
             raise InputError(f"need one cost per exit, {preds.n_exits} in all, got {len(costs)}")
-        self.scores, self.correct = preds.score(score).double(), preds.correct
+        self.scores, self.correct = preds.scores(score).double(), preds.correct
         total, self.classifier_cost = _cost_columns(costs)
         self.block_cost = total - self.classifier_cost.cumsum(0)  # reaching block k, no classifier run
         self.n_exits = preds.n_exits

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import augment, checkpoint, data, evaluate, machine
 from .averaging import WeightAverage
 from .cache import fingerprint
-from .distill import soft_losses
+from .distillation import soft_losses
 from .errors import OneLineError
 from .interrupts import StopRequest
 from .recipe import Recipe
@@ -44,7 +44,7 @@ def multi_exit_loss(logits: list[Tensor], labels: Tensor, label_smoothing: float
     """The paper's loss: the sum over the exits of each exit's cross-entropy.
 
     With ``distill`` = gamma > 0 every exit k before the last learns also from the last exit's softened
-    predictions (`helpers.distill.soft_losses`): ``(1 - gamma) * CE(z_k, y) + gamma * soft_k``.
+    predictions (`helpers.distillation.soft_losses`): ``(1 - gamma) * CE(z_k, y) + gamma * soft_k``.
 
     Args:
         logits: one [B, classes] tensor per exit.

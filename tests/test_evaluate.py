@@ -77,9 +77,9 @@ def test_budgeted_accuracy_and_cost():
     p = hand_made()  # all confidences are equal (softmax of [3, 0]); a threshold of 0 sends everyone out at B1
     costs = [msdnet.ExitCost(k + 1, 0, macs) for k, macs in enumerate([10, 20, 30])]
     first = policies.budgeted(p, torch.tensor([0.0, 0.0, -math.inf]), costs)
-    assert (first.accuracy, first.average_macs, first.exit_counts) == (0.5, 10.0, [4, 0, 0])
+    assert (first.accuracy, first.average_cost, first.exit_counts) == (0.5, 10.0, [4, 0, 0])
     last = policies.budgeted(p, torch.tensor([math.inf, math.inf, -math.inf]), costs)
-    assert (last.accuracy, last.average_macs, last.exit_counts) == (0.75, 30.0, [0, 0, 4])
+    assert (last.accuracy, last.average_cost, last.exit_counts) == (0.75, 30.0, [0, 0, 4])
 
 
 @pytest.mark.parametrize("kind", ["macs", "seconds"])
@@ -243,7 +243,7 @@ def test_cheapest_matching_reaches_the_target_at_the_lowest_cost():
     chosen = policies.budgeted(val, thresholds, costs)
     curve = policies.budget_curve(val, val, costs)
     assert chosen.accuracy >= target
-    assert chosen.average_macs == min(r.average_macs for _, r in curve if r.accuracy >= target)
+    assert chosen.average_cost == min(r.average_cost for _, r in curve if r.accuracy >= target)
     with pytest.raises(ValueError, match="no q reaches"):
         policies.cheapest_matching(val, costs, 1.0)  # a valid target no q reaches
 
@@ -284,11 +284,11 @@ def test_scores_have_their_known_values():
     p = evaluate.Predictions(torch.tensor([[[2.0, 0.0, 0.0]]]), torch.tensor([0]))
     e2 = math.exp(2)
     probs = [e2 / (e2 + 2), 1 / (e2 + 2), 1 / (e2 + 2)]
-    assert p.score("confidence").item() == pytest.approx(probs[0])
-    assert p.score("margin").item() == pytest.approx(probs[0] - probs[1])
-    assert p.score("entropy").item() == pytest.approx(sum(q * math.log(q) for q in probs))
+    assert p.scores("confidence").item() == pytest.approx(probs[0])
+    assert p.scores("margin").item() == pytest.approx(probs[0] - probs[1])
+    assert p.scores("entropy").item() == pytest.approx(sum(q * math.log(q) for q in probs))
     with pytest.raises(ValueError, match="score must be one of"):
-        p.score("vibes")
+        p.scores("vibes")
 
 
 def policy_case() -> tuple[evaluate.Predictions, list[msdnet.ExitCost]]:
@@ -310,15 +310,15 @@ def test_one_threshold_is_the_lowest_that_keeps_the_accuracy():
     # Any threshold at or under 0.8 lets image 1 leave wrong at exit 1; 0.9 lets only image 0 leave early.
     assert t[0].item() == pytest.approx(0.9) and t[1].item() == pytest.approx(0.9) and t[2] == -math.inf
     r = policies.budgeted(val, t, costs)
-    assert (r.accuracy, r.average_macs, r.exit_counts) == (1.0, 2.5, [1, 0, 3])
+    assert (r.accuracy, r.average_cost, r.exit_counts) == (1.0, 2.5, [1, 0, 3])
     # A looser target lets everyone leave at exit 1 (3 of 4 right there).
-    assert policies.budgeted(val, policies.one_threshold(val, costs, target=0.75), costs).average_macs == 1.0
+    assert policies.budgeted(val, policies.one_threshold(val, costs, target=0.75), costs).average_cost == 1.0
 
 
 def test_a_safety_margin_refuses_thresholds_that_pass_by_a_hair():
     val, costs = policy_case()
     # Without a margin, 3 of 4 right meets a target of 0.75: everyone leaves at exit 1.
-    assert policies.budgeted(val, policies.one_threshold(val, costs, 0.75), costs).average_macs == 1.0
+    assert policies.budgeted(val, policies.one_threshold(val, costs, 0.75), costs).average_cost == 1.0
     # With one standard error of the paired difference from the last exit: one image of 4 that the
     # last exit gets right is lost, so the difference is -1/4 with standard error
     # sqrt((1/4 - 1/16) / 4) = 0.217, and 0.75 - 0.217 < 0.75. Only thresholds that lose nobody
@@ -330,7 +330,7 @@ def test_a_safety_margin_refuses_thresholds_that_pass_by_a_hair():
         assert r.accuracy == 1.0 and r.exit_counts[0] == 1
     # Half a standard error: 0.75 - 0.108 = 0.642 clears a target of 0.64 (everyone leaves at exit 1)
     # but not one of 0.65.
-    assert policies.budgeted(val, policies.one_threshold(val, costs, 0.64, safety=0.5), costs).average_macs == 1.0
+    assert policies.budgeted(val, policies.one_threshold(val, costs, 0.64, safety=0.5), costs).average_cost == 1.0
     assert policies.one_threshold(val, costs, 0.65, safety=0.5)[0].item() == pytest.approx(0.9)
 
 
@@ -339,8 +339,8 @@ def test_per_exit_thresholds_find_the_cheaper_split():
     t = policies.per_exit_thresholds(val, costs, target=1.0)
     r = policies.budgeted(val, t, costs)
     # Exit 1 keeps 0.9 (image 1 is wrong there); exit 2 lets the other three leave: (1 + 2 + 2 + 2) / 4.
-    assert (r.accuracy, r.average_macs, r.exit_counts) == (1.0, 1.75, [1, 3, 0])
-    assert r.average_macs < policies.budgeted(val, policies.one_threshold(val, costs, 1.0), costs).average_macs
+    assert (r.accuracy, r.average_cost, r.exit_counts) == (1.0, 1.75, [1, 3, 0])
+    assert r.average_cost < policies.budgeted(val, policies.one_threshold(val, costs, 1.0), costs).average_cost
 
 
 def test_per_exit_thresholds_also_start_from_every_exit_switched_off():
@@ -354,13 +354,13 @@ def test_per_exit_thresholds_also_start_from_every_exit_switched_off():
     # One threshold, 0.88 at both exits: image 0 leaves at exit 1, images 2 and 3 at exit 2, image 1 at
     # the last: (10 + 20 + 20 + 30) / 4 = 20. No single move from there is cheaper while all stay right.
     one = policies.one_threshold(val, costs, 1.0)
-    assert policies.budgeted(val, one, costs).average_macs == 20.0
+    assert policies.budgeted(val, one, costs).average_cost == 20.0
     # Exit 1 switched off and exit 2 at 0.73: images 0, 2 and 3 leave at exit 2 (6 + 6 + 4, no exit-1
     # classifier), image 1 at the last (6 * 3 + 4 + 4): (16 * 3 + 26) / 4 = 18.5, all right.
     t = policies.per_exit_thresholds(val, costs, 1.0)
     r = policies.budgeted(val, t, costs)
     assert t[0].item() == math.inf and t[1].item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
-    assert (r.accuracy, r.average_macs, r.exit_counts) == (1.0, 18.5, [0, 3, 1])
+    assert (r.accuracy, r.average_cost, r.exit_counts) == (1.0, 18.5, [0, 3, 1])
 
 
 def test_the_searches_minimize_seconds_as_they_minimize_multiply_accumulates():
@@ -372,7 +372,7 @@ def test_the_searches_minimize_seconds_as_they_minimize_multiply_accumulates():
     val, counted = policy_case()
     measured = [policies.ExitTime(k, float(k), 0.9) for k in (1, 2, 3)]
     by_count = policies.budgeted(val, policies.per_exit_thresholds(val, counted, 1.0), counted)
-    assert (by_count.accuracy, by_count.average_macs, by_count.exit_counts) == (1.0, 1.75, [1, 3, 0])
+    assert (by_count.accuracy, by_count.average_cost, by_count.exit_counts) == (1.0, 1.75, [1, 3, 0])
     t = policies.per_exit_thresholds(val, measured, 1.0)
     by_time = policies.budgeted(val, t, measured)
     assert t[0].item() == math.inf
@@ -414,7 +414,7 @@ def test_real_early_exit_follows_any_score(tiny_folder, score):
     model = msdnet.build("tiny").eval()
     split = data.load("test", source=tiny_folder)
     preds = evaluate.predict(model, split, cache=False)
-    s = preds.score(score)
+    s = preds.scores(score)
     thresholds = torch.quantile(s, 0.6, dim=0)
     want_exit = policies.exit_points(s, thresholds)
     got_class, got_exit = earlyexit.EarlyExit(model, thresholds, score=score)(split.images.float() / 255)
@@ -548,7 +548,7 @@ def test_metrics_refuse_what_is_not_predictions_or_booleans_in_one_line():
     with pytest.raises(ValueError, match=r"correct must be bool \[N, ...\] \(e.g. preds.correct\), got torch.int64"):
         evaluate.accuracy_with_ci(p.correct.long())
     with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
-        evaluate.score([[1.0, 2.0]])
+        evaluate.scores([[1.0, 2.0]])
 
 
 def test_a_stored_file_with_other_keys_or_another_shape_is_recomputed_with_one_warning(tiny_folder, tmp_path):

@@ -103,7 +103,7 @@ def test_method_target_opacity_and_scale_change_the_overlay(app):
 
 def test_bars_follow_the_exits_predictions(app):
     app.image.value = 1
-    maps, logits = app.maps()
+    maps, logits = app.heatmaps()
     assert torch.allclose(logits, app.preds.logits[app.current_index()], atol=1e-5)
     assert maps.shape == (4, 32, 32)
 
@@ -151,7 +151,7 @@ def test_each_upload_shows_its_own_answer(app):
         _upload(app, rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), f"{i}.png")
         with torch.no_grad():
             want = torch.stack(app.model(app.uploaded[None]))[:, 0]
-        _, logits = app.maps()
+        _, logits = app.heatmaps()
         assert torch.allclose(logits, want, atol=1e-5), f"upload {i} shows another picture's answer"
         app.back.click()  # freed: the next upload's tensor may well get its id
 
@@ -361,8 +361,8 @@ def test_class_names_of_its_own_are_targets_the_maps_accept(tiny_folder):
     assert app.target.options[2:] == names
     app.target.value = "kind 3"  # refused by gradcam.targets_for before: it knows CIFAR-10's names only
     assert "kind 3" in app.explains.value or "kind 3" in app.title.value
-    maps, _ = app.maps()
-    want = gradcam.normalize(gradcam.compute(model, app.current_image()[None], [4], 3).maps[0, 0], 32)
+    maps, _ = app.heatmaps()
+    want = gradcam.normalize(gradcam.compute(model, app.current_image()[None], [4], 3).heatmaps[0, 0], 32)
     assert torch.allclose(maps[3], want, atol=1e-5)
     for bad in (names[:9], names[:9] + ("kind 0",), "abcdefghij"):
         with pytest.raises(ValueError, match="classes must be 10 distinct names, one per class of the model"):
@@ -384,5 +384,5 @@ def test_images_go_to_the_models_device(app, monkeypatch):
     app._maps.clear()
     app.exit.value, app.scale.value = "B2", 32  # the maps of every exit, and a finer one for B2
     assert len(seen) == 2 and all(images == model == "meta" for images, model in seen)
-    maps, logits = app.maps()
+    maps, logits = app.heatmaps()
     assert maps.device.type == logits.device.type == "cpu"

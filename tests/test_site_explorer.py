@@ -97,7 +97,7 @@ def test_the_datas_predictions_and_maps_are_the_librarys_on_the_same_images(ship
     logits = torch.stack(evaluate.exit_logits(model, x), 1)
     assert torch.equal(logits.argmax(-1), torch.tensor(shipped["predicted"]).reshape(n, e)[pick])
     confidence = torch.tensor(shipped["confidence"]).reshape(n, e)[pick]
-    assert (evaluate.score(logits) * 1000 - confidence).abs().max() <= 0.5 + 1e-3
+    assert (evaluate.scores(logits) * 1000 - confidence).abs().max() <= 0.5 + 1e-3
     for method in builder.METHODS:
         for target in ("predicted", "true"):
             library = gradcam.gradcam_all_exits(model, x, target=target, method=method, labels=labels[pick])

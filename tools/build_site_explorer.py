@@ -127,7 +127,7 @@ def build(model: msdnet.MSDNet, split: data.Split, preds: evaluate.Predictions, 
         "index": chosen.tolist(),
         "label": labels.tolist(),
         "predicted": logits.argmax(-1).reshape(-1).tolist(),
-        "confidence": (evaluate.score(logits) * 1000).round().long().reshape(-1).tolist(),  # per mille
+        "confidence": (evaluate.scores(logits) * 1000).round().long().reshape(-1).tolist(),  # per mille
         "jet": base64.b64encode(_jet()).decode(),
         "images_per_png": IMAGES_PER_PNG,
         "images": [base64.b64encode(png).decode() for png in atlases(picked.images, IMAGES_PER_PNG)],
