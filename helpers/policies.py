@@ -224,15 +224,22 @@ def cheapest_matching(val: Predictions, costs: Costs, target: float,
     Returns:
         (q, thresholds [exits]).
     """
-    _check_target(target)
-    curve = [(q, r) for q, r in budget_curve(val, val, costs, qs) if r.accuracy >= target]
+    reach = _check_target(target)
+    curve = [(q, r) for q, r in budget_curve(val, val, costs, qs) if r.accuracy >= reach]
     if not curve:
         raise InputError(f"no q reaches accuracy {target:.4f} on the validation predictions")
     q, _ = min(curve, key=lambda item: item[1].average_cost)
     return q, budget_thresholds(val, q)
 
 
-def _check_target(target: float) -> None:
+_ROUNDING = 1e-6
+"""How far under `target` an accuracy may fall and still reach it: a target read from a float32 tensor
+(0.9082 stored as 0.90820003) would otherwise be out of reach of the very accuracy it was read from.
+Far below one image in a million, so no real shortfall passes."""
+
+
+def _check_target(target: float) -> float:
+    """`target` as the float the searches compare with (less _ROUNDING), or one clear error."""
     # A share, not a percentage: 89.8 could never be reached, and every exit would silently switch off.
     try:
         value = math.nan if isinstance(target, (bool, str)) else float(target)  # a one-element tensor will do
@@ -240,6 +247,7 @@ def _check_target(target: float) -> None:
         value = math.nan
     if not 0 < value <= 1:  # NaN fails too
         raise InputError(f"target is an accuracy between 0 and 1 (0.898 for 89.8%), got {target!r}")
+    return value - _ROUNDING
 
 
 def _candidates(scores: Tensor, n: int = 200) -> Tensor:
@@ -261,8 +269,7 @@ def one_threshold(val: Predictions, costs: Costs, target: float,
     Returns:
         float64 thresholds [exits].
     """
-    _check_target(target)
-    safety = _check_safety(safety)
+    target, safety = _check_target(target), _check_safety(safety)
     return _one_threshold(_Table(val, costs, score), target, safety)
 
 
@@ -297,7 +304,7 @@ def per_exit_thresholds(val: Predictions, costs: Costs, target: float,
     Returns:
         float64 thresholds [exits] (+inf: exit off; the last is -inf).
     """
-    _check_target(target)
+    target = _check_target(target)
     safety, rounds = _check_safety(safety), checks.whole(rounds, "rounds")
     table = _Table(val, costs, score)
     starts = (_one_threshold(table, target, safety), _all_off(val.n_exits))

@@ -315,6 +315,22 @@ def test_one_threshold_is_the_lowest_that_keeps_the_accuracy():
     assert policies.budgeted(val, policies.one_threshold(val, costs, target=0.75), costs).average_cost == 1.0
 
 
+def test_a_target_read_from_a_float32_tensor_is_reached_by_the_accuracy_it_was_read_from():
+    """3 of 10 right at both exits, the same images: exit 1 loses nothing. float32(0.3) is 0.30000001, a
+    hair above 3/10; read as the target, it must still let every image leave at exit 1, with or without a
+    margin (the paired difference is 0, so its standard error is 0 too)."""
+    right = [True] * 3 + [False] * 7
+    logits = torch.tensor([[[2.0, 0.0] if r else [0.0, 2.0]] * 2 for r in right])
+    val = evaluate.Predictions(logits, torch.zeros(10, dtype=torch.long))
+    costs = [msdnet.ExitCost(k, 0, k) for k in (1, 2)]
+    target = val.correct[:, -1].float().mean().item()  # as a reader writes it
+    assert target > 3 / 10
+    for search in (policies.one_threshold, policies.per_exit_thresholds):
+        for safety in (0.0, 2.0):
+            r = policies.budgeted(val, search(val, costs, target, safety=safety), costs)
+            assert (r.accuracy, r.exit_counts) == (0.3, [10, 0]), (search.__name__, safety)
+
+
 def test_a_safety_margin_refuses_thresholds_that_pass_by_a_hair():
     val, costs = policy_case()
     # Without a margin, 3 of 4 right meets a target of 0.75: everyone leaves at exit 1.
