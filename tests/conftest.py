@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 import tarfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from PIL import Image
 
 from helpers import data
@@ -61,6 +63,28 @@ def tiny_tarball(tmp_path, tiny_folder) -> Path:
     return path
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`-n auto`) each worker has one core: torch, and the kernels and scripts it
+    starts, use one thread, as two-thread processes side by side would fight over the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+@contextmanager
+def shared_by_workers(tmp_path_factory, name: str):
+    """A folder made once per test session, shared by pytest-xdist's workers, yielded under a lock held
+    while it is used: the first to hold it builds what the folder should hold, the others find it."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield tmp_path_factory.mktemp(name)
+        return
+    root = tmp_path_factory.getbasetemp().parent  # this session's, common to its workers
+    with FileLock(str(root / f"{name}.lock")):
+        folder = root / name
+        folder.mkdir(exist_ok=True)
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def real_cifar(tmp_path_factory):
     """load(split) on the real CIFAR-10 (the offline mirror in CI), decoded once per test session.
@@ -71,7 +95,8 @@ def real_cifar(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
-    cache = tmp_path_factory.mktemp("real_cifar_cache")
+    with shared_by_workers(tmp_path_factory, "real_cifar_cache") as cache:
+        data.load("train", source=path, data_dir=cache)  # decodes both splits into the cache, once
     load = lambda split, **kw: data.load(split, source=path, data_dir=cache, **kw)  # noqa: E731
     load.source, load.data_dir = path, cache  # for code that finds the data as a user's does (env, data folder)
     return load
@@ -80,10 +105,12 @@ def real_cifar(tmp_path_factory):
 @pytest.fixture(scope="session")
 def site(tmp_path_factory) -> Path:
     """The site built from this checkout (warnings as errors), once per test session."""
-    out = tmp_path_factory.mktemp("site")
-    done = subprocess.run([sys.executable, "-m", "sphinx", "-W", "-b", "html", "docs", str(out)],
-                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"the site does not build without warnings:\n{done.stderr[-3000:]}"
+    with shared_by_workers(tmp_path_factory, "site") as out:
+        if not (out / "index.html").is_file():
+            done = subprocess.run([sys.executable, "-m", "sphinx", "-W", "-b", "html", "docs", str(out)],
+                                  cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                                  timeout=600)
+            assert done.returncode == 0, f"the site does not build without warnings:\n{done.stderr[-3000:]}"
     return out
 
 

@@ -32,8 +32,8 @@ def test_the_test_command_is_the_one_any_user_types_and_ci_only_adds_the_data_so
     """A user's machine has no ../shared: the README's command takes CIFAR-10 from torchvision (or the user's
     CIFAR10_SOURCE); CI exports its offline copy on a line of its own before running that same command."""
     fast, slow = bash_blocks(README)[1]
-    assert fast == 'python -m pytest -m "not slow" tests'
-    assert slow == "MSDNET_QUICK=1 python -m pytest --nbval-lax -m slow tests notebooks"
+    assert fast == 'python -m pytest -n auto --dist loadfile -m "not slow" tests'  # a worker per core, a file per worker
+    assert slow == "MSDNET_QUICK=1 python -m pytest -n auto --dist loadfile --nbval-lax -m slow tests notebooks"
     assert "../shared" not in README
     lines = CI.splitlines()
     test_line = lines.index(fast)
