@@ -226,8 +226,11 @@ def test_a_split_named_val_is_called_validation(tiny_folder, monkeypatch):
     assert unnamed.count.value.endswith(" of 10 images that pass the filters (of 10)")
 
 
-@pytest.mark.slow  # it asserts wall-clock times: on two busy cores that belongs with the benchmarks
-def test_every_control_answers_within_150_ms_while_the_background_predicts():
+@pytest.mark.slow  # it measures wall-clock times, with room for a busy machine; the slow lane
+def test_no_control_waits_for_the_background_prediction():
+    """20,000 images take the background 20 s; every control answers within a second meanwhile, so none waits
+    for more than a chunk of it. The 150 ms a person should see is the benchmark's (benchmarks/explorer.py),
+    measured on a quiet machine."""
     torch.manual_seed(0)
     model = msdnet.build("tiny").eval()
     # As a real network's: 1 ms an image however large the batch, so 20,000 images outlast the moves below.
@@ -254,7 +257,7 @@ def test_every_control_answers_within_150_ms_while_the_background_predicts():
             start = time.perf_counter()
             widget.value = value
             answers.append((widget.description, value, round(1000 * (time.perf_counter() - start))))
-        assert max(ms for *_, ms in answers) < 150, f"milliseconds per move: {answers}"
+        assert max(ms for *_, ms in answers) < 1000, f"milliseconds per move: {answers}"
         assert predicting, "the background finished before the last move: the test measured too little"
         shown = (app.current_index(), app.image.value, bytes(app.picture.value))
         time.sleep(0.6)  # a few updates from the background: new images join the slider's end
