@@ -119,8 +119,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+LONGEST_FIRST = ["test_pretrained.py", "test_train.py", "06_what_makes_a_classifier_better.ipynb",
+                 "test_benchmarks.py", "04_early_exit.ipynb", "test_site.py", "08_beyond_the_blog.ipynb",
+                 "test_browser.py", "02_training_msdnet_on_cifar10.ipynb", "test_gradcam.py"]
+"""The files whose tests take longest in the slow lane, longest first (measured with --durations)."""
+
+
 def pytest_collection_modifyitems(config, items):
-    """The notebooks' cells (collected by nbval from notebooks/) belong to the slow lane."""
+    """The notebooks' cells (collected by nbval from notebooks/) belong to the slow lane. Files run in the
+    order of LONGEST_FIRST, then as collected: pytest-xdist hands each worker the next file in this order,
+    so the long ones start early and no worker is left alone with one at the end."""
     for item in items:
         if str(getattr(item, "path", "")).endswith(".ipynb"):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.path)).name, len(rank)))  # stable: cells keep their order

@@ -499,12 +499,13 @@ def test_the_command_line_trains_on_the_real_mirror_and_goes_on(tmp_path, real_c
 
     real_cifar("test")  # fails (in CI) or skips when the mirror is absent
     flags = ["train", "--recipe", "paper", "--schedule", "cosine", "--preset", "tiny", "--source", REAL_SOURCE, "--out",
-             str(tmp_path / "real"), "--epochs", "2", "--batch-size", "64", "--train-subset", "2560", "--device", "cpu"]
+             str(tmp_path / "real"), "--epochs", "2", "--batch-size", "64", "--train-subset", "2560", "--val-size", "1000",
+             "--device", "cpu"]
     stopped = msdnet_cli([*flags, "--time-limit", "5"])
     assert stopped.returncode == 0 and "run the same command to go on" in stopped.stderr, stopped.stderr[-2000:]
     done = msdnet_cli(flags)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in done.stdout and "done:" in done.stdout
     records = log_records(tmp_path / "real")
-    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["val_images"] == 5000
+    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["val_images"] == 1000
     assert records[-1]["acc"][-1] > 0.15  # better than chance (0.10) after 80 steps on real photos
