@@ -12,6 +12,7 @@ import shutil
 import sys
 import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 try:
@@ -21,7 +22,7 @@ except ImportError:  # Windows: writers of one folder do not take turns
 
 import torch
 
-__all__ = ["save", "write_text", "write_bytes", "replace_files", "load_or_discard", "save_or_warn"]
+__all__ = ["save", "write_text", "write_bytes", "replace_files", "load_or_discard", "save_or_warn", "taking_turns"]
 
 
 def _alive(pid: int) -> bool:
@@ -167,6 +168,24 @@ def save_or_warn(obj, path: Path, problem: str | None = None, then: str = "", st
 
 
 # ----------------------------------------------------------------------------- several files at once
+
+
+@contextmanager
+def taking_turns(path: Path):
+    """Processes that make the same file take turns: the second waits, then finds the first one's result.
+
+    A lock file beside `path`; where none can be made (a read-only folder, Windows) nobody waits.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.parent / f".{path.name}.lock", "w")
+    except OSError:
+        yield
+        return
+    with lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _sync(path: Path) -> None:

@@ -276,17 +276,18 @@ def _load_decoded(source: str, data_dir: Path) -> dict[str, Split]:
             raise DataNotFoundError(_no_data_message(f"the source {path} does not exist", data_dir))
         key = f"{path.name.split('.')[0]}-{_fingerprint(path)}"
     cache = data_dir / "cache" / f"cifar10-{key}.pt"
-    saved, problem = atomic.load_or_discard(cache)
-    if saved is not None:
-        try:
-            return {s: Split(saved[s]["images"], saved[s]["labels"]) for s in ("train", "test")}
-        except (KeyError, TypeError):  # a file of another shape under this name: decode anew
-            problem = "holds something else"
-    decoded = _from_torchvision(data_dir) if source == "torchvision" else _from_class_folders(path, data_dir)
-    # A read-only data folder still gets its data: the cache only saves decoding it again.
-    atomic.save_or_warn({s: {"images": v.images, "labels": v.labels} for s, v in decoded.items()}, cache, problem,
-                        then="the data is returned but will be decoded again next time", stacklevel=3)
-    return decoded
+    with atomic.taking_turns(cache):  # a second process (a notebook, a test worker) reads the first one's cache
+        saved, problem = atomic.load_or_discard(cache)
+        if saved is not None:
+            try:
+                return {s: Split(saved[s]["images"], saved[s]["labels"]) for s in ("train", "test")}
+            except (KeyError, TypeError):  # a file of another shape under this name: decode anew
+                problem = "holds something else"
+        decoded = _from_torchvision(data_dir) if source == "torchvision" else _from_class_folders(path, data_dir)
+        # A read-only data folder still gets its data: the cache only saves decoding it again.
+        atomic.save_or_warn({s: {"images": v.images, "labels": v.labels} for s, v in decoded.items()}, cache, problem,
+                            then="the data is returned but will be decoded again next time", stacklevel=3)
+        return decoded
 
 
 def validation_indices(n_train: int, val_size: int, seed: int) -> Tensor:

@@ -79,6 +79,34 @@ def test_decoded_data_is_cached_and_reused(tiny_folder, isolated_data_dir, monke
     assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
 
 
+def test_two_loaders_at_once_decode_once_and_the_second_reads_the_first_ones_cache(tiny_folder, monkeypatch):
+    """Two notebooks (or test workers) opening the data together: the second waits for the cache."""
+    import threading
+
+    decoding, release, decoded = threading.Event(), threading.Event(), []
+    from_folders = data._from_class_folders
+
+    def slow_decode(*args):
+        decoded.append(threading.current_thread().name)
+        decoding.set()
+        release.wait(10)  # the second loader starts while the first is still decoding
+        return from_folders(*args)
+
+    monkeypatch.setattr(data, "_from_class_folders", slow_decode)
+    results = {}
+    load = lambda name: results.__setitem__(name, data.load("test", source=tiny_folder))  # noqa: E731
+    first = threading.Thread(target=load, args=("first",), name="first")
+    first.start()
+    assert decoding.wait(10)
+    second = threading.Thread(target=load, args=("second",), name="second")
+    second.start()
+    second.join(0.5)
+    assert second.is_alive(), "the second loader did not wait for the first one's cache"
+    release.set()
+    first.join(10), second.join(10)
+    assert decoded == ["first"] and torch.equal(results["first"].images, results["second"].images)
+
+
 def test_a_changed_source_is_decoded_anew(tiny_folder):
     before = data.load("test", source=tiny_folder)
     img = class_image(0, 0)

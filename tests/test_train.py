@@ -494,10 +494,11 @@ def test_compile_takes_the_same_step_and_a_run_may_go_on_with_it(tmp_path, tiny_
 
 
 @pytest.mark.slow  # the real CIFAR-10: the slow lane
-def test_the_command_line_trains_on_the_real_mirror_and_goes_on(tmp_path, real_cifar):
+def test_the_command_line_trains_on_the_real_mirror_and_goes_on(tmp_path, real_cifar, monkeypatch):
     from conftest import REAL_SOURCE
 
     real_cifar("test")  # fails (in CI) or skips when the mirror is absent
+    monkeypatch.setenv("MSDNET_DATA_DIR", str(real_cifar.data_dir))  # decoded once per test session
     flags = ["train", "--recipe", "paper", "--schedule", "cosine", "--preset", "tiny", "--source", REAL_SOURCE, "--out",
              str(tmp_path / "real"), "--epochs", "2", "--batch-size", "64", "--train-subset", "2560", "--val-size", "1000",
              "--device", "cpu"]
