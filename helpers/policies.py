@@ -63,7 +63,6 @@ class Budgeted(NamedTuple):
     exit_counts: list[int]
 
 
-
 def check_thresholds(thresholds, n_exits: int, score: str = "confidence") -> Tensor:
     """Thresholds as a float64 tensor [n_exits], or one clear error.
 
