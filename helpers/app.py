@@ -3,7 +3,7 @@
 Extra arguments go to Voila, e.g. `python -m helpers.app --port=8867 --no-browser`. Needs the repository
 checkout (the page lives in app/) and Voila (`pip install -e ".[test]"`, or `pip install voila`).
 
-Voila runs in a POSIX process session of its own (setsid), so that a signal reaches it and its kernels
+Voila leads a process group of its own (setsid), so that one signal reaches it and its kernels
 together. On Linux it is also told to stop when the process that started it dies, however it dies
 (kill -9 included): nothing is left serving. Its kernels stop with it (Jupyter kernels watch the server
 that started them).
