@@ -242,12 +242,9 @@ def replace_files(folder: str | os.PathLike, files: dict[str, bytes]) -> None:
     folder = Path(os.path.realpath(folder))
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(folder.parent / f".{folder.name}.lock", "w")
     except OSError as e:
         raise _naming(e, folder) from e
-    with lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # a second writer waits for the first to finish
+    with taking_turns(folder):  # a second writer waits for the first to finish
         _tidy(folder)
         token = f"{os.getpid()}-{secrets.token_hex(4)}"
         new, old = folder.with_name(f".{folder.name}.new{token}"), folder.with_name(f".{folder.name}.old{token}")
